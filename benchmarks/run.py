@@ -1,0 +1,43 @@
+"""Speed goals of the kit, measured (not asserted in tests). Run with `make bench`.
+
+load: the embedded SmolLM2 from the converted cache in a fresh process (goal: <= 5 s on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_fresh_load(name: str, repeats: int = 3) -> dict:
+    code = ("import time; t=time.time(); from cnt.models import load_model; load_model(%r, device='cpu'); "
+            "print(time.time()-t)" % name)
+    subprocess.run([sys.executable, "-c", "from cnt.models import convert_embedded; convert_embedded(%r)" % name],
+                   check=True, capture_output=True)  # conversion (first use) is not part of the goal
+    times = []
+    for _ in range(repeats):
+        t0 = time.time()
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+        times.append({"in_process_s": float(out.stdout.strip().splitlines()[-1]),
+                      "process_s": time.time() - t0})
+    best = min(t["in_process_s"] for t in times)
+    return {"model": name, "runs": times, "best_in_process_s": round(best, 2), "goal_s": 5.0, "meets_goal": best <= 5.0}
+
+
+def main() -> None:
+    results = {"load": [time_fresh_load("smollm2-135m-instruct")], "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out = ROOT / "papers" / "results" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous.update(results)
+    out.write_text(json.dumps(previous, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

