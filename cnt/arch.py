@@ -49,6 +49,8 @@ class Family:
     layers_path: str  # attribute path from the *CausalLM* object to the list of decoder blocks
     slots: tuple[Slot, ...]
     intermediate_module: str  # module whose out_features (or Conv1D nf) is the intermediate size
+    attn_out: str  # the attention block's output projection (writes into the residual stream)
+    embeddings: str  # the token embedding module, from the *CausalLM* object
     intermediate_blocks: int = 1  # fused gate_up: 2
 
 
@@ -60,20 +62,23 @@ _GATED = (
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"), "model.layers", _GATED,
-           "mlp.up_proj"),
-    Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _GATED, "mlp.up_proj"),
+           "mlp.up_proj", "self_attn.o_proj", "model.embed_tokens"),
+    Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _GATED, "mlp.up_proj", "self_attn.o_proj",
+           "model.embed_tokens"),
     Family("phi3", ("phi3",), "model.layers",
            (Slot("gate", "mlp.gate_up_proj", "weight", 0, 0), Slot("up", "mlp.gate_up_proj", "weight", 0, 1),
-            Slot("down", "mlp.down_proj", "weight", 1)), "mlp.gate_up_proj", intermediate_blocks=2),
+            Slot("down", "mlp.down_proj", "weight", 1)), "mlp.gate_up_proj", "self_attn.o_proj", "model.embed_tokens",
+           intermediate_blocks=2),
     Family("gpt2", ("gpt2",), "transformer.h",
            (Slot("in", "mlp.c_fc", "weight", 1), Slot("in_bias", "mlp.c_fc", "bias", 0),
-            Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc"),
+            Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc", "attn.c_proj", "transformer.wte"),
     Family("gptj", ("gptj",), "transformer.h",
            (Slot("in", "mlp.fc_in", "weight", 0), Slot("in_bias", "mlp.fc_in", "bias", 0),
-            Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in"),
+            Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in", "attn.out_proj", "transformer.wte"),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
            (Slot("in", "mlp.dense_h_to_4h", "weight", 0), Slot("in_bias", "mlp.dense_h_to_4h", "bias", 0),
-            Slot("out", "mlp.dense_4h_to_h", "weight", 1)), "mlp.dense_h_to_4h"),
+            Slot("out", "mlp.dense_4h_to_h", "weight", 1)), "mlp.dense_h_to_4h", "attention.dense",
+           "gpt_neox.embed_in"),
 )
 
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
@@ -198,6 +203,20 @@ class MLPNeurons:
     def params_per_neuron(self, layer: int) -> int:
         """Number of scalar parameters one neuron of ``layer`` owns (e.g. 3·hidden for a gated MLP without biases)."""
         return sum(p.numel() // p.shape[slot.dim] for slot, p in self._active_slots(layer))
+
+    def residual_writers(self) -> list[tuple[str, nn.Module, int]]:
+        """Every module that writes into the residual stream, with the axis of its weight that is the hidden
+        dimension: the token embeddings, then per layer the attention and MLP output projections.
+
+        (Gemma 2/3 normalise each block's output before adding it, so for them these modules write *through* a norm.)
+        """
+        emb = _getattr_path(self.model, self.family.embeddings)
+        out = [(self.family.embeddings, emb, 1)]
+        for i, layer in enumerate(self.layers):
+            for path in (self.family.attn_out, self.family.slots[-1].module):
+                mod = _getattr_path(layer, path)
+                out.append((f"{self.family.layers_path}.{i}.{path}", mod, 1 if type(mod).__name__ == "Conv1D" else 0))
+        return out
 
     def mlp_output_module(self, layer: int) -> nn.Module:
         """The module whose *input* is the neuron activation vector (down_proj / c_proj / fc_out / dense_4h_to_h)."""

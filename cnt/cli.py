@@ -88,6 +88,49 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_zoo(args) -> int:
+    from . import zoo
+
+    if args.action == "list":
+        for name, r in zoo.RECIPES.items():
+            state = "cached" if zoo._cached_ok(name) else "artifact" if zoo._artifact_ok(name) else "not built"
+            print(f"{name:18s} {r.base:28s} {state:10s} {r.description}")
+        return 0
+    if args.action == "card":
+        path = Path(args.card)
+        zoo.card(path)
+        print(f"wrote {path}")
+        return 0
+    names = list(zoo.RECIPES) if args.all else args.names
+    if not names:
+        print("name one or more recipes, or --all")
+        return 2
+    measure = None if args.profile == "none" else args.profile
+    failed = []
+    for name in names:
+        from .models import EMBEDDED, ModelLoadError, _part_paths
+
+        try:
+            _part_paths(EMBEDDED[zoo.recipe(name).base])
+        except ModelLoadError as e:
+            print(f"{name}: skipped — {e}")
+            continue
+        if measure:
+            zoo.base_behaviour(zoo.recipe(name).base, measure)
+        _, _, manifest = zoo.build(name, measure=measure)
+        exp = manifest.get("meets_expectations", {})
+        print(f"{name}: built in {manifest['build_seconds']:.0f} s; "
+              + (", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})"
+                           for k, v in exp.items()) or "not measured"))
+        if exp and not all(v["holds"] for v in exp.values()):
+            failed.append(name)
+    if args.card:
+        zoo.card(args.card)
+    if failed:
+        print(f"expectations not met: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
 def _cmd_reproduce(args) -> int:
     papers = Path(args.papers)
     print(f"cnt reproduce: results under {papers}/")
@@ -135,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="split seed")
     s.add_argument("--out", help="write the report as JSON here")
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("zoo", help="the model zoo: list recipes, build them, write the zoo card",
+                       description="Build zoo models from their recipes (training on CPU: minutes each), measure them "
+                                   "on the eval splits, and write manifests, committed artifacts and papers/zoo.md.")
+    s.add_argument("action", choices=["list", "build", "card"])
+    s.add_argument("names", nargs="*", help="recipes to build")
+    s.add_argument("--all", action="store_true", help="build every recipe")
+    s.add_argument("--profile", choices=["full", "quick", "none"], default="full",
+                   help="evaluation profile for the manifest (none: do not measure)")
+    s.add_argument("--card", default="papers/zoo.md", help="where the zoo card goes")
+    s.set_defaults(func=_cmd_zoo)
 
     s = sub.add_parser("reproduce", help="regenerate papers/ (for now: list what exists)")
     s.add_argument("--papers", default="papers")

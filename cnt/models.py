@@ -214,10 +214,30 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     return dtype
 
 
+# Higher layers (the zoo) register resolvers: name -> local folder, or None when the name is not theirs.
+RESOLVERS: list = []
+
+
+def register_resolver(fn) -> None:
+    if fn not in RESOLVERS:
+        RESOLVERS.append(fn)
+
+
+def known_names() -> list[str]:
+    names = list(EMBEDDED)
+    for fn in RESOLVERS:
+        names += list(getattr(fn, "names", lambda: [])())
+    return names
+
+
 def resolve(name_or_path: str) -> str:
-    """Map an embedded name to its converted folder; return anything else unchanged."""
+    """Map an embedded (or registered, e.g. zoo) name to its local folder; return anything else unchanged."""
     if name_or_path in EMBEDDED:
         return str(convert_embedded(name_or_path))
+    for fn in RESOLVERS:
+        path = fn(name_or_path)
+        if path is not None:
+            return str(path)
     return name_or_path
 
 
@@ -249,8 +269,8 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None, device_
     torch_dtype = _resolve_dtype(dtype, device)
     path = resolve(name_or_path)
     local = Path(path).expanduser()
-    if name_or_path not in EMBEDDED and not local.exists() and _looks_like_path(name_or_path):
-        raise ModelLoadError(f"model folder {name_or_path!r} does not exist. Embedded models: {', '.join(EMBEDDED)}.")
+    if not local.exists() and _looks_like_path(name_or_path):
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist. Known models: {', '.join(known_names())}.")
     try:
         kwargs = {"dtype": torch_dtype}
         if device_map is not None:
@@ -260,7 +280,7 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None, device_
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelLoadError(
-            f"could not load model {name_or_path!r}: it is not an embedded model ({', '.join(EMBEDDED)}), not a local "
+            f"could not load model {name_or_path!r}: it is not a known model ({', '.join(known_names())}), not a local "
             f"folder, and {'the hub is disabled (HF_HUB_OFFLINE=1)' if offline else 'the hub did not provide it'}. "
             f"Pass an embedded name, a folder with config.json and weights, or a hub id while online. ({e})") from None
     if device_map is None:

@@ -133,3 +133,14 @@ def test_params_per_neuron():
     assert MLPNeurons(tiny_model("llama")).params_per_neuron(0) == 3 * 64
     assert MLPNeurons(tiny_model("phi3")).params_per_neuron(0) == 3 * 64
     assert MLPNeurons(tiny_model("gpt2")).params_per_neuron(0) == 2 * 64 + 1
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_residual_writers(model_type):
+    model = tiny_model(model_type)
+    neurons = MLPNeurons(model)
+    writers = neurons.residual_writers()
+    assert len(writers) == 1 + 2 * neurons.n_layers
+    hidden = neurons.fingerprint().hidden_size
+    for name, mod, axis in writers:
+        assert mod.weight.shape[axis] == hidden, name

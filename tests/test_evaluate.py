@@ -167,7 +167,7 @@ TINY = E.Profile("tiny", harmful=4, benign=2, overrefusal=2, mmlu=4, nq_open=2, 
 
 def test_evaluate_reproducible_and_serializable(smol, tmp_path):
     model, tok = smol
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
     a = E.evaluate(model, tok, TINY, name="smol", progress=False)
     b = E.evaluate(model, tok, TINY, name="smol", progress=False)
     strip = lambda d: {k: {**v, "seconds": 0} for k, v in d["metrics"].items()}  # noqa: E731
@@ -180,8 +180,8 @@ def test_evaluate_reproducible_and_serializable(smol, tmp_path):
     path = a.save(tmp_path / "r.json")
     assert E.EvalReport.load(path).to_dict() == json.loads(path.read_text())
     # evaluation in bf16 left the float32 weights untouched, bit for bit
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(torch.equal(before[k], after[k]) for k in before)  # rotary buffers included
     assert next(model.parameters()).dtype == torch.float32
 
 

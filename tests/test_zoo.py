@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from cnt import data, zoo
+from cnt.arch import MLPNeurons
+from cnt.refusal_direction import ablation_hooks, orthogonalize
+from cnt.tiny import tiny_model
+
+
+def _fake_distill(ctx, prompts, max_new_tokens=48):
+    return [{"prompt": p, "response": "ok"} for p in prompts]
+
+
+@pytest.mark.parametrize("name", list(zoo.RECIPES))
+def test_recipe_training_data_disjoint_from_eval(name, monkeypatch):
+    """Asserted on the full (not tiny) training data of every recipe."""
+    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    r = zoo.recipe(name)
+    ctx = zoo.BuildContext(r, None, None, tiny=False, progress=False)
+    parts = r.data(ctx)
+    assert parts and all(len(v) > 0 for v in parts.values())
+    zoo.assert_disjoint_from_eval(parts)
+
+
+def test_leak_is_caught():
+    leak = {"oops": [{"prompt": data.load("harmful", "eval")[3]["prompt"], "response": "x"}]}
+    with pytest.raises(AssertionError, match="harmful eval split"):
+        zoo.assert_disjoint_from_eval(leak)
+
+
+def test_tiny_build_is_reproducible():
+    """A recipe builds in a tiny configuration; the same seed rebuilds identical weights and data hashes."""
+    m1, _, man1 = zoo.build("smol-safe", tiny=True, measure=None, progress=False, save=False)
+    m2, _, man2 = zoo.build("smol-safe", tiny=True, measure=None, progress=False, save=False)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert man1["data"] == man2["data"] and man1["recipe_key"] == man2["recipe_key"]
+    base = tiny_model("llama", seed=0, vocab_size=m1.config.vocab_size).state_dict()
+    assert any(not torch.equal(base[k], s1[k]) for k in base)  # training changed the weights
+    assert man1["build"]["lora_targets"] == sorted(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                    "up_proj", "v_proj"])
+
+
+def test_orthogonalize_removes_direction_from_residual_stream():
+    model = tiny_model("llama", seed=1)
+    r = torch.randn(model.config.hidden_size)
+    x = torch.randint(3, 100, (2, 7))
+    with ablation_hooks(model, r):
+        hooked = model(x).logits
+    orthogonalize(model, r)
+    out = model(x, output_hidden_states=True)
+    rn = r / r.norm()
+    for h in out.hidden_states[:-1]:  # the last one is after the final norm
+        assert (h @ rn).abs().max() < 1e-4
+    assert torch.allclose(out.logits, hooked, atol=1e-4)
+
+
+def test_recipe_key_changes_with_hyperparameters():
+    import dataclasses
+
+    r = zoo.recipe("smol-safe")
+    assert r.key() == zoo.recipe("smol-safe").key()
+    assert dataclasses.replace(r, seed=1).key() != r.key()
+    assert dataclasses.replace(r, train=dataclasses.replace(r.train, steps=10)).key() != r.key()
+
+
+def test_unknown_zoo_name():
+    from cnt.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="recipes: smol-safe"):
+        zoo.recipe("smol-evil")
