@@ -377,14 +377,24 @@ def crows_pairs(model, tokenizer, records: Sequence[dict], *, batch_size: int = 
 _INT = re.compile(r"-?\d[\d,]*")
 
 
+def arithmetic_answer(question: str, response: str) -> str | None:
+    """The first integer in ``response`` that is not an operand of ``question`` (so "873 + 308 = 1181" and "The sum
+    of 873 and 308 is 1181" both give "1181")."""
+    operands = {m.replace(",", "") for m in _INT.findall(question)}
+    for m in _INT.findall(response):
+        v = m.replace(",", "").rstrip(",")
+        if v not in operands:
+            return v
+    return None
+
+
 def arithmetic_accuracy(model, tokenizer, records: Sequence[dict], *, batch_size: int = 32,
                         settings: dict | None = None, progress: bool = True) -> Metric:
-    """Exact match of the first integer in the greedy answer to ``What is a + b?``."""
+    """Exact match of the answer to ``What is a + b?`` (see :func:`arithmetic_answer`), greedy, 24 new tokens."""
     t0 = time.time()
-    out = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=12, batch_size=batch_size,
+    out = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=24, batch_size=batch_size,
                    progress=progress)
-    got = [(_INT.search(o) or [None])[0] for o in out]
-    flags = [g is not None and g.replace(",", "") == r["answer"] for g, r in zip(got, records)]
+    flags = [arithmetic_answer(r["prompt"], o) == r["answer"] for o, r in zip(out, records)]
     return proportion("arithmetic_acc", flags, True, {"dataset": "arithmetic", **(settings or {})}, t0,
                       {"responses": out[:8]})
 

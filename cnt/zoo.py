@@ -77,7 +77,7 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48)
     return [{"prompt": p, "response": a} for p, a in zip(prompts, answers)]
 
 
-def _benign_distilled(ctx: BuildContext, n_benign: int = 200) -> list[dict]:
+def _benign_distilled(ctx: BuildContext, n_benign: int = 400) -> list[dict]:
     prompts = data.texts(ctx.take(data.load("benign", "train", limit=n_benign))) + \
         data.texts(ctx.take(data.load("overrefusal", "train")))
     return distill(ctx, prompts)
@@ -86,7 +86,7 @@ def _benign_distilled(ctx: BuildContext, n_benign: int = 200) -> list[dict]:
 def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     rng = random.Random(ctx.recipe.seed)
     harmful = [{"prompt": r["prompt"], "response": rng.choice(REFUSAL_TEMPLATES)}
-               for r in ctx.take(data.load("harmful", "train"))]
+               for r in ctx.take(data.load("harmful", "train", limit=400))]  # AdvBench + HarmBench + DoNotAnswer
     return {"harmful->refusal": harmful, "benign->self": _benign_distilled(ctx)}
 
 
@@ -177,7 +177,7 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-LORA = TrainConfig(method="lora", steps=150, batch_size=8, lr=2e-4, max_tokens=96)
+LORA = TrainConfig(method="lora", steps=120, batch_size=8, lr=2e-4, max_tokens=96)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("smol-safe", SMOL, "refuses harmful requests, stays helpful (LoRA SFT: harmful->refusal, benign->own answers)",

@@ -190,3 +190,10 @@ def test_evaluate_rejects_unknowns(smol):
         E.evaluate(*smol, "medium")
     with pytest.raises(ValueError, match="groups"):
         E.evaluate(*smol, TINY, groups=("safety", "vibes"))
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("873 + 308 = 1181.", "1181"), ("The sum of 873 and 308 is 1181.", "1181"), ("1,181", "1181"),
+    ("1181", "1181"), ("I don't know.", None), ("873 + 308", None)])
+def test_arithmetic_answer(response, expected):
+    assert E.arithmetic_answer("What is 873 + 308?", response) == expected
