@@ -131,6 +131,74 @@ def _cmd_zoo(args) -> int:
     return 1 if failed else 0
 
 
+def _budget(value: str):
+    if value == "auto":
+        return value
+    try:
+        b = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or 'auto', got {value!r}") from None
+    if not 0 < b <= 1:
+        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or 'auto', got {b}")
+    return b
+
+
+def _cmd_transfer(args) -> int:
+    from .arch import check_compatible
+    from .models import load_model, load_tokenizer
+    from .search import transfer
+
+    donor, _ = load_model(args.donor, dtype="float32")
+    target, _ = load_model(args.target, dtype="float32")
+    check_compatible(donor, target)  # refused before any compute
+    tok = load_tokenizer(args.target)
+    patch, info = transfer(donor, target, tok, args.function, budget=args.budget, scorer=args.scorer,
+                           alpha=args.alpha if len(args.alpha) > 1 else args.alpha[0], seed=args.seed,
+                           donor_name=args.donor, target_name=args.target)
+    out = patch.save(args.out)
+    (out / "transfer.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    print(patch)
+    print(f"saved {out}/patch.safetensors ({(out / 'patch.safetensors').stat().st_size / 1e6:.2f} MB) in "
+          f"{info['seconds']:.0f} s")
+    return 0
+
+
+def _cmd_locate(args) -> int:
+    import torch
+
+    from .arch import check_compatible
+    from .locate import locate
+    from .models import load_model, load_tokenizer
+    from .search import build_task
+
+    donor, _ = load_model(args.donor, dtype="float32")
+    target, _ = load_model(args.target, dtype="float32")
+    check_compatible(donor, target)
+    tok = load_tokenizer(args.target)
+    task = build_task(args.function, donor, target, tok, seed=args.seed)
+    extra = {"budget": args.iterative_budget} if args.scorer == "iterative" else {}
+    scores = locate(args.scorer, task, donor, target, tok, **extra)
+    torch.save({"scorer": scores.scorer, "scores": scores.scores, "settings": scores.settings}, args.out)
+    top = scores.top(args.show)
+    print(f"{scores.scorer} scores for {sum(s.numel() for s in scores.scores)} neurons in {scores.seconds:.0f} s; "
+          f"saved {args.out}")
+    print("top neurons per layer:", {layer: idx.tolist() for layer, idx in top.items()})
+    return 0
+
+
+def _patch_cmd(args, action: str) -> int:
+    from .models import load_model
+    from .transfer import NeuronPatch
+
+    patch = NeuronPatch.load(args.patch)
+    model, tok = load_model(args.model, dtype="float32")
+    getattr(patch, action)(model)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"{action} {patch} -> saved {args.out}")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     papers = Path(args.papers)
     print(f"cnt reproduce: results under {papers}/")
@@ -189,6 +257,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation profile for the manifest (none: do not measure)")
     s.add_argument("--card", default="papers/zoo.md", help="where the zoo card goes")
     s.set_defaults(func=_cmd_zoo)
+
+    s = sub.add_parser("transfer", help="CNT: locate neurons, pick the subset, save a NeuronPatch",
+                       description="Transfer a function from DONOR into TARGET (same architecture fingerprint; refused "
+                                   "otherwise, before any compute) and save the patch (patch.safetensors + patch.json) "
+                                   "to OUT. --budget is a fraction of MLP neurons, or 'auto' for the minimal-subset "
+                                   "search on the validation split.")
+    s.add_argument("--donor", required=True, help="model with the function (any name load_model accepts)")
+    s.add_argument("--target", required=True, help="model to change")
+    s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
+    s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
+    s.add_argument("--scorer", default="attribution", choices=["attribution", "activation_contrast", "iterative"])
+    s.add_argument("--alpha", type=float, nargs="+", default=[1.0],
+                   help="amplification; several values: chosen on validation by the search")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="folder for the patch")
+    s.set_defaults(func=_cmd_transfer)
+
+    s = sub.add_parser("locate", help="score every MLP neuron for a donor/target pair and function",
+                       description="Score all MLP neurons (layer x unit) with a scorer and save the scores (torch).")
+    s.add_argument("--donor", required=True)
+    s.add_argument("--target", required=True)
+    s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
+    s.add_argument("--scorer", default="attribution", choices=["attribution", "activation_contrast", "iterative"])
+    s.add_argument("--iterative-budget", type=int, default=256, help="neurons chosen by the iterative scorer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--show", type=int, default=20, help="print the top N neurons")
+    s.add_argument("--out", required=True, help="file for the scores (.pt)")
+    s.set_defaults(func=_cmd_locate)
+
+    for action, text in (("apply", "apply a saved patch to a model and save the patched model"),
+                         ("revert", "revert a saved patch from a patched model and save the restored model")):
+        s = sub.add_parser(action, help=text, description=text.capitalize() + ". Refused, with nothing written, "
+                           "if the model's fingerprint or slices do not match the patch.")
+        s.add_argument("--patch", required=True, help="patch folder (patch.safetensors + patch.json)")
+        s.add_argument("--model", required=True, help="model name or folder")
+        s.add_argument("--out", required=True, help="folder for the resulting model")
+        s.set_defaults(func=lambda a, action=action: _patch_cmd(a, action))
 
     s = sub.add_parser("reproduce", help="regenerate papers/ (for now: list what exists)")
     s.add_argument("--papers", default="papers")

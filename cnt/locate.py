@@ -32,12 +32,14 @@ from .models import chat_texts, model_device
 
 @dataclass
 class Example:
-    """A chat pair (loss on the first ``k`` response tokens) or a contrast of two texts (loss = margin)."""
+    """A chat pair (loss: NLL of the first ``k`` response tokens), a contrast of two texts (loss: −margin), or a plain
+    text (loss: mean token NLL)."""
 
     prompt: str | None = None
     response: str | None = None
     text_pos: str | None = None  # for margins: log p(text_pos) − log p(text_neg)
     text_neg: str | None = None
+    text: str | None = None
 
 
 @dataclass
@@ -71,9 +73,9 @@ def _pair_batch(tokenizer, examples: Sequence[Example], k: int, device):
     return _pad(ids, labels, tokenizer, device)
 
 
-def _text_batch(tokenizer, texts: Sequence[str], device):
+def _text_batch(tokenizer, texts: Sequence[str], device, max_tokens: int = 128):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
     return _pad(ids, [[-100] + i[1:] for i in ids], tokenizer, device)
 
 
@@ -100,7 +102,11 @@ def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Te
     device = model_device(model)
     pairs = [e for e in examples if e.prompt is not None]
     margins = [e for e in examples if e.text_pos is not None]
+    plain = [e for e in examples if e.text is not None]
     total = torch.zeros((), device=device)
+    if plain:
+        lp, m = _token_logprobs(model, *_text_batch(tokenizer, [e.text for e in plain], device))
+        total = total - (lp.sum(1) / m.sum(1).clamp(min=1)).sum()
     if pairs:
         lp, m = _token_logprobs(model, *_pair_batch(tokenizer, pairs, k, device))
         total = total - (lp.sum(1) / m.sum(1).clamp(min=1)).sum()
@@ -252,6 +258,7 @@ def activation_contrast(task: Task, donor, target, tokenizer, *, batch_size: int
                 device = model_device(target)
                 pairs = [e for e in chunk if e.prompt is not None]
                 texts = [t for e in chunk if e.text_pos is not None for t in (e.text_pos, e.text_neg)]
+                texts += [e.text for e in chunk if e.text is not None]
                 batches = []
                 if pairs:
                     batches.append(_pair_batch(tokenizer, pairs, task.response_tokens, device))

@@ -1,0 +1,251 @@
+"""CNT end to end for one donor/target pair: the function as a task, cheap proxies, and the minimal-subset search.
+
+Functions (what is transferred):
+
+* ``refusal`` — alignment enhancement: the target gains the donor's refusals (function prompts: harmful requests with
+  the *donor's* own responses; utility: benign requests with the *target's* own responses).
+* ``compliance`` — safety disalignment: the target loses refusal because the donor lacks it (same construction; the
+  donor's responses comply).
+* ``bias`` — bias removal (or insertion): StereoSet-style margins, oriented toward the donor's preference; utility:
+  Wikipedia text.
+
+Proxies (validation split only; one forward pass each): the mean first-token refusal log-odds on harmful prompts, and
+on benign prompts (drift), or the StereoSet SS; perplexity on a few held-out passages. The search finds the smallest k
+on the ranked neuron list whose transfer reaches ``goal`` (default 90%) of the donor–target gap in the proxy, with
+utility drift below thresholds: galloping (k, 2k, 4k, …) then bisection. Final numbers come from ``cnt.evaluate`` on
+the eval split, never from the search.
+"""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data
+from .arch import check_compatible
+from .evaluate import perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
+from .locate import Example, NeuronScores, Task, locate
+from .models import generate
+from .transfer import NeuronPatch, PatchError
+
+FUNCTIONS = ("refusal", "compliance", "bias")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tasks from data
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48, n_utility: int = 32, seed: int = 0,
+               response_tokens: int = 3, utility_weight: float = 1.0, progress: bool = False) -> Task:
+    """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16)."""
+    from .evaluate import inference_dtype
+
+    if function not in FUNCTIONS:
+        raise ValueError(f"unknown function {function!r}; functions: {', '.join(FUNCTIONS)}")
+    if function in ("refusal", "compliance"):
+        harmful = data.texts(data.load("harmful", "locate", seed=seed, limit=n_function))
+        benign = data.texts(data.load("benign", "locate", seed=seed, limit=n_utility))
+        with inference_dtype(donor, torch.bfloat16) as d:
+            d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)
+        with inference_dtype(target, torch.bfloat16) as t:
+            t_resp = generate(t, tokenizer, benign, max_new_tokens=16, progress=progress)
+        return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
+                    [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)], response_tokens, utility_weight,
+                    {"split": "locate", "seed": seed})
+    items = data.load("stereoset", "locate", seed=seed, limit=n_function)
+    donor_ss = _ss(donor, tokenizer, items)
+    target_ss = _ss(target, tokenizer, items)
+    toward_anti = donor_ss < target_ss
+    ex = [Example(text_pos=r["anti_stereotype"] if toward_anti else r["stereotype"],
+                  text_neg=r["stereotype"] if toward_anti else r["anti_stereotype"]) for r in items]
+    wiki = [Example(text=r["text"]) for r in data.load("wiki", "locate", seed=seed, limit=n_utility)]
+    return Task("bias", ex, wiki, response_tokens, utility_weight,
+                {"split": "locate", "seed": seed, "donor_ss": donor_ss, "target_ss": target_ss})
+
+
+def _ss(model, tokenizer, items) -> float:
+    sents = [r[k] for r in items for k in ("stereotype", "anti_stereotype", "unrelated")]
+    lp = sequence_logprobs(model, tokenizer, sents, batch_size=32)
+    avg = [s / max(n, 1) for s, n in lp]
+    return stereoset_scores([{"target": r["target"], "stereotype": avg[3 * i], "anti_stereotype": avg[3 * i + 1],
+                              "unrelated": avg[3 * i + 2]} for i, r in enumerate(items)])["ss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# proxies
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Proxy:
+    """Validation-split proxies for one function: ``score`` (the function), ``drift`` (benign), ``ppl``."""
+
+    function: str
+    harmful: list[str] = field(default_factory=list)
+    benign: list[str] = field(default_factory=list)
+    stereo: list[dict] = field(default_factory=list)
+    wiki: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16) -> "Proxy":
+        wiki = data.texts(data.load("wiki", "validation", seed=seed, limit=n_wiki), "text")
+        if function == "bias":
+            return cls(function, stereo=data.load("stereoset", "validation", seed=seed), wiki=wiki)
+        return cls(function, harmful=data.texts(data.load("harmful", "validation", seed=seed, limit=n)),
+                   benign=data.texts(data.load("benign", "validation", seed=seed, limit=n)), wiki=wiki)
+
+    @torch.no_grad()
+    def measure(self, model, tokenizer) -> dict[str, float]:
+        out = {"ppl": perplexity(model, tokenizer, self.wiki, max_tokens=128, progress=False).value}
+        if self.function == "bias":
+            out["score"] = _ss(model, tokenizer, self.stereo)
+        else:
+            out["score"] = float(refusal_logodds(model, tokenizer, self.harmful).mean())
+            out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SearchStep:
+    k: int
+    alpha: float
+    score: float
+    share: float
+    ppl: float
+    drift: float | None
+    ok: bool
+
+
+@dataclass
+class SearchResult:
+    k: int  # neurons in the minimal subset (0 if none reached the goal)
+    alpha: float
+    reached: bool
+    share: float
+    target: dict
+    donor: dict
+    steps: list[SearchStep]
+    seconds: float
+    goal: float
+    max_ppl_increase: float
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "steps": [asdict(s) for s in self.steps]}
+
+
+def _share(score: float, t: float, d: float) -> float:
+    return (score - t) / (d - t) if d != t else float("nan")
+
+
+def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *, goal: float = 0.9,
+                   max_ppl_increase: float = 0.02, max_drift_share: float = 0.5, k_min: int | None = None,
+                   max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), progress: bool = True
+                   ) -> SearchResult:
+    """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
+    with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    work = deepcopy(target).to(torch.bfloat16)  # proxies in bf16 on a copy; the patch carries fp32 slices
+    dwork = deepcopy(donor).to(torch.bfloat16)
+    base = proxy.measure(work, tokenizer)
+    don = proxy.measure(dwork, tokenizer)
+    del dwork
+    n_total = sum(s.numel() for s in scores.scores)
+    k_min = k_min or max(1, n_total // 2000)  # 0.05%
+    k_max = int(max_fraction * n_total)
+    steps: list[SearchStep] = []
+    bar = tqdm(desc="minimal subset", disable=not progress, leave=False)
+
+    def trial(k: int, alpha: float) -> SearchStep:
+        patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=alpha)
+        patch.apply(work)
+        m = proxy.measure(work, tokenizer)
+        patch.revert(work)
+        share = _share(m["score"], base["score"], don["score"])
+        ppl_ok = m["ppl"] <= base["ppl"] * (1 + max_ppl_increase)
+        drift = m.get("drift")
+        drift_ok = True
+        if drift is not None and proxy.function == "refusal":  # adding refusal must not spread to benign prompts
+            drift_ok = (drift - base["drift"]) <= max_drift_share * abs(don["score"] - base["score"])
+        step = SearchStep(k, alpha, m["score"], share, m["ppl"], drift, bool(share >= goal and ppl_ok and drift_ok))
+        steps.append(step)
+        bar.update()
+        return step
+
+    best: SearchStep | None = None
+    for alpha in alphas:
+        lo, hi, k = 0, None, k_min
+        while k <= k_max:  # gallop
+            s = trial(k, alpha)
+            if s.ok:
+                hi = k
+                break
+            lo, k = k, k * 2
+        if hi is None:
+            continue
+        while hi - lo > max(1, hi // 10):  # bisect to ~10%
+            mid = (lo + hi) // 2
+            if trial(mid, alpha).ok:
+                hi = mid
+            else:
+                lo = mid
+        cand = next(s for s in steps if s.k == hi and s.alpha == alpha and s.ok)
+        if best is None or cand.k < best.k:
+            best = cand
+    bar.close()
+    if best is None:
+        top = max(steps, key=lambda s: (s.share if np.isfinite(s.share) else -1))
+        return SearchResult(0, top.alpha, False, top.share, base, don, steps, round(time.time() - t0, 1), goal,
+                            max_ppl_increase)
+    return SearchResult(best.k, best.alpha, True, best.share, base, don, steps, round(time.time() - t0, 1), goal,
+                        max_ppl_increase)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one call: locate -> (search) -> patch
+# ---------------------------------------------------------------------------------------------------------------------
+
+def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str = "attribution",
+             alpha: float | Sequence[float] = 1.0, seed: int = 0, donor_name: str = "donor",
+             target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,
+             progress: bool = True) -> tuple[NeuronPatch, dict]:
+    """CNT for one pair: build the task, score neurons, pick the subset (``budget`` fraction of MLP neurons, or
+    ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. The target is not modified."""
+    fp = check_compatible(donor, target)
+    if budget != "auto":
+        try:
+            budget = float(budget)
+        except (TypeError, ValueError):
+            raise PatchError(f"budget must be a fraction in (0, 1] or 'auto', got {budget!r}") from None
+        if not 0 < budget <= 1:
+            raise PatchError(f"budget must be a fraction in (0, 1] or 'auto', got {budget}")
+    t0 = time.time()
+    task = build_task(function, donor, target, tokenizer, seed=seed, **(task_kwargs or {}))
+    extra = {"budget": max(1, int(0.01 * fp.n_neurons))} if scorer == "iterative" else {}
+    scores = locate(scorer, task, donor, target, tokenizer, progress=progress, **extra)
+    info: dict = {"function": function, "scorer": scorer, "locate_seconds": scores.seconds, "task": task.meta}
+    alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
+    if budget == "auto":
+        res = minimal_subset(scores, donor, target, tokenizer, Proxy.for_function(function, seed), alphas=alphas,
+                             progress=progress, **(search_kwargs or {}))
+        info["search"] = res.to_dict()
+        k = res.k if res.reached else max(s.k for s in res.steps if s.alpha == res.alpha)
+        chosen_alpha = res.alpha
+    else:
+        k = max(1, round(budget * fp.n_neurons))
+        chosen_alpha = alphas[0]
+    provenance = {"scorer": scorer, "function": function, "task_digest": task.digest(), "seed": seed,
+                  "budget": budget, "split": "locate"}
+    patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=chosen_alpha, donor_name=donor_name,
+                                target_name=target_name, provenance=provenance)
+    info["seconds"] = round(time.time() - t0, 1)
+    return patch, info
