@@ -122,6 +122,10 @@ def _cmd_zoo(args) -> int:
         print(f"{name}: built in {manifest['build_seconds']:.0f} s; "
               + (", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})"
                            for k, v in exp.items()) or "not measured"))
+        rc = manifest.get("rebuild_check")
+        if rc:
+            print(f"  rebuild vs committed: identical weights: {rc['identical_weights']} (max |Δ| "
+                  f"{rc['max_abs_weight_diff']:.3g}); metrics within tolerance: {rc['all_within_tolerance']}")
         if exp and not all(v["holds"] for v in exp.values()):
             failed.append(name)
     if args.card:
