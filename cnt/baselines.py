@@ -1,0 +1,276 @@
+"""Baselines: what a researcher would try instead of CNT, behind one interface (a registry, like mergekit's methods).
+
+Each method takes ``(donor, target, tokenizer, function, setting)`` and returns a :class:`Modified` — the modified target
+(a new model; the inputs are untouched) or a :class:`~cnt.transfer.NeuronPatch` where it is neuron-level — and the
+number of parameters it changed. Settings (λ, density, k, layer, α) are swept by the caller and chosen on the
+validation split by the same rule as CNT.
+
+=====================  ==================================================================================================
+``random``             the same k neurons as CNT would move, drawn uniformly (seeded)
+``weight_delta``       the k neurons whose parameters differ most between donor and target (‖θ_D,i − θ_T,i‖; no data)
+``linear``             θ_T + λ(θ_D − θ_T) for every parameter (model soup / interpolation)
+``task_arithmetic``    θ_T + λ(θ_D − θ_base) with the zoo's common base
+``ties``, ``dare``     θ_base + merge([θ_T − θ_base, θ_D − θ_base], weights [1, λ], density) with
+                       ``peft.utils.merge_utils`` (TIES: trim, elect sign, disjoint mean; DARE: random drop + rescale,
+                       seeded)
+``refusal_direction``  difference-of-means refusal direction: orthogonalized out of the weights (removes refusal) or
+                       added at one layer as a bias (induces refusal)
+``sft``                fine-tune the target on the donor's own training data (the costly route CNT avoids)
+=====================  ==================================================================================================
+"""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .arch import MLPNeurons, check_compatible
+from .transfer import NeuronPatch
+
+
+@dataclass
+class Modified:
+    method: str
+    setting: dict
+    params_changed: int
+    seconds: float
+    model: object | None = None  # the modified model (when not a patch)
+    patch: NeuronPatch | None = None
+    info: dict = field(default_factory=dict)
+
+    def materialize(self, target):
+        """The modified model: ``model``, or a copy of ``target`` with the patch applied."""
+        if self.model is not None:
+            return self.model
+        m = deepcopy(target)
+        self.patch.apply(m)
+        return m
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# neuron-level
+# ---------------------------------------------------------------------------------------------------------------------
+
+def random_neurons(donor, target, k: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """``k`` neurons drawn uniformly over all layers (seeded)."""
+    fp = check_compatible(donor, target)
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(fp.n_neurons, generator=g)[:k]
+    offsets = torch.tensor([0, *torch.cumsum(torch.tensor(fp.intermediate_sizes), 0).tolist()])
+    out = {}
+    for layer in range(fp.n_layers):
+        sel = flat[(flat >= offsets[layer]) & (flat < offsets[layer + 1])] - offsets[layer]
+        if sel.numel():
+            out[layer] = torch.sort(sel).values
+    return out
+
+
+@torch.no_grad()
+def weight_delta_scores(donor, target) -> list[torch.Tensor]:
+    """Per-neuron ‖θ_D,i − θ_T,i‖ over all the neuron's slices."""
+    check_compatible(donor, target)
+    nd, nt = MLPNeurons(donor), MLPNeurons(target)
+    out = []
+    for layer in range(nt.n_layers):
+        idx = torch.arange(nt.intermediate_size(layer))
+        d, t = nd.read(layer, idx), nt.read(layer, idx)
+        out.append(torch.sqrt(sum(((d[k].float() - t[k].float()) ** 2).reshape(len(idx), -1).sum(1) for k in d)))
+    return out
+
+
+def _patch_result(method, donor, target, indices, setting, t0, **prov) -> Modified:
+    patch = NeuronPatch.extract(donor, target, indices, provenance={"baseline": method, **prov})
+    return Modified(method, setting, patch.n_params, round(time.time() - t0, 2), patch=patch)
+
+
+def run_random(donor, target, tokenizer=None, function=None, *, k: int, seed: int = 0, **_) -> Modified:
+    t0 = time.time()
+    return _patch_result("random", donor, target, random_neurons(donor, target, k, seed), {"k": k, "seed": seed}, t0,
+                         seed=seed)
+
+
+def run_weight_delta(donor, target, tokenizer=None, function=None, *, k: int, **_) -> Modified:
+    from .locate import NeuronScores
+
+    t0 = time.time()
+    scores = NeuronScores("weight_delta", weight_delta_scores(donor, target))
+    return _patch_result("weight_delta", donor, target, scores.top(k), {"k": k}, t0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# whole-model merges
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _floating(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def _merged(target, fn: Callable[[str, torch.Tensor], torch.Tensor | None]) -> tuple[object, int]:
+    """A copy of ``target`` with ``param ← fn(name, param)`` (None: unchanged); returns (model, params changed)."""
+    out = deepcopy(target)
+    changed = 0
+    seen = set()
+    for name, p in out.state_dict(keep_vars=True).items():
+        if not p.is_floating_point() or id(p) in seen:
+            continue
+        seen.add(id(p))
+        new = fn(name, p.detach())
+        if new is None:
+            continue
+        new = new.to(p.dtype)
+        changed += int((new != p).sum())
+        p.data.copy_(new)
+    return out, changed
+
+
+def run_linear(donor, target, tokenizer=None, function=None, *, lam: float, **_) -> Modified:
+    """θ_T + λ(θ_D − θ_T): λ = 0 is the target, λ = 1 the donor (exactly)."""
+    t0 = time.time()
+    check_compatible(donor, target)
+    d = _floating(donor)
+    if lam == 1.0:
+        model, changed = _merged(target, lambda n, p: d[n])
+    else:
+        model, changed = _merged(target, lambda n, p: None if lam == 0 else p.float() + lam * (d[n].float() - p.float()))
+    return Modified("linear", {"lambda": lam}, changed, round(time.time() - t0, 2), model=model)
+
+
+def _require_base(base):
+    if base is None:
+        raise ValueError("this baseline needs the donor's and target's common base model (base=...)")
+    return _floating(base)
+
+
+def run_task_arithmetic(donor, target, tokenizer=None, function=None, *, lam: float, base=None, **_) -> Modified:
+    """θ_T + λ(θ_D − θ_base)."""
+    t0 = time.time()
+    check_compatible(donor, target)
+    b, d = _require_base(base), _floating(donor)
+    model, changed = _merged(target, lambda n, p: None if lam == 0 else p.float() + lam * (d[n].float() - b[n].float()))
+    return Modified("task_arithmetic", {"lambda": lam}, changed, round(time.time() - t0, 2), model=model)
+
+
+def merge_tensor(method: str, base: torch.Tensor, target: torch.Tensor, donor: torch.Tensor, lam: float,
+                 density: float) -> torch.Tensor:
+    """θ_base + merge([θ_T − θ_base, θ_D − θ_base], weights [1, λ]) with peft's TIES or DARE (linear) math."""
+    from peft.utils import merge_utils
+
+    tv = [target.float() - base.float(), donor.float() - base.float()]
+    weights = torch.tensor([1.0, float(lam)])
+    if method == "ties":
+        delta = merge_utils.ties(tv, weights, density)
+    elif method == "dare":
+        delta = merge_utils.dare_linear(tv, weights, density)
+    else:
+        raise ValueError(f"unknown merge {method!r}; use ties or dare")
+    return base.float() + delta
+
+
+def _merge_utils(method: str, donor, target, base, lam: float, density: float, seed: int) -> tuple[object, int]:
+    b, d = _require_base(base), _floating(donor)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # DARE drops at random (torch.bernoulli)
+    try:
+        return _merged(target, lambda name, p: merge_tensor(method, b[name], p, d[name], lam, density))
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def run_ties(donor, target, tokenizer=None, function=None, *, lam: float, density: float, base=None, seed: int = 0,
+             **_) -> Modified:
+    t0 = time.time()
+    check_compatible(donor, target)
+    model, changed = _merge_utils("ties", donor, target, base, lam, density, seed)
+    return Modified("ties", {"lambda": lam, "density": density}, changed, round(time.time() - t0, 2), model=model)
+
+
+def run_dare(donor, target, tokenizer=None, function=None, *, lam: float, density: float, base=None, seed: int = 0,
+             **_) -> Modified:
+    t0 = time.time()
+    check_compatible(donor, target)
+    model, changed = _merge_utils("dare", donor, target, base, lam, density, seed)
+    return Modified("dare", {"lambda": lam, "density": density, "seed": seed}, changed, round(time.time() - t0, 2),
+                    model=model)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# refusal direction and SFT
+# ---------------------------------------------------------------------------------------------------------------------
+
+def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int | None = None, alpha: float = 1.0,
+                          seed: int = 0, n: int = 64, progress: bool = False, **_) -> Modified:
+    """Remove refusal (``compliance``): the target's own difference-of-means direction, chosen on validation, projected
+    out of every residual write. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
+    bias of that block's attention output (baked into the weights)."""
+    from . import data
+    from .refusal_direction import mean_activations, orthogonalize, select_direction
+
+    t0 = time.time()
+    check_compatible(donor, target)
+    t = data.texts
+    h_tr, b_tr = t(data.load("harmful", "train", seed=seed, limit=n)), t(data.load("benign", "train", seed=seed, limit=n))
+    model = deepcopy(target)
+    if function == "compliance":
+        h_va = t(data.load("harmful", "validation", seed=seed, limit=32))
+        b_va = t(data.load("benign", "validation", seed=seed, limit=32))
+        choice = select_direction(target, tokenizer, h_tr, b_tr, h_va, b_va, progress=progress)
+        changed = orthogonalize(model, choice.direction)
+        return Modified("refusal_direction", {"mode": "ablate", "layer": choice.layer, "position": choice.position},
+                        changed, round(time.time() - t0, 2), model=model, info={"candidates": choice.candidates})
+    if function != "refusal":
+        raise ValueError("refusal_direction applies to the refusal and compliance functions only")
+    mu = mean_activations(donor, tokenizer, h_tr) - mean_activations(donor, tokenizer, b_tr)  # [L+1, P, H]
+    neurons = MLPNeurons(model)
+    layer = neurons.n_layers // 2 if layer is None else layer
+    r = mu[layer, 0]
+    attn_out = dict((n_, m) for n_, m, _ in neurons.residual_writers())[
+        f"{neurons.family.layers_path}.{layer - 1}.{neurons.family.attn_out}"] if layer >= 1 else None
+    if attn_out is None:
+        raise ValueError("layer must be >= 1 (the direction is added after a block's attention)")
+    with torch.no_grad():
+        bias = alpha * r.to(attn_out.weight.dtype)
+        if attn_out.bias is None:
+            attn_out.bias = torch.nn.Parameter(bias.to(attn_out.weight.device), requires_grad=False)
+        else:
+            attn_out.bias.add_(bias.to(attn_out.bias.device))
+    return Modified("refusal_direction", {"mode": "add", "layer": layer, "alpha": alpha}, int(r.numel()),
+                    round(time.time() - t0, 2), model=model)
+
+
+def run_sft(donor, target, tokenizer, function: str | None = None, *, examples: list[dict], config, **_) -> Modified:
+    """Fine-tune (a copy of) the target on the donor's own training data (``examples``, ``config``: e.g. the zoo
+    recipe that made the donor)."""
+    from .train import sft
+
+    t0 = time.time()
+    model = deepcopy(target)
+    model, res = sft(model, tokenizer, examples, config, progress=False)
+    changed = sum(p.numel() for p in model.parameters()) if config.method == "full" else res.trainable_params
+    return Modified("sft", {"steps": config.steps, "method": config.method, "n_examples": len(examples)}, changed,
+                    round(time.time() - t0, 2), model=model, info={"train_seconds": res.seconds})
+
+
+BASELINES: dict[str, Callable[..., Modified]] = {
+    "random": run_random,
+    "weight_delta": run_weight_delta,
+    "linear": run_linear,
+    "task_arithmetic": run_task_arithmetic,
+    "ties": run_ties,
+    "dare": run_dare,
+    "refusal_direction": run_refusal_direction,
+    "sft": run_sft,
+}
+
+
+def run(method: str, donor, target, tokenizer=None, function: str | None = None, **setting) -> Modified:
+    """Run baseline ``method`` (one of :data:`BASELINES`) with ``setting`` (k, lam, density, base, seed, ...)."""
+    try:
+        fn = BASELINES[method]
+    except KeyError:
+        raise ValueError(f"unknown baseline {method!r}; baselines: {', '.join(BASELINES)}") from None
+    return fn(donor, target, tokenizer, function, **setting)
