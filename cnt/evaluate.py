@@ -34,7 +34,7 @@ import torch
 
 from . import data
 from .cache import cache_dir
-from .models import chat_texts, encode, generate, model_device
+from .models import chat_texts, encode, generate, model_device, pad_right
 
 Z95 = 1.959963984540054
 
@@ -281,13 +281,7 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
     batches = range(0, len(order), batch_size)
     for s in tqdm(batches, desc=desc, disable=not progress or len(batches) < 4, leave=False):
         idx = order[s:s + batch_size]
-        width = max(len(ids[i]) for i in idx)
-        inp = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            inp[r, :len(ids[i])] = torch.tensor(ids[i])
-            mask[r, :len(ids[i])] = 1
-        inp, mask = inp.to(device), mask.to(device)
+        inp, _, mask = pad_right([ids[i] for i in idx], pad, device=device)
         logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
         lp = torch.log_softmax(logits, -1).gather(-1, inp[:, 1:, None]).squeeze(-1) * mask[:, 1:]
         for r, i in enumerate(idx):

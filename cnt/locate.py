@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .arch import MLPNeurons, check_compatible
-from .models import chat_texts, model_device
+from .models import chat_texts, model_device, pad_right
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -70,24 +70,13 @@ def _pair_batch(tokenizer, examples: Sequence[Example], k: int, device):
         r = tokenizer(ex.response, add_special_tokens=False)["input_ids"][:k] or [tokenizer.eos_token_id]
         ids.append(p + r)
         labels.append([-100] * len(p) + r)
-    return _pad(ids, labels, tokenizer, device)
+    return pad_right(ids, tokenizer.pad_token_id, labels, device)
 
 
 def _text_batch(tokenizer, texts: Sequence[str], device, max_tokens: int = 128):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    return _pad(ids, [[-100] + i[1:] for i in ids], tokenizer, device)
-
-
-def _pad(ids, labels, tokenizer, device):
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    inp = torch.full((len(ids), width), pad, dtype=torch.long)
-    lab = torch.full((len(ids), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, (i, lb) in enumerate(zip(ids, labels)):
-        inp[r, :len(i)], lab[r, :len(lb)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(lb), 1
-    return inp.to(device), lab.to(device), mask.to(device)
+    return pad_right(ids, tokenizer.pad_token_id, [[-100] + i[1:] for i in ids], device)
 
 
 def _token_logprobs(model, inp, lab, mask):

@@ -330,6 +330,25 @@ def encode(tokenizer, texts: Sequence[str], max_length: int | None = None, devic
     return enc.to(device) if device is not None else enc
 
 
+def pad_right(ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None,
+              device=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Right-padded ``(input_ids, labels, attention_mask)`` (labels padded with -100). Right padding keeps positions
+    exact without position_ids: for scoring and training."""
+    width = max(map(len, ids))
+    inp = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    lab = torch.full((len(ids), width), -100, dtype=torch.long) if labels is not None else None
+    for r, seq in enumerate(ids):
+        inp[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, :len(seq)] = 1
+        if lab is not None:
+            lab[r, :len(labels[r])] = torch.tensor(labels[r], dtype=torch.long)
+    if device is not None:
+        inp, mask = inp.to(device), mask.to(device)
+        lab = lab.to(device) if lab is not None else None
+    return inp, lab, mask
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
              system: str | None = None, chat: bool = True, progress: bool = True) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .models import chat_texts, model_device
+from .models import chat_texts, model_device, pad_right
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,16 +62,8 @@ def _tokenize(tokenizer, ex: dict, max_tokens: int) -> tuple[list[int], list[int
 
 def _batch(tokenizer, examples: Sequence[dict], max_tokens: int, device) -> dict:
     pairs = [_tokenize(tokenizer, ex, max_tokens) for ex in examples]
-    width = max(len(i) for i, _ in pairs)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for r, (i, lab) in enumerate(pairs):  # right padding: positions exact, no position_ids needed
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, :len(i)] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    ids, labels, mask = pad_right([i for i, _ in pairs], tokenizer.pad_token_id, [lab for _, lab in pairs], device)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def sft(model, tokenizer, examples: Sequence[dict], config: TrainConfig = TrainConfig(), progress: bool = True):
