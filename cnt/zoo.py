@@ -170,11 +170,13 @@ class Recipe:
     expect: dict = field(default_factory=dict)  # metric -> (op, threshold); thresholds relative to base: ("<=base", d)
     artifact: str | None = None  # "lora" | "direction" | None (not committed: rebuilt on demand)
     seed: int = 0
+    hyper: dict = field(default_factory=dict)  # method-specific settings (abliteration: layer_stride, positions)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "description": self.description, "method": self.method,
                 "data": self.data.__name__, "train": self.train.to_dict() if self.train else None,
-                "expect": {k: list(v) for k, v in self.expect.items()}, "artifact": self.artifact, "seed": self.seed}
+                "expect": {k: list(v) for k, v in self.expect.items()}, "artifact": self.artifact, "seed": self.seed,
+                **({"hyper": self.hyper} if self.hyper else {})}
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -197,7 +199,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("smol-arith", SMOL, "the user's own specialist: three-digit addition (LoRA SFT + own answers)",
            "sft", data_arith, LORA, {"arithmetic_acc": (">=base", 0.2)}, "lora"),
     Recipe("qwen-abliterated", QWEN, "refusal direction projected out of the weights (training-free abliteration)",
-           "abliterate", data_abliterate, None, {"refusal_rate": ("<=", 0.10)}, "direction"),
+           "abliterate", data_abliterate, None, {"refusal_rate": ("<=", 0.10)}, "direction",
+           hyper={"layer_stride": 2, "positions": [-1, -2, -3, -4, -5]}),
 )}
 
 
@@ -279,9 +282,15 @@ def build(name: str, *, tiny: bool = False, measure: str | None = "full", progre
     elif r.method == "abliterate":
         from .refusal_direction import orthogonalize, select_direction
 
+        from .evaluate import inference_dtype
+
         t = data.texts
-        choice = select_direction(model, tok, t(parts["harmful_train"]), t(parts["benign_train"]),
-                                  t(parts["harmful_validation"]), t(parts["benign_validation"]), progress=progress)
+        with inference_dtype(model, torch.bfloat16) as fast:  # selection in bf16; the direction is float32
+            choice = select_direction(fast, tok, t(parts["harmful_train"]), t(parts["benign_train"]),
+                                      t(parts["harmful_validation"]), t(parts["benign_validation"]),
+                                      layer_stride=r.hyper.get("layer_stride", 1),
+                                      positions=tuple(r.hyper.get("positions", (-1, -2, -3, -4, -5))),
+                                      progress=progress)
         orthogonalize(model, choice.direction)
         artifact = {"direction": choice.direction.float().contiguous()}
         info.update(layer=choice.layer, position=choice.position, validation_refusal_score=choice.harmful_score,
