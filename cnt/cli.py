@@ -306,8 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .arch import IncompatibleModelsError, UnsupportedArchitectureError
+    from .data import DataError
+    from .models import ModelLoadError
+    from .transfer import PatchError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (PatchError, ModelLoadError, IncompatibleModelsError, UnsupportedArchitectureError, DataError) as e:
+        print(f"cnt {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
