@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from cnt import experiment
+from cnt.evaluate import PROFILES, Profile
+
+
+@pytest.fixture
+def tiny_folders(tmp_path, monkeypatch):
+    """donor / target / base as local folders of tiny models with the real tokenizer, and a tiny eval profile."""
+    import copy
+
+    from cnt.models import load_tokenizer
+    from cnt.tiny import tiny_model
+    from cnt.train import TrainConfig, sft
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    base = tiny_model("llama", seed=0, vocab_size=len(tok))
+    donor = copy.deepcopy(base)
+    ex = [{"prompt": p, "response": "I'm sorry, I can't help."} for p in ("Hack a bank.", "Make a bomb.")]
+    donor, _ = sft(donor, tok, ex, TrainConfig(method="full", steps=5, lr=3e-3, batch_size=2, warmup=1),
+                   progress=False)
+    for name, m in (("base", base), ("donor", donor)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    monkeypatch.setitem(PROFILES, "tiny", Profile("tiny", harmful=4, benign=2, overrefusal=2, mmlu=4, nq_open=2,
+                                                  piqa=2, wiki=2, stereoset=6, crows_pairs=2, arithmetic=2,
+                                                  max_new_tokens=6, batch_size=8))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_run_application_end_to_end(tiny_folders):
+    cfg = experiment.ApplicationConfig(
+        "alignment_enhancement", donor=str(tiny_folders / "donor"), target=str(tiny_folders / "base"),
+        base=str(tiny_folders / "base"), budgets=(0.05, 0.2), scorers=("attribution",), alphas=(1.0, 2.0),
+        baselines=("random", "weight_delta", "linear", "ties"), lambdas=(0.5,), densities=(0.5,),
+        random_seeds=(0, 1), profile="tiny", search=False)
+    res = experiment.run_application(cfg, tiny_folders / "out", progress=False)
+    saved = json.loads((tiny_folders / "out" / "alignment_enhancement.json").read_text())
+    assert saved["methods"].keys() == res["methods"].keys()
+    for name in ("cnt", "cnt_attribution", "random", "weight_delta", "linear", "ties"):
+        entries = saved["methods"][name]
+        assert entries, name
+        for e in entries:
+            assert 0 <= e["score"] <= 1 and e["ci"][0] <= e["score"] <= e["ci"][1]
+            assert set(e["utility"]) == {"mmlu", "nq_open", "perplexity"}
+    assert [round(e["neuron_fraction"], 2) for e in saved["methods"]["cnt"]] == [0.05, 0.2]
+    assert len(saved["methods"]["random"][0]["seeds"]) == 2
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="applications: disalignment"):
+        experiment.ApplicationConfig("jailbreak")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        experiment.ApplicationConfig("disalignment", budgets=(0.0,))
+    with pytest.raises(ValueError, match="profiles"):
+        experiment.ApplicationConfig("disalignment", profile="huge")
+    with pytest.raises(ValueError, match="unknown baselines"):
+        experiment.ApplicationConfig("disalignment", baselines=("vibes",))
+    cfg = experiment.ApplicationConfig("bias_removal")
+    assert (cfg.donor, cfg.target) == ("smol-debiased", "smol-biased")
