@@ -492,8 +492,9 @@ def card(path: str | Path | None = None) -> str:
             f = model_dir(name) / "cnt_zoo.json"
         if f.is_file():
             m = json.loads(f.read_text())
-            rows.append((name, RECIPES[name].description, f"{m['build_seconds'] / 60:.1f} min", m.get("behaviour"),
-                         m.get("meets_expectations") or {}))
+            stale = "" if m.get("recipe_key") == RECIPES[name].key() else " (an older version of the recipe)"
+            rows.append((name, RECIPES[name].description + stale, f"{m['build_seconds'] / 60:.1f} min",
+                         m.get("behaviour"), m.get("meets_expectations") or {}))
         else:
             rows.append((name, RECIPES[name].description, "not built", None, {}))
     head = "| model | recipe | build | " + " | ".join(h for _, h, _ in CARD_METRICS) + " | expectations |"
