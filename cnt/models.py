@@ -95,6 +95,15 @@ def _part_paths(emb: EmbeddedModel) -> list[Path]:
     return paths
 
 
+def is_installed(name: str) -> bool:
+    """Whether the pip packages that ship embedded model ``name`` are installed (no hashing, no conversion)."""
+    try:
+        _part_paths(EMBEDDED[name])
+        return True
+    except ModelLoadError:
+        return False
+
+
 def _sha256(paths: Sequence[Path], sink=None) -> str:
     h = hashlib.sha256()
     for p in paths:

@@ -20,10 +20,6 @@ def smol():
 
 
 def embedded_installed(name: str) -> bool:
-    from cnt.models import EMBEDDED, ModelLoadError, _part_paths
+    from cnt.models import is_installed
 
-    try:
-        _part_paths(EMBEDDED[name])
-        return True
-    except ModelLoadError:
-        return False
+    return is_installed(name)
