@@ -1,8 +1,11 @@
 """Supervised fine-tuning on CPU or GPU: LoRA (peft, merged afterwards) or full fine-tuning.
 
-Used to build the zoo's donors and targets and by the SFT reference baseline. Examples are either chat pairs
-(``{"prompt", "response"}``: loss on the response tokens only, prompt in the tokenizer's chat template) or plain text
-(``{"text"}``: loss on every token after BOS). Training is seeded and deterministic on CPU.
+Used to build the zoo's donors and targets and by the SFT reference baseline. Examples are chat pairs
+(``{"prompt", "response"}``: loss on the response tokens only, prompt in the tokenizer's chat template), plain text
+(``{"text"}``: loss on every token after BOS) or sentence preferences (``{"chosen", "rejected"}``: a pairwise logistic
+loss ``-log sigmoid(beta * (lp(chosen) - lp(rejected)))`` on BOS-conditioned mean token log-probabilities — the very
+quantity StereoSet and CrowS-Pairs compare). A batch may mix kinds; each kind's mean loss is weighted by its share of
+the batch. Training is seeded and deterministic on CPU.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class TrainConfig:
     warmup: int = 10
     seed: int = 0
     train_embeddings: bool = False  # full fine-tuning: also the (tied) embeddings
+    beta: float = 5.0  # preference pairs: logistic scale on the mean-token log-probability difference
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +68,29 @@ def _batch(tokenizer, examples: Sequence[dict], max_tokens: int, device) -> dict
     pairs = [_tokenize(tokenizer, ex, max_tokens) for ex in examples]
     ids, labels, mask = pad_right([i for i, _ in pairs], tokenizer.pad_token_id, [lab for _, lab in pairs], device)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _mean_logprob(net, batch: dict) -> torch.Tensor:
+    """Per-sequence mean log-probability of the labelled tokens."""
+    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+
+
+def _loss(net, tokenizer, examples: Sequence[dict], config: "TrainConfig", device) -> torch.Tensor:
+    plain = [ex for ex in examples if "chosen" not in ex]
+    prefs = [ex for ex in examples if "chosen" in ex]
+    loss = torch.zeros((), device=device)
+    if plain:
+        loss = loss + net(**_batch(tokenizer, plain, config.max_tokens, device)).loss * (len(plain) / len(examples))
+    if prefs:
+        texts = [{"text": ex["chosen"]} for ex in prefs] + [{"text": ex["rejected"]} for ex in prefs]
+        lp = _mean_logprob(net, _batch(tokenizer, texts, config.max_tokens, device))
+        margin = lp[:len(prefs)] - lp[len(prefs):]
+        loss = loss + torch.nn.functional.softplus(-config.beta * margin).mean() * (len(prefs) / len(examples))
+    return loss
 
 
 def sft(model, tokenizer, examples: Sequence[dict], config: TrainConfig = TrainConfig(), progress: bool = True):
@@ -113,8 +140,7 @@ def sft(model, tokenizer, examples: Sequence[dict], config: TrainConfig = TrainC
             rng.shuffle(epoch)
             order += epoch
         idx, order = order[:config.batch_size], order[config.batch_size:]
-        batch = _batch(tokenizer, [examples[i] for i in idx], config.max_tokens, device)
-        loss = net(**batch).loss
+        loss = _loss(net, tokenizer, [examples[i] for i in idx], config, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
