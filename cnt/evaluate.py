@@ -526,10 +526,17 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile("quick", harmful=48, benign=32, overrefusal=16, mmlu=64, nq_open=48, piqa=64, wiki=32,
-                     stereoset=200, crows_pairs=100, arithmetic=32),
+    # experiments' sweeps (dozens of evaluations per application): short generations (the keyword judge decides within
+    # the first sentence), no PIQA, 3-shot NQ-Open (0-shot exact match is 0% for a 135M model: no signal)
+    "quick": Profile("quick", harmful=64, benign=32, overrefusal=16, mmlu=64, nq_open=48, piqa=0, wiki=24,
+                     stereoset=200, crows_pairs=64, arithmetic=32, max_new_tokens=24, ppl_max_tokens=128,
+                     nq_fewshot=3, batch_size=48),
+    # the zoo card and headline numbers
     "full": Profile("full", harmful=200, benign=120, overrefusal=43, mmlu=700, nq_open=447, piqa=381, wiki=200,
                     stereoset=507, crows_pairs=273, arithmetic=200),
+    # notebooks under nbval / CI: every code path, a few records each
+    "smoke": Profile("smoke", harmful=12, benign=8, overrefusal=4, mmlu=12, nq_open=8, piqa=0, wiki=6,
+                     stereoset=24, crows_pairs=12, arithmetic=6, max_new_tokens=12, ppl_max_tokens=64),
 }
 
 GROUPS = ("safety", "proxy", "utility", "perplexity", "bias", "skill")
@@ -610,7 +617,7 @@ def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequ
                           + metrics["false_refusal_overrefusal"].per_item)
                 metrics["refusal_score"].details["agreement_with_judge"] = proxy_agreement(lo, judged)
         if "utility" in groups:
-            tasks = {"mmlu": load("mmlu", p.mmlu), "nq_open": load("nq_open", p.nq_open), "piqa": load("piqa", p.piqa)}
+            tasks = {t: load(t, n) for t, n in (("mmlu", p.mmlu), ("nq_open", p.nq_open), ("piqa", p.piqa)) if n}
             fewshot = {"nq_open": data.load("nq_open", "train", seed=seed, limit=max(p.nq_fewshot, 1))}
             metrics.update(lm_eval_tasks(model, tokenizer, tasks, batch_size=p.batch_size,
                                          num_fewshot={"nq_open": p.nq_fewshot}, fewshot_records=fewshot, settings=st))

@@ -15,12 +15,12 @@ application                function      donor               target             
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 import time
-from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,10 +28,10 @@ import torch
 
 from . import baselines as B
 from .arch import check_compatible, total_params
-from .evaluate import PROFILES, EvalReport, evaluate
+from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
 from .locate import locate
 from .models import load_model, load_tokenizer
-from .search import Proxy, build_task, minimal_subset
+from .search import Proxy, build_task, choose, judge, minimal_subset
 from .transfer import NeuronPatch
 
 APPLICATIONS = {
@@ -43,24 +43,31 @@ APPLICATIONS = {
                      "base": "smollm2-135m-instruct", "metric": "stereoset_ss", "higher_is_goal": False},
 }
 UTILITY = ("mmlu", "nq_open", "perplexity")
-GROUPS = {"refusal_rate": ("safety", "utility", "perplexity", "skill"),
-          "stereoset_ss": ("bias", "utility", "perplexity", "skill")}
+SIDE = ("false_refusal_rate", "arithmetic_acc", "stereoset_lms", "crows_pairs_stereo")  # reported beside utility
+GROUPS = {"disalignment": ("safety", "utility", "perplexity"),
+          "alignment_enhancement": ("safety", "utility", "perplexity", "skill"),
+          "bias_removal": ("bias", "utility", "perplexity")}
+METRIC_GROUP = {"refusal_rate": ("safety",), "stereoset_ss": ("bias",)}
 
 
 @dataclass
 class ApplicationConfig:
+    """One application's run. Defaults fit ``make reproduce`` (three applications in about half an hour on two CPU
+    cores); widen budgets, seeds and sweeps, and use ``profile="full"``, on a bigger machine."""
+
     application: str
     donor: str | None = None
     target: str | None = None
     base: str | None = None
-    budgets: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
+    budgets: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.02)  # fractions of MLP neurons
     scorers: tuple[str, ...] = ("attribution", "activation_contrast")
     alphas: tuple[float, ...] = (1.0, 2.0)
     baselines: tuple[str, ...] = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
                                   "refusal_direction", "sft")
     lambdas: tuple[float, ...] = (0.25, 0.5, 1.0)
-    densities: tuple[float, ...] = (0.1, 0.5)
+    densities: tuple[float, ...] = (0.2, 0.5)
     random_seeds: tuple[int, ...] = (0, 1, 2)
+    sft_steps: int | None = 60  # the SFT reference's steps (None: as many as the donor's recipe)
     profile: str = "quick"
     seed: int = 0
     search: bool = True
@@ -74,12 +81,18 @@ class ApplicationConfig:
         self.base = self.base or spec["base"]
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; profiles: {', '.join(PROFILES)}")
+        self.budgets = tuple(float(b) for b in self.budgets)
         bad = [b for b in self.budgets if not 0 < b <= 1]
-        if bad:
-            raise ValueError(f"budgets must be fractions in (0, 1], got {bad}")
+        if bad or not self.budgets:
+            raise ValueError(f"budgets must be fractions of MLP neurons in (0, 1], got {list(self.budgets)}")
         unknown = set(self.baselines) - set(B.BASELINES)
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; baselines: {', '.join(B.BASELINES)}")
+        from .locate import SCORERS
+
+        unknown = set(self.scorers) - set(SCORERS)
+        if unknown or not self.scorers:
+            raise ValueError(f"unknown scorers {sorted(unknown)}; scorers: {', '.join(SCORERS)}")
 
     @property
     def spec(self) -> dict:
@@ -88,14 +101,72 @@ class ApplicationConfig:
 
 def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param_fraction: float, **extra) -> dict:
     m = report[metric]
+    details = {k: v for k, v in m.details.items() if k.startswith("per_")}
     return {"neuron_fraction": neuron_fraction, "param_fraction": param_fraction, "score": m.value,
             "ci": [m.ci[0], m.ci[1]], "utility": {u: report[u].value for u in UTILITY if u in report.metrics},
-            "utility_ci": {u: list(report[u].ci) for u in UTILITY if u in report.metrics}, **extra}
+            "utility_ci": {u: list(report[u].ci) for u in UTILITY if u in report.metrics},
+            "side": {u: report[u].value for u in SIDE if u in report.metrics},
+            **({"details": details} if details else {}), **extra}
+
+
+class _Validation:
+    """The validation-split proxies of every candidate, judged by the search rule (nothing is tuned on eval)."""
+
+    def __init__(self, function: str, donor, target, tok, seed: int):
+        self.proxy = Proxy.for_function(function, seed)
+        self.function, self.tok = function, tok
+        self.target = self.measure(target)
+        self.donor = self.measure(donor)
+
+    @torch.no_grad()
+    def measure(self, model) -> dict:
+        with inference_dtype(model, torch.bfloat16) as fast:
+            return self.proxy.measure(fast, self.tok)
+
+    def assess(self, model) -> dict:
+        m = self.measure(model)
+        return {**judge(m, self.target, self.donor, self.function), "proxy": m}
+
+
+def _settings(name: str, config: ApplicationConfig, fp, base, function: str, target, tok) -> list[dict]:
+    if name in ("random", "weight_delta"):
+        seeds = config.random_seeds if name == "random" else (0,)
+        return [{"k": max(1, round(b * fp.n_neurons)), "seed": s, "budget": b} for b in config.budgets for s in seeds]
+    if name in ("linear", "task_arithmetic"):
+        return [{"lam": lam, "base": base} for lam in config.lambdas]
+    if name in ("ties", "dare"):
+        return [{"lam": lam, "density": d, "base": base, "seed": config.seed}
+                for lam in config.lambdas for d in config.densities]
+    if name == "refusal_direction":
+        if function == "compliance":
+            return [{"seed": config.seed}]  # layer and position chosen on validation inside
+        if function == "refusal":
+            n = fp.n_layers
+            return [{"seed": config.seed, "layer": layer, "alpha": a} for layer in (n // 3, n // 2, 2 * n // 3)
+                    for a in (1.0, 2.0)]
+        return []
+    if name == "sft":
+        from . import zoo
+
+        if config.donor not in zoo.RECIPES or zoo.recipe(config.donor).method != "sft":
+            return []
+        r = zoo.recipe(config.donor)
+        parts = r.data(zoo.BuildContext(r, target, tok, progress=False))
+        cfg = r.train if config.sft_steps is None else dataclasses.replace(r.train, steps=config.sft_steps)
+        return [{"examples": [e for v in parts.values() for e in v], "config": cfg}]
+    raise ValueError(f"no settings for baseline {name!r}")
 
 
 def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Run one application and write ``<out_dir>/<application>.json`` (atomically: a failed run never overwrites the
-    previous good result). Returns the result dict."""
+    previous good result). Returns the result dict.
+
+    Protocol: CNT (each scorer at each budget, alpha on validation; then the minimal subset) and the neuron-level
+    baselines (random over seeds, weight-delta) are evaluated at every budget; the swept baselines (λ, density,
+    layer) are judged on the validation proxies and only the setting chosen there is evaluated on eval.
+    """
+    from tqdm.auto import tqdm
+
     t_start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +174,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         raise PermissionError(f"output folder {out_dir} is not writable")
     spec = config.spec
     metric, function = spec["metric"], spec["function"]
-    groups = GROUPS[metric]
+    groups = GROUPS[config.application]
     donor, _ = load_model(config.donor, dtype="float32")
     target, _ = load_model(config.target, dtype="float32")
     base, _ = load_model(config.base, dtype="float32")
@@ -111,24 +182,26 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     fp = check_compatible(donor, target)
     check_compatible(base, target)
     n_params = total_params(target)
+    bar = tqdm(desc=config.application, unit="eval", disable=not progress)
 
-    def ev(model, name):
-        return evaluate(model, tok, config.profile, groups=groups, name=name, seed=config.seed, progress=False)
+    def ev(model, name, only_metric: bool = False):
+        rep = evaluate(model, tok, config.profile, groups=METRIC_GROUP[metric] if only_metric else groups, name=name,
+                       seed=config.seed, progress=False)
+        bar.update()
+        bar.set_postfix_str(name)
+        return rep
 
     target_rep, donor_rep = ev(target, config.target), ev(donor, config.donor)
     methods: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
+    val = _Validation(function, donor, target, tok, config.seed)
 
-    # -- CNT: every scorer at every budget (alpha chosen on validation by the proxy), then the searched subset ------
-    task = build_task(function, donor, target, tok, seed=config.seed, progress=progress)
-    proxy = Proxy.for_function(function, config.seed)
+    # -- CNT: every scorer at every budget (alpha chosen on validation), then the minimal subset ------------------
+    t0 = time.time()
+    task = build_task(function, donor, target, tok, seed=config.seed, progress=False)
+    timings["task"] = round(time.time() - t0, 1)
     variants: dict[str, list[dict]] = {}
     ranked = {}
-    work = deepcopy(target).to(torch.bfloat16)  # validation proxies run on a bf16 copy
-    t_proxy = proxy.measure(work, tok)["score"]
-    with torch.no_grad():
-        d_proxy = proxy.measure(deepcopy(donor).to(torch.bfloat16), tok)["score"]
-    direction = 1.0 if d_proxy >= t_proxy else -1.0
     for scorer in config.scorers:
         extra = {"budget": max(1, int(max(config.budgets) * fp.n_neurons))} if scorer == "iterative" else {}
         scores = locate(scorer, task, donor, target, tok, progress=progress, **extra)
@@ -136,89 +209,93 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         timings[f"locate_{scorer}"] = scores.seconds
         for b in config.budgets:
             k = max(1, round(b * fp.n_neurons))
-            best_alpha, best_proxy = config.alphas[0], None
-            if len(config.alphas) > 1:  # choose alpha on validation (proxy), never on eval
-                for a in config.alphas:
-                    p = NeuronPatch.extract(donor, target, scores.top(k), alpha=a)
-                    p.apply(work)
-                    moved = direction * (proxy.measure(work, tok)["score"] - t_proxy)
-                    p.revert(work)
-                    if best_proxy is None or moved > best_proxy:
-                        best_alpha, best_proxy = a, moved
-            patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=best_alpha)
+            candidates = []
+            for a in config.alphas:
+                patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=a)
+                patch.apply(target)
+                candidates.append((patch, val.assess(target)))
+                patch.revert(target)
+            patch, assessed = candidates[choose([c[1] for c in candidates])]
             patch.apply(target)
             rep = ev(target, f"cnt-{scorer}@{b}")
             patch.revert(target)
             variants.setdefault(f"cnt_{scorer}", []).append(
-                _entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params, alpha=best_alpha,
-                       per_layer=patch.per_layer()))
-    del work
-    # the best variant: the one whose mean score moves furthest toward the donor
-    sign = 1 if spec["higher_is_goal"] else -1
-    best = max(variants, key=lambda v: sign * sum(e["score"] for e in variants[v]))
+                _entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params, alpha=patch.alpha,
+                       budget=b, validation_share=assessed["share"], per_layer=patch.per_layer()))
+    # the best variant, on validation: the one whose patches went furthest toward the donor on average
+    best = max(variants, key=lambda v: sum(e["validation_share"] for e in variants[v]))
     methods["cnt"] = [{**e, "variant": best} for e in variants[best]]
-    for v, entries in variants.items():
-        methods[v] = entries
+    methods.update(variants)
     if config.search:
-        res = minimal_subset(ranked[best.removeprefix("cnt_")], donor, target, tok, proxy, alphas=config.alphas,
+        res = minimal_subset(ranked[best.removeprefix("cnt_")], donor, target, tok, val.proxy, alphas=config.alphas,
                              progress=progress)
         timings["search"] = res.seconds
+        methods["cnt_minimal"] = []
         if res.reached:
             patch = NeuronPatch.extract(donor, target, ranked[best.removeprefix("cnt_")].top(res.k), alpha=res.alpha)
             patch.apply(target)
             rep = ev(target, "cnt-minimal")
             patch.revert(target)
             methods["cnt_minimal"] = [_entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params,
-                                             alpha=res.alpha, validation_share=res.share)]
-        else:
-            methods["cnt_minimal"] = []
+                                             alpha=res.alpha, validation_share=res.share, variant=best,
+                                             per_layer=patch.per_layer())]
+        search_info = {k: v for k, v in res.to_dict().items() if k != "steps"} | {"n_steps": len(res.steps)}
+    else:
+        search_info = None
+    timings["cnt_total"] = round(timings["task"] + timings[f"locate_{best.removeprefix('cnt_')}"]
+                                 + timings.get("search", 0.0), 1)
 
     # -- baselines -------------------------------------------------------------------------------------------------
     for name in config.baselines:
         t0 = time.time()
-        settings: list[dict] = []
-        if name in ("random", "weight_delta"):
-            for b in config.budgets:
-                k = max(1, round(b * fp.n_neurons))
-                seeds = config.random_seeds if name == "random" else (0,)
-                settings += [{"k": k, "seed": s, "budget": b} for s in seeds]
-        elif name in ("linear", "task_arithmetic"):
-            settings = [{"lam": lam, "base": base} for lam in config.lambdas]
-        elif name in ("ties", "dare"):
-            settings = [{"lam": lam, "density": d, "base": base, "seed": config.seed}
-                        for lam in config.lambdas for d in config.densities]
-        elif name == "refusal_direction":
-            if function == "bias":
-                continue
-            settings = [{"seed": config.seed}]
-        elif name == "sft":
-            from . import zoo
-
-            if config.donor not in zoo.RECIPES or zoo.recipe(config.donor).method != "sft":
-                continue
-            r = zoo.recipe(config.donor)
-            parts = r.data(zoo.BuildContext(r, target, tok, progress=False))
-            settings = [{"examples": [e for v in parts.values() for e in v], "config": r.train}]
+        settings = _settings(name, config, fp, base, function, target, tok)
+        if not settings:
+            continue
         entries = []
-        for s in settings:
-            mod = B.run(name, donor, target, tok, function, **s)
-            model = mod.materialize(target)
-            rep = ev(model, f"{name}")
-            public = {k: v for k, v in s.items() if k not in ("base", "examples", "config")}
+        if name in ("random", "weight_delta"):  # the curve: every budget on eval (random: utility for seed 0 only)
+            for s in settings:
+                mod = B.run(name, donor, target, tok, function, **s)
+                model = mod.materialize(target)
+                rep = ev(model, name, only_metric=s["seed"] != config.seed)
+                entries.append(_entry(rep, metric, mod.patch.neuron_fraction, mod.params_changed / n_params,
+                                      setting=mod.setting | {"budget": s["budget"]}, seconds=mod.seconds))
+                del model
+        else:  # swept: judge each setting on validation, evaluate the chosen one
+            assessed, mod, model = [], None, None
+            for s in settings:
+                mod = B.run(name, donor, target, tok, function, **s)
+                if len(settings) == 1:  # nothing to choose (SFT, the ablation that picks its own layer)
+                    model = mod.materialize(target)
+                    break
+                candidate = mod.materialize(target)
+                assessed.append(val.assess(candidate))
+                del candidate, mod
+            i = choose(assessed) if assessed else 0
+            if model is None:  # rebuild the chosen setting (deterministic: every baseline is seeded)
+                mod = B.run(name, donor, target, tok, function, **settings[i])
+                model = mod.materialize(target)
+            public = {k: v for k, v in settings[i].items() if k not in ("base", "examples", "config")}
+            swept = [{"setting": {k: v for k, v in s.items() if k not in ("base", "examples", "config")},
+                      "validation_share": a["share"], "utility_ok": a["utility_ok"]}
+                     for s, a in zip(settings, assessed)] or None
+            rep = ev(model, name)
             entries.append(_entry(rep, metric, mod.patch.neuron_fraction if mod.patch else None,
                                   mod.params_changed / n_params, setting={**mod.setting, **public},
-                                  seconds=mod.seconds))
+                                  seconds=mod.seconds, chosen_on_validation=swept is not None, validation=swept))
             del model
         if name == "random":  # mean and spread over seeds per budget
             merged = []
             for b in config.budgets:
                 group = [e for e in entries if e["setting"]["budget"] == b]
-                scores = torch.tensor([e["score"] for e in group])
-                merged.append({**group[0], "score": float(scores.mean()), "score_sd": float(scores.std()) if len(
-                    group) > 1 else 0.0, "seeds": [e["score"] for e in group]})
+                sc = torch.tensor([e["score"] for e in group])
+                first = next(e for e in group if e["setting"]["seed"] == config.random_seeds[0])
+                merged.append({**first, "score": float(sc.mean()), "score_sd": float(sc.std()) if len(group) > 1
+                               else 0.0, "seeds": [e["score"] for e in group],
+                               "seed_cis": [e["ci"] for e in group]})
             entries = merged
         methods[name] = entries
         timings[name] = round(time.time() - t0, 1)
+    bar.close()
 
     result = {
         "application": config.application, "function": function, "target": config.target, "donor": config.donor,
@@ -227,9 +304,14 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         "donor_score": donor_rep[metric].value, "donor_ci": list(donor_rep[metric].ci),
         "target_utility": {u: target_rep[u].value for u in UTILITY if u in target_rep.metrics},
         "donor_utility": {u: donor_rep[u].value for u in UTILITY if u in donor_rep.metrics},
+        "target_side": {u: target_rep[u].value for u in SIDE if u in target_rep.metrics},
+        "donor_side": {u: donor_rep[u].value for u in SIDE if u in donor_rep.metrics},
+        "target_details": {k: v for k, v in target_rep[metric].details.items() if k.startswith("per_")},
+        "donor_details": {k: v for k, v in donor_rep[metric].details.items() if k.startswith("per_")},
         "target_report": target_rep.to_dict(), "methods": methods, "timings": timings,
+        "validation": {"target": val.target, "donor": val.donor}, "search": search_info,
         "config": {k: v for k, v in asdict(config).items()}, "fingerprint": fp.to_dict(),
-        "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "n_params": n_params, "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     final = out_dir / f"{config.application}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")

@@ -145,6 +145,27 @@ def _share(score: float, t: float, d: float) -> float:
     return (score - t) / (d - t) if d != t else float("nan")
 
 
+def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9, max_ppl_increase: float = 0.02,
+          max_drift_share: float = 0.5) -> dict:
+    """The search rule, for any modified model's proxy measurement ``m`` (CNT patches and baselines alike): the share
+    of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; for added refusal,
+    benign drift within ``max_drift_share`` of the gap) and whether both hold with the goal reached (``ok``)."""
+    share = _share(m["score"], base["score"], donor["score"])
+    utility_ok = m["ppl"] <= base["ppl"] * (1 + max_ppl_increase)
+    if m.get("drift") is not None and function == "refusal":  # adding refusal must not spread to benign prompts
+        utility_ok = utility_ok and (m["drift"] - base["drift"]) <= max_drift_share * abs(donor["score"] - base["score"])
+    share_ok = bool(np.isfinite(share) and share >= goal)
+    return {"share": share, "utility_ok": bool(utility_ok), "ok": bool(share_ok and utility_ok)}
+
+
+def choose(assessed: Sequence[dict]) -> int:
+    """Index of the setting a researcher would pick on validation: among those whose utility held, the one that went
+    furthest toward the donor; if none held, the furthest overall. (CNT's own search instead picks the *smallest*
+    subset that reaches the goal.)"""
+    pool = [i for i, a in enumerate(assessed) if a["utility_ok"]] or list(range(len(assessed)))
+    return max(pool, key=lambda i: assessed[i]["share"] if np.isfinite(assessed[i]["share"]) else -np.inf)
+
+
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *, goal: float = 0.9,
                    max_ppl_increase: float = 0.02, max_drift_share: float = 0.5, k_min: int | None = None,
                    max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), progress: bool = True
@@ -170,13 +191,9 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
         patch.apply(work)
         m = proxy.measure(work, tokenizer)
         patch.revert(work)
-        share = _share(m["score"], base["score"], don["score"])
-        ppl_ok = m["ppl"] <= base["ppl"] * (1 + max_ppl_increase)
-        drift = m.get("drift")
-        drift_ok = True
-        if drift is not None and proxy.function == "refusal":  # adding refusal must not spread to benign prompts
-            drift_ok = (drift - base["drift"]) <= max_drift_share * abs(don["score"] - base["score"])
-        step = SearchStep(k, alpha, m["score"], share, m["ppl"], drift, bool(share >= goal and ppl_ok and drift_ok))
+        v = judge(m, base, don, proxy.function, goal=goal, max_ppl_increase=max_ppl_increase,
+                  max_drift_share=max_drift_share)
+        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"])
         steps.append(step)
         bar.update()
         return step

@@ -35,7 +35,7 @@ def test_run_application_end_to_end(tiny_folders):
     cfg = experiment.ApplicationConfig(
         "alignment_enhancement", donor=str(tiny_folders / "donor"), target=str(tiny_folders / "base"),
         base=str(tiny_folders / "base"), budgets=(0.05, 0.2), scorers=("attribution",), alphas=(1.0, 2.0),
-        baselines=("random", "weight_delta", "linear", "ties"), lambdas=(0.5,), densities=(0.5,),
+        baselines=("random", "weight_delta", "linear", "ties"), lambdas=(0.5, 1.0), densities=(0.5,),
         random_seeds=(0, 1), profile="tiny", search=False)
     res = experiment.run_application(cfg, tiny_folders / "out", progress=False)
     saved = json.loads((tiny_folders / "out" / "alignment_enhancement.json").read_text())
@@ -48,6 +48,13 @@ def test_run_application_end_to_end(tiny_folders):
             assert set(e["utility"]) == {"mmlu", "nq_open", "perplexity"}
     assert [round(e["neuron_fraction"], 2) for e in saved["methods"]["cnt"]] == [0.05, 0.2]
     assert len(saved["methods"]["random"][0]["seeds"]) == 2
+    # swept baselines: every setting judged on validation, only the chosen one evaluated
+    lin = saved["methods"]["linear"]
+    assert len(lin) == 1 and lin[0]["chosen_on_validation"]
+    assert [v["setting"]["lam"] for v in lin[0]["validation"]] == [0.5, 1.0]
+    assert lin[0]["setting"]["lam"] in (0.5, 1.0)
+    # the best CNT variant is named, and chosen on validation shares (present on every entry)
+    assert all("validation_share" in e for e in saved["methods"]["cnt"])
 
 
 def test_config_validation():

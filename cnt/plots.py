@@ -1,0 +1,187 @@
+"""Figures drawn from an application's result JSON (the dict :func:`cnt.experiment.run_application` writes).
+
+Every function takes that dict (or a part of it), draws on a matplotlib axis and returns the figure; nothing here
+computes a result. ``save(fig, path)`` writes PNGs for ``papers/figures/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+NEURON_LEVEL = ("cnt", "random", "weight_delta")
+STYLE = {"cnt": ("C3", "o", "-"), "cnt_attribution": ("C3", "o", "-"), "cnt_activation_contrast": ("C1", "s", "--"),
+         "cnt_iterative": ("C5", "D", ":"), "cnt_minimal": ("C3", "*", ""), "random": ("0.5", "x", "-"),
+         "weight_delta": ("C0", "^", "-"), "linear": ("C2", "v", ""), "task_arithmetic": ("C4", "<", ""),
+         "ties": ("C6", ">", ""), "dare": ("C8", "P", ""), "refusal_direction": ("C9", "h", ""), "sft": ("k", "X", "")}
+LABEL = {"refusal_rate": "refusal rate (harmful eval prompts)", "stereoset_ss": "StereoSet SS (50 = unbiased)"}
+
+
+def _style(name: str):
+    return STYLE.get(name, ("C7", "o", ""))
+
+
+def _xerr(entries, key="ci"):
+    lo = [e["score"] - e[key][0] for e in entries]
+    hi = [e[key][1] - e["score"] for e in entries]
+    return [lo, hi]
+
+
+def _references(ax, result: dict, horizontal: bool = True):
+    for who, color in (("target", "k"), ("donor", "C2")):
+        v, ci = result[f"{who}_score"], result.get(f"{who}_ci")
+        ax.axhline(v, color=color, lw=1, ls=":", label=f"{who} ({result[who]}): {v:.3g}")
+        if ci:
+            ax.axhspan(ci[0], ci[1], color=color, alpha=0.07)
+
+
+def effect_vs_fraction(result: dict, title: str | None = None):
+    """Left: neuron-level methods (CNT variants, random, weight-delta) against the share of MLP neurons moved.
+    Right: every method against the share of parameters it changed (merges change nearly all of them)."""
+    methods = result["methods"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for name, entries in methods.items():
+        entries = [e for e in entries if e.get("neuron_fraction")]
+        if not entries or name == "cnt" or name == "cnt_minimal":
+            continue
+        c, m, ls = _style(name)
+        entries = sorted(entries, key=lambda e: e["neuron_fraction"])
+        xs = [100 * e["neuron_fraction"] for e in entries]
+        ys = [e["score"] for e in entries]
+        if name == "random" and entries and "score_sd" in entries[0]:
+            ax.errorbar(xs, ys, yerr=[e["score_sd"] for e in entries], color=c, marker=m, ls=ls, capsize=3,
+                        label="random neurons (mean ± sd over seeds)")
+        else:
+            ax.errorbar(xs, ys, yerr=_xerr(entries), color=c, marker=m, ls=ls, capsize=3, label=name)
+    for e in methods.get("cnt_minimal", []):
+        ax.plot([100 * e["neuron_fraction"]], [e["score"]], marker="*", ms=16, color="C3", ls="",
+                label=f"CNT minimal subset ({100 * e['neuron_fraction']:.3g}%)")
+    _references(ax, result)
+    ax.set_xscale("log")
+    ax.set_xlabel("MLP neurons transferred (%)")
+    ax.set_ylabel(LABEL.get(result["metric"], result["metric"]))
+    ax.legend(fontsize=7, loc="best")
+    for name, entries in methods.items():
+        if name == "cnt" or not entries:
+            continue
+        c, m, _ = _style(name)
+        xs = [100 * max(e["param_fraction"], 1e-6) for e in entries]
+        ax2.scatter(xs, [e["score"] for e in entries], color=c, marker=m, s=36, label=name)
+    _references(ax2, result)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("parameters changed (% of the model)")
+    ax2.legend(fontsize=7, loc="best", ncol=2)
+    fig.suptitle(title or f"{result['application']}: {result['donor']} → {result['target']}")
+    fig.tight_layout()
+    return fig
+
+
+def utility_tradeoff(result: dict, utility: str = "mmlu", title: str | None = None):
+    """Effect (share of the donor–target gap closed) against the change of one utility metric, every method and
+    setting; the ideal corner is right (whole gap) and at zero utility change."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    t, d = result["target_score"], result["donor_score"]
+    base_u = result["target_utility"].get(utility)
+    for name, entries in result["methods"].items():
+        if name == "cnt" or not entries:
+            continue
+        c, m, _ = _style(name)
+        xs = [gap_share(e["score"], t, d) for e in entries]
+        ys = [(e["utility"].get(utility, float("nan")) - base_u) if base_u is not None else float("nan")
+              for e in entries]
+        if utility == "perplexity" and base_u:
+            ys = [100 * y / base_u for y in ys]
+        ax.scatter(xs, ys, color=c, marker=m, s=36, label=name)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(1, color="C2", lw=0.8, ls=":")
+    ax.set_xlabel("share of the donor–target gap closed")
+    ax.set_ylabel(f"Δ {utility}" + (" (%)" if utility == "perplexity" else " (absolute)"))
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or f"{result['application']}: effect vs utility ({utility})")
+    fig.tight_layout()
+    return fig
+
+
+def gap_share(score: float, target: float, donor: float) -> float:
+    """How much of the way from the target's score to the donor's a modified model went (1 = all of it)."""
+    gap = donor - target
+    return (score - target) / gap if gap else float("nan")
+
+
+def layer_distribution(per_layer: dict, n_layers: int, title: str = "transferred neurons per layer"):
+    """Bar chart of how many neurons a patch moved in each layer."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    counts = [per_layer.get(str(i), per_layer.get(i, 0)) for i in range(n_layers)]
+    ax.bar(range(n_layers), counts, color="C3")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def neuron_map(scores, title: str = "neuron scores (layer × neuron)", top: int | None = None):
+    """Heat map of per-neuron scores (a ``[layers, neurons]`` tensor/array); with ``top``, the chosen neurons are
+    marked."""
+    import numpy as np
+
+    arr = np.asarray(scores, dtype=float)
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    im = ax.imshow(np.abs(arr), aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="|score|")
+    if top:
+        flat = np.argsort(-arr, axis=None)[:top]
+        rows, cols = np.unravel_index(flat, arr.shape)
+        ax.scatter(cols, rows, s=6, color="cyan", marker="o", label=f"top {top}")
+        ax.legend(loc="upper right", fontsize=7)
+    ax.set_xlabel("neuron (intermediate unit)")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_category(result: dict, key: str = "per_bias_type", title: str | None = None):
+    """Grouped bars of a per-category score (StereoSet SS per bias type) for the target, the donor and each method's
+    best setting (``details`` of each entry)."""
+    import numpy as np
+
+    rows = {"target": result.get("target_details", {}).get(key, {}),
+            "donor": result.get("donor_details", {}).get(key, {})}
+    for name, entries in result["methods"].items():
+        best = best_entry(result, name)
+        if best and best.get("details", {}).get(key):
+            rows[name] = best["details"][key]
+    rows = {k: v for k, v in rows.items() if v}
+    cats = sorted({c for v in rows.values() for c in v})
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cats) * len(rows) / 3), 4))
+    w = 0.8 / max(1, len(rows))
+    for i, (name, vals) in enumerate(rows.items()):
+        ax.bar(np.arange(len(cats)) + i * w, [vals.get(c, np.nan) for c in cats], w, label=name,
+               color=_style(name)[0] if name in STYLE else ("k" if name == "target" else "C2"))
+    ax.axhline(50, color="k", lw=0.8, ls=":")
+    ax.set_xticks(np.arange(len(cats)) + 0.4 - w / 2)
+    ax.set_xticklabels(cats)
+    ax.set_ylabel("SS")
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title(title or f"{result['application']}: SS per category (best setting of each method)")
+    fig.tight_layout()
+    return fig
+
+
+def best_entry(result: dict, name: str) -> dict | None:
+    """A method's best setting: the one that moves the metric furthest toward the goal."""
+    entries = result["methods"].get(name) or []
+    if not entries:
+        return None
+    sign = 1 if result["higher_is_goal"] else -1
+    return max(entries, key=lambda e: sign * e["score"])
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
