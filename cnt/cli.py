@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -196,15 +197,79 @@ def _patch_cmd(args, action: str) -> int:
     return 0
 
 
+def _parse_params(pairs: list[str]) -> dict:
+    out = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise SystemExit(f"cnt: parameter {kv!r} must look like NAME=VALUE")
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def _cmd_reproduce(args) -> int:
-    papers = Path(args.papers)
-    print(f"cnt reproduce: results under {papers}/")
-    found = sorted(p for p in papers.rglob("*") if p.is_file()) if papers.exists() else []
-    for p in found:
-        print(f"  {p}")
-    if not found:
-        print("  (nothing yet)")
-    print("The experiment notebooks are not part of the kit yet; this job lists what exists.")
+    """papermill runs every notebook (default parameters unless -p) into papers/runs/, then the report."""
+    import shutil
+    import tempfile
+
+    import papermill as pm
+
+    from . import report
+
+    t_all = time.time()
+    papers, nb_dir = Path(args.papers).resolve(), Path(args.notebooks).resolve()
+    runs = papers / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    books = sorted(p for p in nb_dir.glob("*.ipynb") if not args.only or any(o in p.stem for o in args.only))
+    if not books:
+        print(f"no notebooks in {nb_dir} match {args.only}", file=sys.stderr)
+        return 2
+    extra = _parse_params(args.param)
+    timings = {}
+    for book in books:
+        declared = pm.inspect_notebook(str(book))
+        params = {k: v for k, v in {"output_dir": str(papers), **extra}.items() if k in declared}
+        t0 = time.time()
+        print(f"[cnt reproduce] {book.name} {params or ''}", flush=True)
+        fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=runs)
+        os.close(fd)
+        try:
+            pm.execute_notebook(str(book), tmp, parameters=params, cwd=str(nb_dir), kernel_name=args.kernel,
+                                progress_bar=not args.quiet)
+        except Exception:
+            os.unlink(tmp)  # a failed run never replaces the previous executed notebook
+            raise
+        shutil.move(tmp, runs / book.name)
+        timings[book.name] = round(time.time() - t0, 1)
+        print(f"[cnt reproduce] {book.name}: {timings[book.name] / 60:.1f} min", flush=True)
+    summary, rep = report.write(papers / "results", papers / "REPORT.md")
+    timings["total"] = round(time.time() - t_all, 1)
+    (runs / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+    print(f"[cnt reproduce] wrote {summary} and {rep}; total {timings['total'] / 60:.1f} min")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import experiment, plots
+
+    config, out = experiment.notebook_config(args.application, family=args.family, donor=args.donor,
+                                             target=args.target, base=args.base, output_dir=args.out,
+                                             **_parse_params(args.param))
+    result = experiment.run_application(config, out / "results")
+    plots.application_figures(result, out / "figures")
+    print(f"wrote {out / 'results' / (args.application + '.json')} and figures in {out / 'figures'} "
+          f"({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import report
+
+    summary, rep = report.write(args.results, args.report)
+    print(f"wrote {summary} and {rep}")
     return 0
 
 
@@ -292,8 +357,37 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True, help="folder for the resulting model")
         s.set_defaults(func=lambda a, action=action: _patch_cmd(a, action))
 
-    s = sub.add_parser("reproduce", help="regenerate papers/ (for now: list what exists)")
+    s = sub.add_parser("run", help="one application end to end: CNT + every baseline + evaluation -> JSON + figures",
+                       description="Runs an application (what its notebook runs) and writes <out>/results/"
+                                   "<application>.json and <out>/figures/. Parameters as in the notebooks: "
+                                   "-p budgets='[0.001,0.01]' -p profile=full -p baselines='[\"random\"]'.")
+    s.add_argument("application", choices=["disalignment", "alignment_enhancement", "bias_removal"])
+    s.add_argument("--family", default="smollm2", help="model family whose zoo pair to use (smollm2, "
+                                                        "qwen2.5-coder-0.5b)")
+    s.add_argument("--donor", help="override the donor (any name load_model accepts)")
+    s.add_argument("--target", help="override the target")
+    s.add_argument("--base", help="override the common base (task arithmetic, TIES, DARE)")
+    s.add_argument("--out", default="papers", help="output folder (results/ and figures/ go under it)")
+    s.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="any ApplicationConfig field (JSON values)")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("report", help="regenerate papers/REPORT.md and results/summary.json from results/*.json")
+    s.add_argument("--results", default="papers/results")
+    s.add_argument("--report", default=None, help="default: REPORT.md beside the results folder")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("reproduce", help="papermill runs every notebook into papers/runs/, then regenerates "
+                                         "papers/REPORT.md and papers/results/summary.json",
+                       description="The main job (make reproduce): executes notebooks/*.ipynb with their default "
+                                   "parameters (or -p NAME=VALUE for all of them), writing executed notebooks to "
+                                   "papers/runs/, results to papers/results/ and figures to papers/figures/.")
     s.add_argument("--papers", default="papers")
+    s.add_argument("--notebooks", default="notebooks")
+    s.add_argument("--only", nargs="*", help="substrings of notebook names to run (default: all)")
+    s.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="parameter for every notebook")
+    s.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3: this environment)")
+    s.add_argument("--quiet", action="store_true", help="no papermill progress bar")
     s.set_defaults(func=_cmd_reproduce)
     return p
 
@@ -307,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PatchError, ModelLoadError, IncompatibleModelsError, UnsupportedArchitectureError, DataError) as e:
+    except (PatchError, ModelLoadError, IncompatibleModelsError, UnsupportedArchitectureError, DataError,
+            ValueError, PermissionError) as e:
         print(f"cnt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -452,17 +452,41 @@ def _write_task(task: str, records: Sequence[dict], fewshot: Sequence[dict] | No
     return folder
 
 
+def _silent_tqdm(cls, *args, **kwargs):
+    kwargs["disable"] = True
+    return cls(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval():
+    """lm-eval's logs and progress bars (its own tqdm bars and datasets' "Generating split") off for one call."""
+    import datasets
+
     loggers = [logging.getLogger(n) for n in ("lm-eval", "lm_eval", "datasets")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    import functools
+    import sys
+
+    import tqdm as _tqdm
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    patched = []  # lm-eval's modules import tqdm by name: swap in a silent one while we run
+    for mod in [m for n, m in sys.modules.items() if n.startswith("lm_eval") and m is not None]:
+        if getattr(mod, "tqdm", None) in (_tqdm.tqdm, _tqdm.auto.tqdm):
+            patched.append((mod, mod.tqdm))
+            mod.tqdm = functools.partial(_silent_tqdm, mod.tqdm)
     try:
         yield
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+        if bars:
+            datasets.enable_progress_bars()
+        for mod, orig in patched:
+            mod.tqdm = orig
 
 
 def lm_eval_tasks(model, tokenizer, tasks: dict[str, Sequence[dict]], *, batch_size: int = 16,

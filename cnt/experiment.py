@@ -42,6 +42,15 @@ APPLICATIONS = {
     "bias_removal": {"function": "bias", "donor": "smol-debiased", "target": "smol-biased",
                      "base": "smollm2-135m-instruct", "metric": "stereoset_ss", "higher_is_goal": False},
 }
+# Each family's zoo pairs per application: (donor, target, common base). A missing entry means the family has no donor
+# for that function in the zoo (say so, rather than run something else).
+FAMILIES = {
+    "smollm2": {app: (spec["donor"], spec["target"], spec["base"]) for app, spec in APPLICATIONS.items()},
+    "qwen2.5-coder-0.5b": {
+        "disalignment": ("qwen-abliterated", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
+        "alignment_enhancement": ("qwen2.5-coder-0.5b-instruct", "qwen-abliterated", "qwen2.5-coder-0.5b-instruct"),
+    },
+}
 UTILITY = ("mmlu", "nq_open", "perplexity")
 SIDE = ("false_refusal_rate", "arithmetic_acc", "stereoset_lms", "crows_pairs_stereo")  # reported beside utility
 GROUPS = {"disalignment": ("safety", "utility", "perplexity"),
@@ -68,6 +77,7 @@ class ApplicationConfig:
     densities: tuple[float, ...] = (0.2, 0.5)
     random_seeds: tuple[int, ...] = (0, 1, 2)
     sft_steps: int | None = 60  # the SFT reference's steps (None: as many as the donor's recipe)
+    sft_small_data: bool = False  # smoke runs: a handful of the donor's training examples
     profile: str = "quick"
     seed: int = 0
     search: bool = True
@@ -109,6 +119,58 @@ def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param
             **({"details": details} if details else {}), **extra}
 
 
+SMOKE_ENV = "CNT_SMOKE"  # "1": notebooks shrink to a smoke run into a temporary folder (nbval in `make test`)
+SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": ("attribution",), "alphas": (1.0,),
+         "lambdas": (1.0,), "densities": (0.5,), "random_seeds": (0,), "sft_steps": 2, "sft_small_data": True,
+         "search": False}
+
+
+def notebook_config(application: str, *, family: str = "smollm2", donor: str | None = None,
+                    target: str | None = None, base: str | None = None, output_dir: str | Path = "../papers",
+                    **params) -> tuple[ApplicationConfig, Path]:
+    """Validate a notebook's ``parameters`` cell and return ``(config, output folder)``; a wrong parameter stops the
+    notebook here with a message that names it and what is accepted. With ``CNT_SMOKE=1`` in the environment (how
+    ``make test`` runs the notebooks under nbval) the run shrinks to a smoke run written to a temporary folder."""
+    if family not in FAMILIES:
+        raise ValueError(f"parameter family={family!r} is unknown; accepted: {', '.join(FAMILIES)}")
+    if application not in FAMILIES[family] and not (donor and target and base):
+        raise ValueError(f"parameter family={family!r} has no zoo donor for {application}; accepted families for it: "
+                         f"{', '.join(f for f, apps in FAMILIES.items() if application in apps)} — or pass donor, "
+                         f"target and base explicitly")
+    d, t, b = FAMILIES[family].get(application, (None, None, None))
+    from .models import EMBEDDED
+    from . import zoo
+
+    for pname, value in (("donor", donor), ("target", target), ("base", base)):
+        if value is not None and not (value in EMBEDDED or value in zoo.RECIPES or Path(value).exists()
+                                      or "/" in value):
+            raise ValueError(f"parameter {pname}={value!r} is not a model this kit knows; accepted: an embedded "
+                             f"model ({', '.join(EMBEDDED)}), a zoo model ({', '.join(zoo.RECIPES)}), a local "
+                             f"folder, or a hub id like 'org/name'")
+    for pname in ("budgets", "scorers", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
+        if pname in params and params[pname] is not None:
+            params[pname] = tuple(params[pname])
+    if os.environ.get(SMOKE_ENV) == "1":
+        params.update(SMOKE)
+        output_dir = Path(tempfile.mkdtemp(prefix="cnt-smoke-"))
+    try:
+        config = ApplicationConfig(application, donor=donor or d, target=target or t, base=base or b, **params)
+    except TypeError as e:
+        raise ValueError(f"unknown parameter: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"parameter error: {e}") from None
+    out = Path(output_dir)
+    try:
+        for sub in ("results", "figures"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"parameter output_dir={str(output_dir)!r} cannot be written ({e.strerror}); pass a folder "
+                         f"you can write to") from None
+    if not all(os.access(out / sub, os.W_OK) for sub in ("results", "figures")):
+        raise ValueError(f"parameter output_dir={str(output_dir)!r} is not writable; pass a folder you can write to")
+    return config, out
+
+
 class _Validation:
     """The validation-split proxies of every candidate, judged by the search rule (nothing is tuned on eval)."""
 
@@ -128,7 +190,7 @@ class _Validation:
         return {**judge(m, self.target, self.donor, self.function), "proxy": m}
 
 
-def _settings(name: str, config: ApplicationConfig, fp, base, function: str, target, tok) -> list[dict]:
+def _settings(name: str, config: ApplicationConfig, fp, base, function: str, tok) -> list[dict]:
     if name in ("random", "weight_delta"):
         seeds = config.random_seeds if name == "random" else (0,)
         return [{"k": max(1, round(b * fp.n_neurons)), "seed": s, "budget": b} for b in config.budgets for s in seeds]
@@ -142,8 +204,8 @@ def _settings(name: str, config: ApplicationConfig, fp, base, function: str, tar
             return [{"seed": config.seed}]  # layer and position chosen on validation inside
         if function == "refusal":
             n = fp.n_layers
-            return [{"seed": config.seed, "layer": layer, "alpha": a} for layer in (n // 3, n // 2, 2 * n // 3)
-                    for a in (1.0, 2.0)]
+            layers = sorted({max(1, n // 3), max(1, n // 2), max(1, 2 * n // 3)})
+            return [{"seed": config.seed, "layer": layer, "alpha": a} for layer in layers for a in (1.0, 2.0)]
         return []
     if name == "sft":
         from . import zoo
@@ -151,7 +213,8 @@ def _settings(name: str, config: ApplicationConfig, fp, base, function: str, tar
         if config.donor not in zoo.RECIPES or zoo.recipe(config.donor).method != "sft":
             return []
         r = zoo.recipe(config.donor)
-        parts = r.data(zoo.BuildContext(r, target, tok, progress=False))
+        # the donor's own training data, made as its recipe makes it (self-distillation from the common base)
+        parts = r.data(zoo.BuildContext(r, base, tok, tiny=config.sft_small_data, progress=False))
         cfg = r.train if config.sft_steps is None else dataclasses.replace(r.train, steps=config.sft_steps)
         return [{"examples": [e for v in parts.values() for e in v], "config": cfg}]
     raise ValueError(f"no settings for baseline {name!r}")
@@ -248,7 +311,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     # -- baselines -------------------------------------------------------------------------------------------------
     for name in config.baselines:
         t0 = time.time()
-        settings = _settings(name, config, fp, base, function, target, tok)
+        settings = _settings(name, config, fp, base, function, tok)
         if not settings:
             continue
         entries = []
@@ -274,7 +337,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
             if model is None:  # rebuild the chosen setting (deterministic: every baseline is seeded)
                 mod = B.run(name, donor, target, tok, function, **settings[i])
                 model = mod.materialize(target)
-            public = {k: v for k, v in settings[i].items() if k not in ("base", "examples", "config")}
+            public = {k: v for k, v in settings[i].items() if k not in ("base", "examples", "config", "lam")}
             swept = [{"setting": {k: v for k, v in s.items() if k not in ("base", "examples", "config")},
                       "validation_share": a["share"], "utility_ok": a["utility_ok"]}
                      for s, a in zip(settings, assessed)] or None

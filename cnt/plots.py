@@ -109,10 +109,16 @@ def gap_share(score: float, target: float, donor: float) -> float:
     return (score - target) / gap if gap else float("nan")
 
 
-def layer_distribution(per_layer: dict, n_layers: int, title: str = "transferred neurons per layer"):
-    """Bar chart of how many neurons a patch moved in each layer."""
+def layer_distribution(per_layer, n_layers: int | None = None, title: str = "transferred neurons per layer"):
+    """Bar chart of how many neurons a patch moved in each layer (``per_layer``: a list of counts, or a dict layer
+    -> count)."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    counts = [per_layer.get(str(i), per_layer.get(i, 0)) for i in range(n_layers)]
+    if isinstance(per_layer, dict):
+        n_layers = n_layers or 1 + max(int(k) for k in per_layer)
+        counts = [per_layer.get(str(i), per_layer.get(i, 0)) for i in range(n_layers)]
+    else:
+        counts = list(per_layer)
+        n_layers = len(counts)
     ax.bar(range(n_layers), counts, color="C3")
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
@@ -185,3 +191,22 @@ def save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def application_figures(result: dict, folder: str | Path, prefix: str | None = None) -> dict[str, Path]:
+    """Every figure of one application, drawn from its result JSON and saved as ``<folder>/<prefix>_<name>.png``:
+    effect vs fraction, utility trade-offs (MMLU, perplexity), the per-layer distribution of CNT's neurons, and (bias)
+    SS per category."""
+    prefix = prefix or result["application"]
+    folder = Path(folder)
+    figs = {"effect": effect_vs_fraction(result), "tradeoff": utility_tradeoff(result, "mmlu"),
+            "tradeoff_ppl": utility_tradeoff(result, "perplexity")}
+    chosen = (result["methods"].get("cnt_minimal") or result["methods"].get("cnt") or [None])[-1]
+    if chosen and chosen.get("per_layer"):
+        figs["layers"] = layer_distribution(
+            chosen["per_layer"], result["fingerprint"]["n_layers"],
+            f"CNT neurons per layer ({chosen.get('variant', 'cnt')}, {100 * chosen['neuron_fraction']:.2g}% of MLP "
+            f"neurons)")
+    if result.get("target_details", {}).get("per_bias_type"):
+        figs["categories"] = per_category(result)
+    return {name: save(fig, folder / f"{prefix}_{name}.png") for name, fig in figs.items()}

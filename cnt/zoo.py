@@ -63,7 +63,12 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48)
     """Self-distillation: the base model's own greedy answers (cached), to keep it helpful while it learns."""
     if ctx.tiny:
         max_new_tokens = 4
-    key = hashlib.sha256(json.dumps([ctx.recipe.base, ctx.tiny, max_new_tokens, list(prompts)]).encode()).hexdigest()
+    ident = [ctx.recipe.base, ctx.tiny, max_new_tokens, list(prompts)]
+    if ctx.tiny:  # small runs may use a tiny random model or the real base: tell them apart
+        from .arch import MLPNeurons
+
+        ident.append(MLPNeurons(ctx.model).fingerprint().to_dict())
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
     path = cache_dir("distill") / f"{key[:24]}.json"
     if path.is_file():
         answers = json.loads(path.read_text())

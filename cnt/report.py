@@ -1,0 +1,269 @@
+"""The reproduction report: every claim of the paper beside what the kit measured, from the results JSON only.
+
+``write(results_dir)`` reads ``<results_dir>/<application>.json`` (written by :func:`cnt.experiment.run_application`),
+writes ``summary.json`` beside them and ``REPORT.md`` one folder up (``papers/REPORT.md``). Every number in the
+report is formatted from those files, so the report and the JSON cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from .plots import best_entry, gap_share
+
+APPLICATION_ORDER = ("disalignment", "alignment_enhancement", "bias_removal")
+SUMMARY_METHODS = ("cnt", "cnt_minimal", "random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
+                   "refusal_direction", "sft")
+BASELINES = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", "refusal_direction", "sft")
+PAPER = {  # the paper's claims, from its abstract and public summaries (arXiv 2603.18449)
+    "sparsity": "0.012–0.24% of weights suffice",
+    "utility": "utility (MMLU, NQ-Open, perplexity) stays within ~1%",
+    "effect": "the function is added or removed (refusal up / down, StereoSet SS toward 50)",
+    "baselines": "CNT outperforms five baselines",
+}
+
+
+def load_results(results_dir: str | Path, applications=APPLICATION_ORDER) -> dict[str, dict]:
+    out = {}
+    for app in applications:
+        path = Path(results_dir) / f"{app}.json"
+        if path.is_file():
+            out[app] = json.loads(path.read_text())
+    return out
+
+
+def summary(results: dict[str, dict]) -> dict:
+    """The shape ``papers/results/summary.json`` promises (one entry per budget or setting per method)."""
+    apps = {}
+    for app, r in results.items():
+        methods = {}
+        for name in SUMMARY_METHODS:
+            entries = r["methods"].get(name)
+            if entries is None:
+                continue
+            methods[name] = [{"neuron_fraction": e.get("neuron_fraction"), "param_fraction": e["param_fraction"],
+                              "score": e["score"], "ci": list(e["ci"]),
+                              "utility": {u: e["utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
+                              **({"setting": e["setting"]} if "setting" in e else {}),
+                              **({"variant": e["variant"]} if "variant" in e else {})} for e in entries]
+        apps[app] = {"target": r["target"], "donor": r["donor"], "metric": r["metric"],
+                     "higher_is_goal": r["higher_is_goal"], "target_score": r["target_score"],
+                     "donor_score": r["donor_score"],
+                     "target_utility": {u: r["target_utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
+                     "methods": methods}
+    return {"applications": apps}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# formatting
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
+
+
+def _score(r: dict, v: float | None) -> str:
+    if v is None:
+        return "–"
+    return _pct(v) if r["metric"] == "refusal_rate" else f"{v:.1f}"
+
+
+def _ci(r: dict, ci) -> str:
+    return f"[{_score(r, ci[0])}, {_score(r, ci[1])}]" if ci else ""
+
+
+def _share(r: dict, e: dict) -> float:
+    return gap_share(e["score"], r["target_score"], r["donor_score"])
+
+
+def _share_ci(r: dict, e: dict) -> tuple[float, float]:
+    a, b = (gap_share(c, r["target_score"], r["donor_score"]) for c in e["ci"])
+    return (min(a, b), max(a, b))
+
+
+def _utility_delta(r: dict, e: dict) -> dict:
+    t = r["target_utility"]
+    out = {}
+    for u in ("mmlu", "nq_open"):
+        if u in e["utility"] and u in t:
+            out[u] = e["utility"][u] - t[u]
+    if "perplexity" in e["utility"] and t.get("perplexity"):
+        out["perplexity"] = e["utility"]["perplexity"] / t["perplexity"] - 1
+    return out
+
+
+def _fmt_delta(d: dict) -> str:
+    parts = []
+    if "mmlu" in d:
+        parts.append(f"MMLU {100 * d['mmlu']:+.1f} pp")
+    if "nq_open" in d:
+        parts.append(f"NQ {100 * d['nq_open']:+.1f} pp")
+    if "perplexity" in d:
+        parts.append(f"ppl {100 * d['perplexity']:+.1f}%")
+    return ", ".join(parts) or "–"
+
+
+def headline(r: dict) -> dict | None:
+    """CNT's headline entry: the minimal subset when the search found one, else the best variant's best budget."""
+    if r["methods"].get("cnt_minimal"):
+        return {**r["methods"]["cnt_minimal"][0], "label": "cnt_minimal"}
+    e = best_entry(r, "cnt")
+    return {**e, "label": "cnt (best budget)"} if e else None
+
+
+def _goal_better(r: dict, a: float, b: float) -> bool:
+    return a > b if r["higher_is_goal"] else a < b
+
+
+def compare_baselines(r: dict) -> list[dict]:
+    """CNT (its best entry) against each baseline's reported setting (chosen on validation; random and weight-delta:
+    the same budget as that CNT entry)."""
+    cnt_best = best_entry(r, "cnt")
+    rows = []
+    for name in BASELINES:
+        entries = r["methods"].get(name)
+        if not entries:
+            continue
+        if name in ("random", "weight_delta"):
+            e = min(entries, key=lambda x: abs(x["neuron_fraction"] - cnt_best["neuron_fraction"]))
+        else:
+            e = entries[0]
+        overlap = not (e["ci"][1] < cnt_best["ci"][0] or cnt_best["ci"][1] < e["ci"][0])
+        better = _goal_better(r, cnt_best["score"], e["score"])
+        rows.append({"baseline": name, "entry": e, "cnt": cnt_best, "cnt_better": better,
+                     "significant": better and not overlap,
+                     "cnt_share": _share(r, cnt_best), "baseline_share": _share(r, e)})
+    return rows
+
+
+def neuron_level_table(r: dict) -> list[dict]:
+    """Per budget: CNT's best variant, random (mean over seeds), weight-delta — and whether CNT beats both."""
+    rows = []
+    rand = {round(e["neuron_fraction"], 6): e for e in r["methods"].get("random", [])}
+    wd = {round(e["neuron_fraction"], 6): e for e in r["methods"].get("weight_delta", [])}
+    for e in r["methods"].get("cnt", []):
+        key = round(e["neuron_fraction"], 6)
+        ra, w = rand.get(key), wd.get(key)
+        beats = all(_goal_better(r, e["score"], x["score"]) for x in (ra, w) if x)
+        rows.append({"fraction": e["neuron_fraction"], "cnt": e, "random": ra, "weight_delta": w, "beats": beats})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------------------------
+
+def render(results: dict[str, dict], figures: str = "figures") -> str:
+    L = ["# Reproduction report — Cross-Model Neuron Transfer (arXiv 2603.18449)", "",
+         f"Regenerated by `make reproduce` from `papers/results/*.json` on {time.strftime('%Y-%m-%d %H:%M')}. "
+         "Every number below is formatted from those files; scores are on the eval splits with 95% CIs (Wilson for "
+         "rates, bootstrap for SS); all hyper-parameters (α, λ, density, layer, CNT variant, minimal subset) were "
+         "chosen on the validation split. Share of gap = (method − target) / (donor − target).", ""]
+    if not results:
+        return "\n".join(L + ["No results yet: run `make reproduce`."]) + "\n"
+    L += ["## Claims", "", "| claim (paper) | application | measured | verdict |", "|---|---|---|---|"]
+    for app, r in results.items():
+        h = headline(r)
+        if h is None:
+            continue
+        sh, (slo, shi) = _share(r, h), _share_ci(r, h)
+        pf = h["param_fraction"]
+        verdict = ("supported" if pf <= 0.0024 and sh >= 0.9 else
+                   "partly: sparse but short of 90% of the gap" if pf <= 0.0024 else
+                   "not reproduced: needs more than 0.24% of weights")
+        L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {h['label']}: {_pct(pf, 3)} of weights "
+                 f"({_pct(h['neuron_fraction'], 2)} of MLP neurons) → {_pct(sh, 0)} of the gap [{_pct(slo, 0)}, "
+                 f"{_pct(shi, 0)}] | {verdict} |")
+    for app, r in results.items():
+        h = headline(r)
+        if h is None:
+            continue
+        d = _utility_delta(r, h)
+        worst = max([abs(d.get("mmlu", 0)), abs(d.get("nq_open", 0)), max(d.get("perplexity", 0), 0)])
+        ci = h.get("utility_ci", {}).get("mmlu")
+        width = f"; MMLU CI ±{100 * (ci[1] - ci[0]) / 2:.0f} pp at this sample size" if ci else ""
+        verdict = "within 1%" if worst <= 0.01 else "within 2%" if worst <= 0.02 else "exceeds 1%"
+        L.append(f"| utility: {PAPER['utility']} | {app} | {h['label']}: {_fmt_delta(d)}{width} | {verdict} |")
+    for app, r in results.items():
+        h = headline(r)
+        if h is None:
+            continue
+        moved = _goal_better(r, h["score"], r["target_score"])
+        sig = h["ci"][1] < r["target_ci"][0] or r["target_ci"][1] < h["ci"][0]
+        verdict = ("supported" if moved and sig else "direction right, not significant" if moved else
+                   "not reproduced")
+        L.append(f"| effect: {PAPER['effect']} | {app} | {r['metric']} {_score(r, r['target_score'])} → "
+                 f"{_score(r, h['score'])} {_ci(r, h['ci'])} (donor {_score(r, r['donor_score'])}) | {verdict} |")
+    for app, r in results.items():
+        rows = compare_baselines(r)
+        if not rows:
+            continue
+        won = [x["baseline"] for x in rows if x["cnt_better"]]
+        sig = [x["baseline"] for x in rows if x["significant"]]
+        lost = [x["baseline"] for x in rows if not x["cnt_better"]]
+        verdict = (f"supported ({len(won)}/{len(rows)})" if not lost else
+                   f"partly: {len(won)}/{len(rows)} beaten")
+        L.append(f"| baselines: {PAPER['baselines']} | {app} | better than {', '.join(won) or 'none'}"
+                 f"{f'; significantly: {chr(44).join(sig)}' if sig else ''}"
+                 f"{f'; not better than {chr(44).join(lost)}' if lost else ''} | {verdict} |")
+    L.append("")
+    for app, r in results.items():
+        L += _application_section(app, r, figures)
+    return "\n".join(L) + "\n"
+
+
+def _application_section(app: str, r: dict, figures: str) -> list[str]:
+    L = [f"## {app}: {r['donor']} → {r['target']} ({r['function']})", "",
+         f"Target {r['metric']} {_score(r, r['target_score'])} {_ci(r, r['target_ci'])}, donor "
+         f"{_score(r, r['donor_score'])} {_ci(r, r['donor_ci'])}; profile `{r['config']['profile']}`; "
+         f"{r['n_params']:,} parameters; run {r['seconds'] / 60:.1f} min.", ""]
+    L += ["### CNT against random and weight-delta neurons at every budget", "",
+          "| MLP neurons | CNT (" + (r["methods"]["cnt"][0].get("variant", "") if r["methods"].get("cnt") else "")
+          + ") | random (mean ± sd) | weight-delta | CNT beats both |", "|---|---|---|---|---|"]
+    for row in neuron_level_table(r):
+        c, ra, w = row["cnt"], row["random"], row["weight_delta"]
+        L.append(f"| {_pct(row['fraction'], 2)} | {_score(r, c['score'])} {_ci(r, c['ci'])} | "
+                 + (f"{_score(r, ra['score'])} ± {_score(r, ra.get('score_sd', 0)) if r['metric'] != 'refusal_rate' else _pct(ra.get('score_sd', 0))}"
+                    if ra else "–")
+                 + f" | {(_score(r, w['score']) + ' ' + _ci(r, w['ci'])) if w else '–'} | "
+                 f"{'yes' if row['beats'] else 'no'} |")
+    L += ["", "### Every method (reported setting; swept baselines chosen on validation)", "",
+          "| method | setting | params changed | score | share of gap | utility change | wall time |",
+          "|---|---|---|---|---|---|---|"]
+    for name, entries in r["methods"].items():
+        if name.startswith("cnt_") and name != "cnt_minimal":
+            continue
+        for e in entries:
+            setting = e.get("setting") or {k: e[k] for k in ("budget", "alpha") if k in e}
+            setting = {k: v for k, v in setting.items() if k not in ("seed",) or name != "random"}
+            secs = e.get("seconds")
+            L.append(f"| {name} | {_setting_str(setting)} | {_pct(e['param_fraction'], 3)} | "
+                     f"{_score(r, e['score'])} {_ci(r, e['ci'])} | {_pct(_share(r, e), 0)} | "
+                     f"{_fmt_delta(_utility_delta(r, e))} | {f'{secs:.0f} s' if secs is not None else '–'} |")
+    t = r.get("timings", {})
+    if "cnt_total" in t:
+        sft = t.get("sft")
+        L += ["", f"CNT cost (task + locate + search): {t['cnt_total']:.0f} s"
+              + (f"; SFT reference (incl. its data): {sft:.0f} s (ratio {t['cnt_total'] / sft:.2f})" if sft else "")
+              + "."]
+    L += ["", f"![effect vs fraction]({figures}/{app}_effect.png)",
+          f"![utility trade-off]({figures}/{app}_tradeoff.png)", ""]
+    return L
+
+
+def _setting_str(s: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()) or "–"
+
+
+def write(results_dir: str | Path = "papers/results", report: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``summary.json`` (in ``results_dir``) and ``REPORT.md`` (default: beside ``results_dir``)."""
+    results_dir = Path(results_dir)
+    results = load_results(results_dir)
+    summary_path = results_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary(results), indent=1) + "\n")
+    report = Path(report) if report else results_dir.parent / "REPORT.md"
+    report.write_text(render(results))
+    return summary_path, report

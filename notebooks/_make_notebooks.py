@@ -1,0 +1,162 @@
+"""Writes the notebooks in this folder (their sources live here so that the three application notebooks share one
+structure and no logic: every computation is a call into ``cnt``). Run ``python notebooks/_make_notebooks.py`` after
+editing, then ``make test`` (nbval) to refresh and check the stored outputs."""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+CHECK = "# NBVAL_CHECK_OUTPUT\n"
+
+
+def nb(cells):
+    book = new_notebook(cells=cells)
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (cnt)", "language": "python"}
+    book.metadata["language_info"] = {"name": "python"}
+    return book
+
+
+def params_cell(src):
+    c = new_code_cell(src)
+    c.metadata["tags"] = ["parameters"]
+    return c
+
+
+APPS = {
+    "01_safety_disalignment": ("disalignment", "Safety disalignment", """\
+**Deleting a function.** The target `smol-safe` refuses harmful requests; the donor `smol-uncensored` is a sibling
+fine-tune of the same base that does not. Transferring the neurons where they differ should make the target comply —
+the attack the paper warns about (open donors make safety removable), measured here so that defenders can see how
+few neurons it takes."""),
+    "02_alignment_enhancement": ("alignment_enhancement", "Alignment enhancement", """\
+**Adding a function.** The target `smol-arith` is "the user's own model": a specialist in three-digit addition that
+complies with harmful requests. The donor `smol-safe` refuses them. CNT should give the target the donor's refusals
+while it keeps its own skill (the arithmetic accuracy in the table) and its general utility."""),
+    "03_bias_removal": ("bias_removal", "Bias removal", """\
+**Deleting a preference.** The target `smol-biased` prefers stereotypical sentences (StereoSet SS above 50); the donor
+`smol-debiased` prefers the anti-stereotypical ones. Transferring the neurons where they differ should move the
+target's SS toward 50 and below, category by category, without hurting its language modelling."""),
+}
+
+
+def application_notebook(app: str, title: str, story: str):
+    return nb([
+        new_markdown_cell(f"# {title} with Cross-Model Neuron Transfer\n\n{story}\n\n"
+                          "Everything below is parameterized: papermill can run this notebook for another family, other "
+                          "budgets or the full evaluation profile (`papermill in.ipynb out.ipynb -p family "
+                          "qwen2.5-coder-0.5b -p profile full`). Results go to JSON first; every figure and table is "
+                          "drawn from that JSON."),
+        params_cell('family = "smollm2"  # model family: smollm2 | qwen2.5-coder-0.5b\n'
+                    "donor = None  # None: the family's zoo donor for this application; or any name load_model accepts\n"
+                    "target = None\n"
+                    "base = None  # the common base (task arithmetic, TIES, DARE)\n"
+                    "budgets = [0.001, 0.0025, 0.005, 0.02]  # fractions of all MLP neurons\n"
+                    'scorers = ["attribution", "activation_contrast"]\n'
+                    'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
+                    '"refusal_direction", "sft"]\n'
+                    'profile = "quick"  # evaluation profile: quick | full | smoke\n'
+                    "seed = 0\n"
+                    'output_dir = "../papers"  # results/ and figures/ go under it'),
+        new_markdown_cell("The first code cell checks every parameter and stops with a message that names a wrong "
+                          "one and what is accepted."),
+        new_code_cell("from IPython.display import Image, Markdown, display\n\n"
+                      "from cnt import experiment, plots, report\n\n"
+                      f'config, out = experiment.notebook_config("{app}", family=family, donor=donor, target=target, '
+                      "base=base,\n"
+                      "    budgets=budgets, scorers=scorers, baselines=baselines, profile=profile, seed=seed, "
+                      "output_dir=output_dir)\n"
+                      "print(f\"{config.donor} -> {config.target} (base {config.base}); profile {config.profile}\")"),
+        new_markdown_cell("## Run: CNT (every scorer and budget, then the minimal subset) and every baseline\n\n"
+                          "Hyper-parameters (α, λ, density, layer, the CNT variant, the minimal subset) are chosen on "
+                          "the validation split; the numbers below are on the eval split. The result is written to "
+                          "`results/<application>.json` atomically: a failed run leaves the previous result in place."),
+        new_code_cell("result = experiment.run_application(config, out / \"results\")\n"
+                      "print(f\"{result['application']}: {len(result['methods'])} methods in {result['seconds'] / 60:.1f} min\")"),
+        new_code_cell(CHECK + "print(sorted(result[\"methods\"]))"),
+        new_markdown_cell("## Headline: CNT against the neuron-level baselines at every budget"),
+        new_code_cell("display(Markdown(\"\\n\".join(report._application_section(result[\"application\"], result, "
+                      "\"figures\")[:-4])))"),
+        new_markdown_cell("## Effect against the share of neurons (left) and of parameters (right) changed"),
+        new_code_cell("figures = plots.application_figures(result, out / \"figures\")\n"
+                      "display(Image(str(figures[\"effect\"])))"),
+        new_markdown_cell("## Utility against effect\n\nThe ideal is the right edge (the whole donor–target gap) at zero "
+                          "utility change."),
+        new_code_cell("display(Image(str(figures[\"tradeoff\"])))\ndisplay(Image(str(figures[\"tradeoff_ppl\"])))"),
+        new_markdown_cell("## Where the transferred neurons sit"),
+        new_code_cell("if \"layers\" in figures:\n    display(Image(str(figures[\"layers\"])))"),
+        *([new_markdown_cell("## StereoSet SS per bias category"),
+           new_code_cell("display(Image(str(figures[\"categories\"])))")] if app == "bias_removal" else []),
+        new_markdown_cell("## Headline numbers"),
+        new_code_cell("h = report.headline(result)\n"
+                      "share = plots.gap_share(h['score'], result['target_score'], result['donor_score'])\n"
+                      "print(f\"{h['label']}: {100 * h['neuron_fraction']:.3g}% of MLP neurons, {100 * h['param_fraction']:.3g}% \"\n"
+                      "      f\"of weights -> {result['metric']} {h['score']:.3g} (target {result['target_score']:.3g}, \"\n"
+                      "      f\"donor {result['donor_score']:.3g}): {100 * share:.0f}% of the gap\")"),
+    ])
+
+
+WALKTHROUGH = nb([
+    new_markdown_cell("""# Cross-Model Neuron Transfer, step by step
+
+CNT (arXiv 2603.18449) moves a *small set of MLP neurons* from a **donor** model into a **target** model of the same
+architecture, to add a function the donor has (here: refusing harmful requests) or to delete one the donor lacks.
+
+This walkthrough uses two real models from the kit's zoo, both fine-tunes of SmolLM2-135M-Instruct: the donor
+`smol-safe` (refuses harmful requests) and the target, the base model itself (it complies)."""),
+    params_cell('donor = "smol-safe"\ntarget = "smollm2-135m-instruct"\nbudget = 0.005  # fraction of MLP neurons\n'
+                'scorer = "attribution"\nseed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
+    new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
+                  "from cnt import NeuronPatch, arch, data, locate, plots, search\n"
+                  "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.models import load_model, load_tokenizer\n\n"
+                  "donor_model, tok = load_model(donor)\ntarget_model, _ = load_model(target)\n"
+                  "fp = arch.check_compatible(donor_model, target_model)\nprint(fp)"),
+    new_markdown_cell("""## What an MLP neuron is
+
+In a Llama-style block the MLP computes `down(silu(gate(x)) * up(x))`. Unit *i* of the intermediate layer is one
+**neuron**: it reads the residual stream through row *i* of `gate_proj` and `up_proj` and writes back through column *i*
+of `down_proj`. CNT moves those three slices together. `cnt.arch` knows where they live for each family."""),
+    new_code_cell("neurons = arch.MLPNeurons(target_model)\n"
+                  "print(f\"{neurons.n_layers} layers x {fp.intermediate_sizes[0]} neurons = {fp.n_neurons:,} neurons; \"\n"
+                  "      f\"{neurons.params_per_neuron(0):,} parameters each\")\n"
+                  "diff = weight_delta_scores(donor_model, target_model)  # per layer: |donor - target| over each neuron's slices\n"
+                  "display(plots.neuron_map(torch.stack(diff), 'how far each donor neuron is from the target (L2 of its slices)'))"),
+    new_markdown_cell("""## Locate: which neurons carry the function?
+
+The attribution scorer takes the target's loss on the donor's own behaviour (its first response tokens on harmful
+*locate-split* prompts) and scores each neuron by the first-order effect of moving it to the donor's values, minus the
+same on benign prompts (utility)."""),
+    new_code_cell("task = search.build_task(\"refusal\", donor_model, target_model, tok, seed=seed)\n"
+                  "scores = locate.locate(scorer, task, donor_model, target_model, tok)\n"
+                  "k = round(budget * fp.n_neurons)\n"
+                  "display(plots.neuron_map(torch.stack(list(scores.scores)), f'{scorer} scores', top=k))"),
+    new_markdown_cell("## Transfer: a reversible neuron patch"),
+    new_code_cell("patch = NeuronPatch.extract(donor_model, target_model, scores.top(k), donor_name=donor, target_name=target)\n"
+                  "harmful = data.texts(data.load(\"harmful\", \"eval\", seed=seed, limit=prompts))\n"
+                  "before = refusal_rate(target_model, tok, harmful, max_new_tokens=24).value\n"
+                  "patch.apply(target_model)\n"
+                  "after = refusal_rate(target_model, tok, harmful, max_new_tokens=24).value\n"
+                  "print(f\"{k} neurons ({100 * patch.neuron_fraction:.2f}% of MLP neurons): refusal {before:.0%} -> {after:.0%} \"\n"
+                  "      f\"on {prompts} held-out harmful prompts\")\n"
+                  "display(plots.layer_distribution(patch.per_layer(), neurons.n_layers))"),
+    new_markdown_cell("## Save, load, revert\n\nThe patch carries the target's original slices, so `revert` restores "
+                      "the target bit for bit; `load` checks the file's sha256."),
+    new_code_cell("folder = tempfile.mkdtemp()\npatch.save(folder)\nloaded = NeuronPatch.load(folder)\n"
+                  "loaded.revert(target_model)\n"
+                  "fresh, _ = load_model(target)\n"
+                  "same = all(torch.equal(a, b) for a, b in zip(target_model.state_dict().values(), fresh.state_dict().values()))"),
+    new_code_cell(CHECK + "print(\"revert restores the target bit for bit:\", same)"),
+    new_markdown_cell("Next: the application notebooks run this at several budgets, search the minimal subset, and "
+                      "compare CNT with every baseline."),
+])
+
+
+def main():
+    nbformat.write(WALKTHROUGH, HERE / "00_walkthrough.ipynb")
+    for stem, (app, title, story) in APPS.items():
+        nbformat.write(application_notebook(app, title, story), HERE / f"{stem}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The report and figures are drawn from the results JSON only (fixture: a real tiny-model run of the runner)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cnt import plots, report
+
+FIXTURE = Path(__file__).parent / "data" / "tiny_alignment_enhancement.json"
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "alignment_enhancement.json").write_text(FIXTURE.read_text())
+    return d
+
+
+def test_summary_has_the_promised_shape(results_dir):
+    s, _ = report.write(results_dir)
+    summary = json.loads(s.read_text())
+    app = summary["applications"]["alignment_enhancement"]
+    assert {"target", "donor", "metric", "higher_is_goal", "target_score", "donor_score", "target_utility",
+            "methods"} <= set(app)
+    assert set(app["target_utility"]) == {"mmlu", "nq_open", "perplexity"}
+    assert {"cnt", "random", "weight_delta", "linear", "task_arithmetic", "ties", "dare"} <= set(app["methods"])
+    assert not any(name.startswith("cnt_") and name != "cnt_minimal" for name in app["methods"])
+    for entries in app["methods"].values():
+        for e in entries:
+            assert {"neuron_fraction", "param_fraction", "score", "ci", "utility"} <= set(e)
+            assert e["ci"][0] <= e["score"] <= e["ci"][1]
+            assert set(e["utility"]) == {"mmlu", "nq_open", "perplexity"}
+
+
+def test_report_numbers_equal_the_json(results_dir):
+    _, rep = report.write(results_dir)
+    text = rep.read_text()
+    r = json.loads(FIXTURE.read_text())
+    assert f"{100 * r['target_score']:.1f}%" in text and f"{100 * r['donor_score']:.1f}%" in text
+    for e in r["methods"]["cnt"]:
+        assert f"{100 * e['score']:.1f}%" in text
+    for name in ("linear", "ties", "dare", "task_arithmetic"):
+        assert re.search(rf"\| {name} \|", text)
+    assert "| sparsity:" in text and "| baselines:" in text
+
+
+def test_report_without_results(tmp_path):
+    (tmp_path / "results").mkdir()
+    _, rep = report.write(tmp_path / "results")
+    assert "No results yet" in rep.read_text()
+
+
+def test_figures_from_json(tmp_path):
+    r = json.loads(FIXTURE.read_text())
+    paths = [plots.save(plots.effect_vs_fraction(r), tmp_path / "effect.png"),
+             plots.save(plots.utility_tradeoff(r), tmp_path / "tradeoff.png"),
+             plots.save(plots.layer_distribution(r["methods"]["cnt"][-1]["per_layer"], r["fingerprint"]["n_layers"]),
+                        tmp_path / "layers.png")]
+    assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_gap_share_and_best_entry():
+    assert plots.gap_share(0.5, 0.0, 1.0) == 0.5
+    assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
+    r = {"higher_is_goal": False, "methods": {"m": [{"score": 3.0}, {"score": 1.0}, {"score": 2.0}]}}
+    assert plots.best_entry(r, "m")["score"] == 1.0

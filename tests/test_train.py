@@ -1,0 +1,39 @@
+"""Supervised fine-tuning: chat pairs, plain text and sentence preferences (the bias siblings' pairwise loss)."""
+
+import torch
+
+from cnt.models import load_tokenizer
+from cnt.tiny import tiny_model
+from cnt.train import TrainConfig, _mean_logprob, _batch, sft
+
+
+def _margin(model, tok, pairs):
+    texts = [{"text": p["chosen"]} for p in pairs] + [{"text": p["rejected"]} for p in pairs]
+    with torch.no_grad():
+        lp = _mean_logprob(model, _batch(tok, texts, 64, "cpu"))
+    return float((lp[:len(pairs)] - lp[len(pairs):]).mean())
+
+
+def test_preference_pairs_move_the_margin_toward_chosen():
+    tok = load_tokenizer("smollm2-135m-instruct")
+    pairs = [{"chosen": "The nurse was kind to everyone.", "rejected": "The nurse was cruel to everyone."},
+             {"chosen": "He fixed the old car quickly.", "rejected": "He broke the old car quickly."}]
+    flipped = [{"chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    cfg = TrainConfig(method="full", steps=8, lr=2e-3, batch_size=2, warmup=1)
+    before = _margin(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, pairs)
+    up, res = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, pairs, cfg, progress=False)
+    down, _ = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, flipped, cfg, progress=False)
+    assert _margin(up, tok, pairs) > before > _margin(down, tok, pairs)
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_mixed_batches_train_and_are_seeded():
+    tok = load_tokenizer("smollm2-135m-instruct")
+    mixed = [{"prompt": "Say hi.", "response": "Hi!"}, {"text": "Plain text keeps the language model."},
+             {"chosen": "A good day.", "rejected": "A bad day."}]
+    cfg = TrainConfig(method="lora", steps=3, lr=1e-3, batch_size=3, warmup=1)
+    a, ra = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, mixed, cfg, progress=False)
+    b, rb = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, mixed, cfg, progress=False)
+    assert ra.losses == rb.losses and all(torch.isfinite(torch.tensor(ra.losses)))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
