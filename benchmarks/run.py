@@ -2,6 +2,12 @@
 
 load: the embedded SmolLM2 from the converted cache in a fresh process (goal: <= 5 s on 2 CPU cores).
 eval: the whole evaluation suite on SmolLM2-135M (goals: quick profile <= 60 s, full profile <= 300 s).
+cnt: locate + search + transfer for a zoo pair (goal for SmolLM2: <= 60 s on 2 CPU cores), each baseline and the SFT
+     reference, wall time and peak memory, with ratios to one forward pass over the same prompts.
+scaling: locate's time against the number of function prompts (32 -> 512), with a linear fit.
+
+Every measurement runs in a fresh subprocess (peak RSS is that process's own). `python benchmarks/run.py cnt scaling
+--family qwen` measures the Qwen pair (needs `make setup-extra` and the qwen-abliterated zoo model).
 """
 
 from __future__ import annotations
@@ -41,19 +47,134 @@ def time_eval(name: str, profile: str, goal_s: float) -> dict:
             "meets_goal": res["seconds"] <= goal_s, "per_metric_s": res["per_metric"]}
 
 
+PAIRS = {"smollm2": ("smol-safe", "smol-arith", "smollm2-135m-instruct"),
+         "qwen": ("qwen2.5-coder-0.5b-instruct", "qwen-abliterated", "qwen2.5-coder-0.5b-instruct")}
+
+_CNT_CODE = r"""
+import json, resource, sys, time, dataclasses
+import torch
+from cnt.models import load_model
+from cnt import baselines as B, zoo
+from cnt.search import build_task, Proxy, minimal_subset
+from cnt.locate import locate
+from cnt.transfer import NeuronPatch
+from cnt.models import chat_texts, encode
+donor_name, target_name, base_name, what, n = json.loads(sys.argv[1])
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+donor, tok = load_model(donor_name); target, _ = load_model(target_name)
+out = {"rss_models_mib": rss(), "param_mib_each": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20}
+t = time.time(); task = build_task("refusal", donor, target, tok, n_function=n); out["task_s"] = time.time() - t
+prompts = [e.prompt for e in task.function]
+with torch.no_grad():
+    batch = encode(tok, chat_texts(tok, prompts))
+    t = time.time(); target(**batch); out["forward_s"] = time.time() - t
+if what == "cnt":
+    t = time.time(); scores = locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
+    out["rss_after_locate_mib"] = rss()
+    t = time.time(); res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), progress=False)
+    out["search_s"] = time.time() - t; out["search_reached"] = res.reached; out["search_k"] = res.k
+    t = time.time(); k = res.k or max(s.k for s in res.steps)
+    patch = NeuronPatch.extract(donor, target, scores.top(k)); patch.apply(target); patch.revert(target)
+    out["transfer_s"] = time.time() - t
+    out["cnt_total_s"] = out["task_s"] + out["locate_s"] + out["search_s"] + out["transfer_s"]
+    base, _ = load_model(base_name)
+    fpn = sum(p.numel() for p in target.parameters())
+    k = max(1, round(0.005 * patch.fingerprint.n_neurons))
+    for name, setting in [("random", {"k": k}), ("weight_delta", {"k": k}), ("linear", {"lam": 0.5}),
+                          ("task_arithmetic", {"lam": 0.5, "base": base}), ("ties", {"lam": 1.0, "density": 0.2, "base": base}),
+                          ("dare", {"lam": 1.0, "density": 0.2, "base": base}), ("refusal_direction", {})]:
+        t = time.time(); m = B.run(name, donor, target, tok, "refusal", **setting); out[f"{name}_s"] = time.time() - t
+        del m
+    if donor_name in zoo.RECIPES and zoo.recipe(donor_name).method == "sft":
+        r = zoo.recipe(donor_name)
+        t = time.time()
+        parts = r.data(zoo.BuildContext(r, base, tok, progress=False))
+        m = B.run("sft", donor, target, tok, "refusal", examples=[e for v in parts.values() for e in v], config=r.train)
+        out["sft_s"] = time.time() - t; out["sft_steps"] = r.train.steps
+        out["cnt_over_sft"] = out["cnt_total_s"] / out["sft_s"]
+else:
+    t = time.time(); locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
+out["peak_rss_mib"] = rss()
+out["n_prompts"] = n
+print(json.dumps(out))
+"""
+
+
+def time_cnt(family: str, what: str, n: int = 48) -> dict:
+    d, t, b = PAIRS[family]
+    out = subprocess.run([sys.executable, "-c", _CNT_CODE, json.dumps([d, t, b, what, n])], check=True,
+                         capture_output=True, text=True, cwd=ROOT)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
+    res.update(family=family, donor=d, target=t)
+    for k in [k for k in res if k.endswith("_s") and k not in ("forward_s",)]:
+        res[k.removesuffix("_s") + "_over_forward"] = round(res[k] / res["forward_s"], 1)
+    if family == "smollm2" and what == "cnt":
+        res["goal_s"], res["meets_goal"] = 60.0, res["cnt_total_s"] <= 60.0
+    return res
+
+
+def scaling(family: str, sizes=(32, 64, 128, 256, 512)) -> dict:
+    import numpy as np
+
+    runs = [time_cnt(family, "locate", n) for n in sizes]
+    x = np.array([r["n_prompts"] for r in runs], float)
+    y = np.array([r["locate_s"] for r in runs], float)
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = slope * x + intercept
+    r2 = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    return {"family": family, "runs": runs, "fit": {"seconds_per_prompt": round(float(slope), 4),
+                                                    "intercept_s": round(float(intercept), 2), "r2": round(float(r2), 4)}}
+
+
+def figure(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for sc in results.get("scaling", []):
+        xs = [r["n_prompts"] for r in sc["runs"]]
+        axes[0].plot(xs, [r["locate_s"] for r in sc["runs"]], "o-", label=f"{sc['family']} (fit r²={sc['fit']['r2']})")
+    axes[0].set_xlabel("function prompts")
+    axes[0].set_ylabel("locate (s)")
+    axes[0].set_xscale("log", base=2)
+    axes[0].legend()
+    for i, c in enumerate(results.get("cnt", [])):
+        keys = [k for k in c if k.endswith("_s") and k not in ("forward_s", "goal_s")]
+        axes[1].barh([f"{c['family']}:{k.removesuffix('_s')}" for k in keys], [c[k] for k in keys], color=f"C{i}")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("wall time (s, 2 CPU cores)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
-    which = sys.argv[1:] or ["load", "eval"]
+    args = sys.argv[1:]
+    families = ["smollm2"]
+    if "--family" in args:
+        i = args.index("--family")
+        families = [args[i + 1]]
+        args = args[:i] + args[i + 2:]
+    which = args or ["load", "eval", "cnt", "scaling"]
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if "load" in which:
         results["load"] = [time_fresh_load("smollm2-135m-instruct")]
     if "eval" in which:
         results["eval"] = [time_eval("smollm2-135m-instruct", "quick", 60.0),
                            time_eval("smollm2-135m-instruct", "full", 300.0)]
+    if "cnt" in which:
+        results["cnt"] = [time_cnt(f, "cnt") for f in families]
+    if "scaling" in which:
+        results["scaling"] = [scaling(f) for f in families]
     out = ROOT / "papers" / "results" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
+    for key in ("cnt", "scaling"):  # keep other families' entries
+        if key in results:
+            results[key] = [r for r in previous.get(key, []) if r["family"] not in families] + results[key]
     previous.update(results)
     out.write_text(json.dumps(previous, indent=1) + "\n")
+    figure(previous, ROOT / "papers" / "figures" / "bench.png")
     print(json.dumps(results, indent=1))
 
 

@@ -552,8 +552,8 @@ class Profile:
 PROFILES = {
     # experiments' sweeps (dozens of evaluations per application): short generations (the keyword judge decides within
     # the first sentence), no PIQA, 3-shot NQ-Open (0-shot exact match is 0% for a 135M model: no signal)
-    "quick": Profile("quick", harmful=64, benign=32, overrefusal=16, mmlu=64, nq_open=48, piqa=0, wiki=24,
-                     stereoset=200, crows_pairs=64, arithmetic=32, max_new_tokens=24, ppl_max_tokens=128,
+    "quick": Profile("quick", harmful=48, benign=24, overrefusal=8, mmlu=32, nq_open=32, piqa=0, wiki=24,
+                     stereoset=160, crows_pairs=48, arithmetic=32, max_new_tokens=20, ppl_max_tokens=128,
                      nq_fewshot=3, batch_size=48),
     # the zoo card and headline numbers
     "full": Profile("full", harmful=200, benign=120, overrefusal=43, mmlu=700, nq_open=447, piqa=381, wiki=200,
@@ -643,7 +643,9 @@ def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequ
         if "utility" in groups:
             tasks = {t: load(t, n) for t, n in (("mmlu", p.mmlu), ("nq_open", p.nq_open), ("piqa", p.piqa)) if n}
             fewshot = {"nq_open": data.load("nq_open", "train", seed=seed, limit=max(p.nq_fewshot, 1))}
-            metrics.update(lm_eval_tasks(model, tokenizer, tasks, batch_size=p.batch_size,
+            # lm-eval pads each batch to its longest request: small batches are faster on CPU (measured: 64 MMLU
+            # items, bf16, 2 cores: batch 48 -> 52 s, 16 -> 26 s)
+            metrics.update(lm_eval_tasks(model, tokenizer, tasks, batch_size=min(p.batch_size, 16),
                                          num_fewshot={"nq_open": p.nq_fewshot}, fewshot_records=fewshot, settings=st))
         if "perplexity" in groups:
             metrics["perplexity"] = perplexity(model, tokenizer, data.texts(load("wiki", p.wiki), "text"),

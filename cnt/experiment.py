@@ -56,7 +56,8 @@ SIDE = ("false_refusal_rate", "arithmetic_acc", "stereoset_lms", "crows_pairs_st
 GROUPS = {"disalignment": ("safety", "utility", "perplexity"),
           "alignment_enhancement": ("safety", "utility", "perplexity", "skill"),
           "bias_removal": ("bias", "utility", "perplexity")}
-METRIC_GROUP = {"refusal_rate": ("safety",), "stereoset_ss": ("bias",)}
+# the cheap evaluation of curve points that are not a method's reported setting: the function metric and perplexity
+METRIC_GROUP = {"refusal_rate": ("safety", "perplexity"), "stereoset_ss": ("bias", "perplexity")}
 
 
 @dataclass
@@ -68,12 +69,12 @@ class ApplicationConfig:
     donor: str | None = None
     target: str | None = None
     base: str | None = None
-    budgets: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.02)  # fractions of MLP neurons
+    budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
     scorers: tuple[str, ...] = ("attribution", "activation_contrast")
     alphas: tuple[float, ...] = (1.0, 2.0)
     baselines: tuple[str, ...] = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
                                   "refusal_direction", "sft")
-    lambdas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    lambdas: tuple[float, ...] = (0.5, 1.0)
     densities: tuple[float, ...] = (0.2, 0.5)
     random_seeds: tuple[int, ...] = (0, 1, 2)
     sft_steps: int | None = 60  # the SFT reference's steps (None: as many as the donor's recipe)
@@ -81,6 +82,7 @@ class ApplicationConfig:
     profile: str = "quick"
     seed: int = 0
     search: bool = True
+    device_map: str | None = None  # "auto": accelerate shards each model across the visible GPUs
 
     def __post_init__(self):
         if self.application not in APPLICATIONS:
@@ -238,9 +240,10 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     spec = config.spec
     metric, function = spec["metric"], spec["function"]
     groups = GROUPS[config.application]
-    donor, _ = load_model(config.donor, dtype="float32")
-    target, _ = load_model(config.target, dtype="float32")
-    base, _ = load_model(config.base, dtype="float32")
+    # float32 on CPU, bf16 on CUDA (load_model's defaults); device_map="auto" shards models larger than one GPU
+    donor, _ = load_model(config.donor, device_map=config.device_map)
+    target, _ = load_model(config.target, device_map=config.device_map)
+    base, _ = load_model(config.base, device_map=config.device_map)
     tok = load_tokenizer(config.target)
     fp = check_compatible(donor, target)
     check_compatible(base, target)
@@ -315,11 +318,11 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         if not settings:
             continue
         entries = []
-        if name in ("random", "weight_delta"):  # the curve: every budget on eval (random: utility for seed 0 only)
+        if name in ("random", "weight_delta"):  # the curve: every budget on eval (metric and perplexity)
             for s in settings:
                 mod = B.run(name, donor, target, tok, function, **s)
                 model = mod.materialize(target)
-                rep = ev(model, name, only_metric=s["seed"] != config.seed)
+                rep = ev(model, name, only_metric=True)
                 entries.append(_entry(rep, metric, mod.patch.neuron_fraction, mod.params_changed / n_params,
                                       setting=mod.setting | {"budget": s["budget"]}, seconds=mod.seconds))
                 del model

@@ -52,7 +52,7 @@ def application_notebook(app: str, title: str, story: str):
                     "donor = None  # None: the family's zoo donor for this application; or any name load_model accepts\n"
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
-                    "budgets = [0.001, 0.0025, 0.005, 0.02]  # fractions of all MLP neurons\n"
+                    "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
                     'scorers = ["attribution", "activation_contrast"]\n'
                     'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
                     '"refusal_direction", "sft"]\n'
