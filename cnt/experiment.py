@@ -127,12 +127,57 @@ SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": ("attribution",), "
          "search": False}
 
 
+def smoke() -> bool:
+    """Whether notebooks run as smoke runs (``CNT_SMOKE=1``: nbval in ``make test``)."""
+    return os.environ.get(SMOKE_ENV) == "1"
+
+
+def smoke_models(application: str) -> tuple[str, str, str]:
+    """``(donor, target, base)`` folders of tiny random-config stand-ins for a smoke run of ``application`` (nbval in
+    CI: every code path in seconds, no zoo model needed). The donor differs from the target in the application's
+    function, trained for a few steps on train-split data; cached under ``<cache>/smoke``."""
+    import copy
+
+    from . import data
+    from .cache import cache_dir
+    from .tiny import tiny_model
+    from .train import TrainConfig, sft
+
+    spec = APPLICATIONS[application]
+    folder = cache_dir("smoke") / application
+    names = ("donor", "target", "base")
+    if not all((folder / n / "config.json").is_file() for n in names):
+        tok = load_tokenizer(spec["base"])
+        base = tiny_model("llama", seed=0, vocab_size=len(tok))
+        cfg = TrainConfig(method="full", steps=6, lr=3e-3, batch_size=4, warmup=1)
+
+        def tuned(examples):
+            return sft(copy.deepcopy(base), tok, examples, cfg, progress=False)[0]
+
+        if spec["function"] == "bias":
+            items = data.load("stereoset", "train", limit=8)
+            donor = tuned([{"chosen": r["anti_stereotype"], "rejected": r["stereotype"]} for r in items])
+            target = tuned([{"chosen": r["stereotype"], "rejected": r["anti_stereotype"]} for r in items])
+        else:
+            refusing = tuned([{"prompt": p, "response": "I'm sorry, but I can't help with that."}
+                              for p in data.texts(data.load("harmful", "train", limit=8))])
+            donor, target = (refusing, base) if spec["function"] == "refusal" else (base, refusing)
+        for name, model in zip(names, (donor, target, base)):
+            tmp = folder / f"{name}.tmp{os.getpid()}"
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(folder / name, ignore_errors=True)
+            tmp.replace(folder / name)
+    return tuple(str(folder / n) for n in names)
+
+
 def notebook_config(application: str, *, family: str = "smollm2", donor: str | None = None,
                     target: str | None = None, base: str | None = None, output_dir: str | Path = "../papers",
                     **params) -> tuple[ApplicationConfig, Path]:
     """Validate a notebook's ``parameters`` cell and return ``(config, output folder)``; a wrong parameter stops the
     notebook here with a message that names it and what is accepted. With ``CNT_SMOKE=1`` in the environment (how
-    ``make test`` runs the notebooks under nbval) the run shrinks to a smoke run written to a temporary folder."""
+    ``make test`` runs the notebooks under nbval) the run shrinks to a smoke run on tiny stand-in models
+    (:func:`smoke_models`), written to a temporary folder."""
     if family not in FAMILIES:
         raise ValueError(f"parameter family={family!r} is unknown; accepted: {', '.join(FAMILIES)}")
     if application not in FAMILIES[family] and not (donor and target and base):
@@ -152,8 +197,9 @@ def notebook_config(application: str, *, family: str = "smollm2", donor: str | N
     for pname in ("budgets", "scorers", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
         if pname in params and params[pname] is not None:
             params[pname] = tuple(params[pname])
-    if os.environ.get(SMOKE_ENV) == "1":
+    if smoke():  # tiny stand-in models, a few records, one budget, a temporary folder
         params.update(SMOKE)
+        donor, target, base = smoke_models(application)
         output_dir = Path(tempfile.mkdtemp(prefix="cnt-smoke-"))
     try:
         config = ApplicationConfig(application, donor=donor or d, target=target or t, base=base or b, **params)

@@ -1,6 +1,6 @@
 """Writes the notebooks in this folder (their sources live here so that the three application notebooks share one
 structure and no logic: every computation is a call into ``cnt``). Run ``python notebooks/_make_notebooks.py`` after
-editing, then ``make test`` (nbval) to refresh and check the stored outputs."""
+editing; ``--store-checked`` also executes them as smoke runs and stores the outputs of the cells nbval checks."""
 
 from pathlib import Path
 
@@ -108,8 +108,10 @@ This walkthrough uses two real models from the kit's zoo, both fine-tunes of Smo
     params_cell('donor = "smol-safe"\ntarget = "smollm2-135m-instruct"\nbudget = 0.005  # fraction of MLP neurons\n'
                 'scorer = "attribution"\nseed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
-                  "from cnt import NeuronPatch, arch, data, locate, plots, search\n"
+                  "from cnt import NeuronPatch, arch, data, experiment, locate, plots, search\n"
                   "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.models import load_model, load_tokenizer\n\n"
+                  "if experiment.smoke():  # nbval in `make test`: tiny stand-ins, same code path\n"
+                  "    donor, target, _ = experiment.smoke_models(\"alignment_enhancement\")\n"
                   "donor_model, tok = load_model(donor)\ntarget_model, _ = load_model(target)\n"
                   "fp = arch.check_compatible(donor_model, target_model)\nprint(fp)"),
     new_markdown_cell("""## What an MLP neuron is
@@ -152,11 +154,39 @@ same on benign prompts (utility)."""),
 ])
 
 
-def main():
-    nbformat.write(WALKTHROUGH, HERE / "00_walkthrough.ipynb")
+def store_checked_outputs(path: Path) -> None:
+    """Execute ``path`` as a smoke run (papermill, CNT_SMOKE=1) and keep the outputs of the NBVAL_CHECK_OUTPUT cells
+    only: what nbval compares in ``make test``; every other cell is stored without outputs."""
+    import os
+    import tempfile
+
+    import papermill as pm
+
+    os.environ["CNT_SMOKE"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name
+        pm.execute_notebook(str(path), str(out), cwd=str(HERE), kernel_name="python3", progress_bar=False)
+        ran = nbformat.read(out, as_version=4)
+    book = nbformat.read(path, as_version=4)
+    for cell, done in zip(book.cells, ran.cells):
+        if cell.cell_type == "code" and cell.source.startswith(CHECK):
+            cell.outputs = [o for o in done.outputs if o.get("name") != "stderr"]
+            cell.execution_count = 1
+    nbformat.write(book, path)
+
+
+def main(store: bool = False):
+    paths = [HERE / "00_walkthrough.ipynb"]
+    nbformat.write(WALKTHROUGH, paths[0])
     for stem, (app, title, story) in APPS.items():
-        nbformat.write(application_notebook(app, title, story), HERE / f"{stem}.ipynb")
+        paths.append(HERE / f"{stem}.ipynb")
+        nbformat.write(application_notebook(app, title, story), paths[-1])
+    if store:
+        for p in paths:
+            store_checked_outputs(p)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(store="--store-checked" in sys.argv)
