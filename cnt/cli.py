@@ -102,6 +102,15 @@ def _cmd_zoo(args) -> int:
         return 2
     measure = None if args.profile == "none" else args.profile
     failed = []
+    if args.action == "measure":
+        for name in names:
+            zoo.base_behaviour(zoo.recipe(name).base, measure or "full")
+            exp = zoo.measure(name, measure or "full")["meets_expectations"]
+            print(f"{name}: " + ", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})"
+                                          for k, v in exp.items()))
+        if args.card:
+            zoo.card(args.card)
+        return 0
     for name in names:
         from .models import EMBEDDED, is_installed
 
@@ -312,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("zoo", help="the model zoo: list recipes, build them, write the zoo card",
                        description="Build zoo models from their recipes (training on CPU: minutes each), measure them "
                                    "on the eval splits, and write manifests, committed artifacts and papers/zoo.md.")
-    s.add_argument("action", choices=["list", "build", "card"])
+    s.add_argument("action", choices=["list", "build", "measure", "card"],
+                   help="build: train + measure; measure: (re)measure a built model into its manifests")
     s.add_argument("names", nargs="*", help="recipes to build")
     s.add_argument("--all", action="store_true", help="build every recipe")
     s.add_argument("--profile", choices=["full", "quick", "none"], default="full",

@@ -375,6 +375,24 @@ def compare_with_committed(name: str, artifact: dict[str, torch.Tensor], manifes
     return out
 
 
+def measure(name: str, profile: str = "full") -> dict:
+    """Measure a built zoo model (cache, else its artifact) on the eval splits and record the behaviour and the
+    expectations in its manifests (cache and committed artifact). Lets a build (``--profile none``) and its
+    measurement run at different times; the weights are not touched."""
+    r = recipe(name)
+    folder = ensure(name)
+    model, tok = load_model(str(folder), dtype="float32", device="cpu")
+    behaviour = measure_behaviour(model, tok, name, profile)
+    expectations = check_expectations(r, behaviour)
+    for f in (folder / "cnt_zoo.json", artifact_dir(name) / "manifest.json"):
+        if f.is_file():
+            m = json.loads(f.read_text())
+            if m.get("recipe_key") == r.key():
+                m.update(behaviour=behaviour, meets_expectations=expectations)
+                f.write_text(json.dumps(m, indent=1) + "\n")
+    return {"behaviour": behaviour, "meets_expectations": expectations}
+
+
 def measure_behaviour(model, tok, name: str, profile: str = "full") -> dict:
     from .evaluate import evaluate
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from cnt import experiment
 from cnt.evaluate import PROFILES, Profile
@@ -70,3 +71,34 @@ def test_config_validation():
         experiment.ApplicationConfig("disalignment", baselines=("vibes",))
     cfg = experiment.ApplicationConfig("bias_removal")
     assert (cfg.donor, cfg.target) == ("smol-debiased", "smol-biased")
+
+
+def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path):
+    cases = [({"family": "llama"}, "parameter family='llama'.*accepted: smollm2"),
+             ({"budgets": [0.0, 0.5]}, r"budgets must be fractions.*\(0, 1\]"),
+             ({"target": "no-such-model"}, "parameter target='no-such-model'.*zoo model"),
+             ({"output_dir": "/proc/forbidden"}, "parameter output_dir='/proc/forbidden'"),
+             ({"profile": "huge"}, "profiles: quick, full"),
+             ({"scorers": ["magic"]}, "unknown scorers")]
+    for kw, msg in cases:
+        kw.setdefault("output_dir", tmp_path)
+        with pytest.raises(ValueError, match=msg):
+            experiment.notebook_config("disalignment", **kw)
+    with pytest.raises(ValueError, match="no zoo donor for bias_removal"):
+        experiment.notebook_config("bias_removal", family="qwen2.5-coder-0.5b", output_dir=tmp_path)
+    cfg, out = experiment.notebook_config("disalignment", budgets=[0.01], output_dir=tmp_path / "papers")
+    assert cfg.budgets == (0.01,) and cfg.donor == "smol-uncensored" and (out / "results").is_dir()
+
+
+def test_smoke_mode_uses_tiny_stand_ins(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNT_SMOKE", "1")
+    monkeypatch.setenv("CNT_CACHE", str(tmp_path / "cache"))
+    cfg, out = experiment.notebook_config("alignment_enhancement", output_dir=tmp_path / "papers")
+    assert cfg.profile == "smoke" and not (tmp_path / "papers").exists()  # results go to a temporary folder
+    from cnt.arch import check_compatible
+    from cnt.models import load_model
+
+    donor, _ = load_model(cfg.donor)
+    target, _ = load_model(cfg.target)
+    assert check_compatible(donor, target).n_layers == 2
+    assert any(not torch.equal(a, b) for a, b in zip(donor.state_dict().values(), target.state_dict().values()))
