@@ -558,6 +558,10 @@ PROFILES = {
     # the zoo card and headline numbers
     "full": Profile("full", harmful=200, benign=120, overrefusal=43, mmlu=700, nq_open=447, piqa=381, wiki=200,
                     stereoset=507, crows_pairs=273, arithmetic=200),
+    # a batch of sweeps on 2 CPU cores: the function metric at its quick size, perplexity as the only utility metric
+    "sweep": Profile("sweep", harmful=48, benign=16, overrefusal=8, mmlu=0, nq_open=0, piqa=0, wiki=24,
+                     stereoset=160, crows_pairs=0, arithmetic=24, max_new_tokens=20, ppl_max_tokens=128,
+                     batch_size=48),
     # notebooks under nbval / CI: every code path, a few records each
     "smoke": Profile("smoke", harmful=12, benign=8, overrefusal=4, mmlu=12, nq_open=8, piqa=0, wiki=6,
                      stereoset=24, crows_pairs=12, arithmetic=6, max_new_tokens=12, ppl_max_tokens=64),
@@ -642,6 +646,7 @@ def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequ
                 metrics["refusal_score"].details["agreement_with_judge"] = proxy_agreement(lo, judged)
         if "utility" in groups:
             tasks = {t: load(t, n) for t, n in (("mmlu", p.mmlu), ("nq_open", p.nq_open), ("piqa", p.piqa)) if n}
+        if "utility" in groups and tasks:
             fewshot = {"nq_open": data.load("nq_open", "train", seed=seed, limit=max(p.nq_fewshot, 1))}
             # lm-eval pads each batch to its longest request: small batches are faster on CPU (measured: 64 MMLU
             # items, bf16, 2 cores: batch 48 -> 52 s, 16 -> 26 s)
@@ -654,6 +659,7 @@ def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequ
         if "bias" in groups:
             metrics.update(stereoset(model, tokenizer, load("stereoset", p.stereoset), batch_size=p.batch_size,
                                      settings=st, progress=progress, seed=seed))
+        if "bias" in groups and p.crows_pairs:
             metrics["crows_pairs_stereo"] = crows_pairs(model, tokenizer, load("crows_pairs", p.crows_pairs),
                                                  batch_size=p.batch_size, settings=st, progress=progress)
         if "skill" in groups:
