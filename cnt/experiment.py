@@ -196,7 +196,8 @@ def notebook_config(application: str, *, family: str = "smollm2", donor: str | N
                              f"folder, or a hub id like 'org/name'")
     for pname in ("budgets", "scorers", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
         if pname in params and params[pname] is not None:
-            params[pname] = tuple(params[pname])
+            value = params[pname]
+            params[pname] = (value,) if isinstance(value, (str, int, float)) else tuple(value)  # one value: a list of one
     if smoke():  # tiny stand-in models, a few records, one budget, a temporary folder
         params.update(SMOKE)
         donor, target, base = smoke_models(application)
