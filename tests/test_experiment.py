@@ -73,7 +73,8 @@ def test_config_validation():
     assert (cfg.donor, cfg.target) == ("smol-debiased", "smol-biased")
 
 
-def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path):
+def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("CNT_SMOKE", raising=False)  # `make test` runs with CNT_SMOKE=1 for the notebooks
     cases = [({"family": "llama"}, "parameter family='llama'.*accepted: smollm2"),
              ({"budgets": [0.0, 0.5]}, r"budgets must be fractions.*\(0, 1\]"),
              ({"target": "no-such-model"}, "parameter target='no-such-model'.*zoo model"),
