@@ -83,6 +83,10 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _expectations(exp: dict) -> str:
+    return ", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})" for k, v in exp.items())
+
+
 def _cmd_zoo(args) -> int:
     from . import zoo
 
@@ -106,8 +110,7 @@ def _cmd_zoo(args) -> int:
         for name in names:
             zoo.base_behaviour(zoo.recipe(name).base, measure or "full")
             exp = zoo.measure(name, measure or "full")["meets_expectations"]
-            print(f"{name}: " + ", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})"
-                                          for k, v in exp.items()))
+            print(f"{name}: {_expectations(exp)}")
         if args.card:
             zoo.card(args.card)
         return 0
@@ -122,9 +125,7 @@ def _cmd_zoo(args) -> int:
             zoo.base_behaviour(zoo.recipe(name).base, measure)
         _, _, manifest = zoo.build(name, measure=measure)
         exp = manifest.get("meets_expectations", {})
-        print(f"{name}: built in {manifest['build_seconds']:.0f} s; "
-              + (", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})"
-                           for k, v in exp.items()) or "not measured"))
+        print(f"{name}: built in {manifest['build_seconds']:.0f} s; {_expectations(exp) or 'not measured'}")
         rc = manifest.get("rebuild_check")
         if rc:
             print(f"  rebuild vs committed: identical weights: {rc['identical_weights']} (max |Δ| "

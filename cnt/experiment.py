@@ -269,6 +269,11 @@ def _settings(name: str, config: ApplicationConfig, fp, base, function: str, tok
     raise ValueError(f"no settings for baseline {name!r}")
 
 
+def _public(setting: dict) -> dict:
+    """A baseline setting as recorded in the JSON: without the models and training data it carries."""
+    return {k: v for k, v in setting.items() if k not in ("base", "examples", "config")}
+
+
 def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Run one application and write ``<out_dir>/<application>.json`` (atomically: a failed run never overwrites the
     previous good result). Returns the result dict.
@@ -387,8 +392,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
             if model is None:  # rebuild the chosen setting (deterministic: every baseline is seeded)
                 mod = B.run(name, donor, target, tok, function, **settings[i])
                 model = mod.materialize(target)
-            public = {k: v for k, v in settings[i].items() if k not in ("base", "examples", "config", "lam")}
-            swept = [{"setting": {k: v for k, v in s.items() if k not in ("base", "examples", "config")},
+            public = {k: v for k, v in _public(settings[i]).items() if k != "lam"}  # mod.setting has "lambda"
+            swept = [{"setting": _public(s),
                       "validation_share": a["share"], "utility_ok": a["utility_ok"]}
                      for s, a in zip(settings, assessed)] or None
             rep = ev(model, name)

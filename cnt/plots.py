@@ -22,7 +22,7 @@ def _style(name: str):
     return STYLE.get(name, ("C7", "o", ""))
 
 
-def _xerr(entries, key="ci"):
+def _yerr(entries, key="ci"):
     lo = [e["score"] - e[key][0] for e in entries]
     hi = [e[key][1] - e["score"] for e in entries]
     return [lo, hi]
@@ -53,7 +53,7 @@ def effect_vs_fraction(result: dict, title: str | None = None):
             ax.errorbar(xs, ys, yerr=[e["score_sd"] for e in entries], color=c, marker=m, ls=ls, capsize=3,
                         label="random neurons (mean ± sd over seeds)")
         else:
-            ax.errorbar(xs, ys, yerr=_xerr(entries), color=c, marker=m, ls=ls, capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=_yerr(entries), color=c, marker=m, ls=ls, capsize=3, label=name)
     for e in methods.get("cnt_minimal", []):
         ax.plot([100 * e["neuron_fraction"]], [e["score"]], marker="*", ms=16, color="C3", ls="",
                 label=f"CNT minimal subset ({100 * e['neuron_fraction']:.3g}%)")

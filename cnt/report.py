@@ -206,9 +206,10 @@ def render(results: dict[str, dict], figures: str = "figures") -> str:
         lost = [x["baseline"] for x in rows if not x["cnt_better"]]
         verdict = (f"supported ({len(won)}/{len(rows)})" if not lost else
                    f"partly: {len(won)}/{len(rows)} beaten")
+        significantly = f"; significantly: {','.join(sig)}" if sig else ""
+        not_better = f"; not better than {','.join(lost)}" if lost else ""
         L.append(f"| baselines: {PAPER['baselines']} | {app} | better than {', '.join(won) or 'none'}"
-                 f"{f'; significantly: {chr(44).join(sig)}' if sig else ''}"
-                 f"{f'; not better than {chr(44).join(lost)}' if lost else ''} | {verdict} |")
+                 f"{significantly}{not_better} | {verdict} |")
     L.append("")
     for app, r in results.items():
         L += _application_section(app, r, figures)

@@ -55,7 +55,7 @@ def test_run_application_end_to_end(tiny_folders):
     lin = saved["methods"]["linear"]
     assert len(lin) == 1 and lin[0]["chosen_on_validation"]
     assert [v["setting"]["lam"] for v in lin[0]["validation"]] == [0.5, 1.0]
-    assert lin[0]["setting"]["lam"] in (0.5, 1.0)
+    assert lin[0]["setting"]["lambda"] in (0.5, 1.0)  # recorded under the merge's own name
     # the best CNT variant is named, and chosen on validation shares (present on every entry)
     assert all("validation_share" in e for e in saved["methods"]["cnt"])
 
