@@ -346,7 +346,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     methods.update(variants)
     if config.search:
         res = minimal_subset(ranked[best.removeprefix("cnt_")], donor, target, tok, val.proxy, alphas=config.alphas,
-                             progress=progress)
+                             progress=progress, measured=(val.target, val.donor))
         timings["search"] = res.seconds
         methods["cnt_minimal"] = []
         if res.reached:

@@ -122,6 +122,7 @@ class SearchStep:
     ppl: float
     drift: float | None
     ok: bool
+    utility_ok: bool = True
 
 
 @dataclass
@@ -168,18 +169,25 @@ def choose(assessed: Sequence[dict]) -> int:
 
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *, goal: float = 0.9,
                    max_ppl_increase: float = 0.02, max_drift_share: float = 0.5, k_min: int | None = None,
-                   max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), progress: bool = True
-                   ) -> SearchResult:
+                   max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), progress: bool = True,
+                   measured: tuple[dict, dict] | None = None) -> SearchResult:
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
-    with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap."""
+    with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap.
+
+    k gallops up from ``k_min`` (doubling) until a trial is accepted, then bisects to within 10%. Galloping stops
+    early once utility breaks (perplexity or benign drift over the limit): transferring *more* neurons moves the
+    target further from itself, so a larger k is not expected to restore it — trials stay few. ``measured`` passes
+    the target's and donor's proxy values when the caller already has them (same proxy, same dtype)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     work = deepcopy(target).to(torch.bfloat16)  # proxies in bf16 on a copy; the patch carries fp32 slices
-    dwork = deepcopy(donor).to(torch.bfloat16)
-    base = proxy.measure(work, tokenizer)
-    don = proxy.measure(dwork, tokenizer)
-    del dwork
+    if measured is None:
+        dwork = deepcopy(donor).to(torch.bfloat16)
+        base, don = proxy.measure(work, tokenizer), proxy.measure(dwork, tokenizer)
+        del dwork
+    else:
+        base, don = measured
     n_total = sum(s.numel() for s in scores.scores)
     k_min = k_min or max(1, n_total // 2000)  # 0.05%
     k_max = int(max_fraction * n_total)
@@ -193,7 +201,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
         patch.revert(work)
         v = judge(m, base, don, proxy.function, goal=goal, max_ppl_increase=max_ppl_increase,
                   max_drift_share=max_drift_share)
-        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"])
+        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"])
         steps.append(step)
         bar.update()
         return step
@@ -205,6 +213,8 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
             s = trial(k, alpha)
             if s.ok:
                 hi = k
+                break
+            if not s.utility_ok:  # utility already broken: more neurons will not mend it
                 break
             lo, k = k, k * 2
         if hi is None:

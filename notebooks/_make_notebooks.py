@@ -53,10 +53,10 @@ def application_notebook(app: str, title: str, story: str):
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
                     "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
-                    'scorers = ["attribution", "activation_contrast"]\n'
+                    'scorers = ["attribution"]  # also: activation_contrast, iterative (each adds a locate and evaluations)\n'
                     'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
                     '"refusal_direction", "sft"]\n'
-                    'profile = "quick"  # evaluation profile: quick | full | smoke\n'
+                    'profile = "sweep"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
                     "seed = 0\n"
                     'output_dir = "../papers"  # results/ and figures/ go under it'),
         new_markdown_cell("The first code cell checks every parameter and stops with a message that names a wrong "

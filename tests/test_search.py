@@ -55,3 +55,50 @@ def test_incompatible_refused_before_compute(fixture, monkeypatch):  # noqa: F81
 def test_unknown_function(fixture):  # noqa: F811
     with pytest.raises(ValueError, match="functions: refusal"):
         search.build_task("honesty", *fixture)
+
+
+class _ScriptedProxy(search.Proxy):
+    """A proxy whose share grows with the number of transferred neurons and whose perplexity breaks above ``k_bad``."""
+
+    def __init__(self, k_bad: int, k_goal: int):
+        super().__init__("compliance")
+        self.k_bad, self.k_goal, self.k = k_bad, k_goal, 0
+
+    def measure(self, model, tokenizer):
+        return {"score": min(1.0, self.k / self.k_goal), "drift": 0.0, "ppl": 10.0 * (2 if self.k > self.k_bad else 1)}
+
+
+def _layer_sizes(model):
+    from cnt.arch import fingerprint
+
+    return list(fingerprint(model).intermediate_sizes)
+
+
+def _scripted_search(fixture, monkeypatch, k_bad, k_goal):  # noqa: F811
+    donor, target, tok = fixture
+    from cnt.locate import NeuronScores
+
+    proxy = _ScriptedProxy(k_bad, k_goal)
+    scores = NeuronScores("attribution", [torch.rand(n) for n in _layer_sizes(target)])
+    real_extract = search.NeuronPatch.extract
+
+    def extract(d, t, picked, **kw):
+        proxy.k = sum(len(v) for v in picked.values())
+        return real_extract(d, t, picked, **kw)
+
+    monkeypatch.setattr(search.NeuronPatch, "extract", staticmethod(extract))
+    return search.minimal_subset(scores, donor, target, tok, proxy, k_min=2, progress=False,
+                                 measured=({"score": 0.0, "ppl": 10.0, "drift": 0.0},
+                                           {"score": 1.0, "ppl": 10.0, "drift": 0.0}))
+
+
+def test_search_bisects_to_the_smallest_accepted_k(fixture, monkeypatch):  # noqa: F811
+    res = _scripted_search(fixture, monkeypatch, k_bad=10_000, k_goal=20)
+    assert res.reached and 18 <= res.k <= 20  # 90% of the gap at k=18; bisection to within 10%
+    assert all(not s.ok for s in res.steps if s.k < 18)
+
+
+def test_search_stops_galloping_once_utility_breaks(fixture, monkeypatch):  # noqa: F811
+    res = _scripted_search(fixture, monkeypatch, k_bad=5, k_goal=40)
+    assert not res.reached
+    assert [s.k for s in res.steps] == [2, 4, 8]  # 8 broke perplexity: no trials at 16, 32, ...
