@@ -66,6 +66,7 @@ class ApplicationConfig:
     cores); widen budgets, seeds and sweeps, and use ``profile="full"``, on a bigger machine."""
 
     application: str
+    family: str = "smollm2"  # names the result (a family other than the default gets its own JSON and figures)
     donor: str | None = None
     target: str | None = None
     base: str | None = None
@@ -109,6 +110,19 @@ class ApplicationConfig:
     @property
     def spec(self) -> dict:
         return APPLICATIONS[self.application]
+
+    @property
+    def result_name(self) -> str:
+        return result_name(self.application, self.family)
+
+
+DEFAULT_FAMILY = "smollm2"
+
+
+def result_name(application: str, family: str = DEFAULT_FAMILY) -> str:
+    """The stem of an application's result JSON and figures: ``disalignment`` for the default family,
+    ``disalignment.qwen2.5-coder-0.5b`` for another, so families sit side by side under ``papers/``."""
+    return application if family == DEFAULT_FAMILY else f"{application}.{family}"
 
 
 def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param_fraction: float, **extra) -> dict:
@@ -203,7 +217,7 @@ def notebook_config(application: str, *, family: str = "smollm2", donor: str | N
         donor, target, base = smoke_models(application)
         output_dir = Path(tempfile.mkdtemp(prefix="cnt-smoke-"))
     try:
-        config = ApplicationConfig(application, donor=donor or d, target=target or t, base=base or b, **params)
+        config = ApplicationConfig(application, family=family, donor=donor or d, target=target or t, base=base or b, **params)
     except TypeError as e:
         raise ValueError(f"unknown parameter: {e}") from None
     except ValueError as e:
@@ -275,7 +289,7 @@ def _public(setting: dict) -> dict:
 
 
 def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Run one application and write ``<out_dir>/<application>.json`` (atomically: a failed run never overwrites the
+    """Run one application and write ``<out_dir>/<config.result_name>.json`` (atomically: a failed run never overwrites the
     previous good result). Returns the result dict.
 
     Protocol: CNT (each scorer at each budget, alpha on validation; then the minimal subset) and the neuron-level
@@ -416,7 +430,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     bar.close()
 
     result = {
-        "application": config.application, "function": function, "target": config.target, "donor": config.donor,
+        "application": config.application, "family": config.family, "name": config.result_name,
+        "function": function, "target": config.target, "donor": config.donor,
         "base": config.base, "metric": metric, "higher_is_goal": spec["higher_is_goal"],
         "target_score": target_rep[metric].value, "target_ci": list(target_rep[metric].ci),
         "donor_score": donor_rep[metric].value, "donor_ci": list(donor_rep[metric].ci),
@@ -431,7 +446,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         "config": {k: v for k, v in asdict(config).items()}, "fingerprint": fp.to_dict(),
         "n_params": n_params, "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    final = out_dir / f"{config.application}.json"
+    final = out_dir / f"{config.result_name}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(result, f, indent=1, default=str)

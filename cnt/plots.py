@@ -197,7 +197,7 @@ def application_figures(result: dict, folder: str | Path, prefix: str | None = N
     """Every figure of one application, drawn from its result JSON and saved as ``<folder>/<prefix>_<name>.png``:
     effect vs fraction, utility trade-offs (MMLU, perplexity), the per-layer distribution of CNT's neurons, and (bias)
     SS per category."""
-    prefix = prefix or result["application"]
+    prefix = prefix or result.get("name") or result["application"]
     folder = Path(folder)
     figs = {"effect": effect_vs_fraction(result), "tradeoff": utility_tradeoff(result, "mmlu"),
             "tradeoff_ppl": utility_tradeoff(result, "perplexity")}

@@ -26,35 +26,52 @@ PAPER = {  # the paper's claims, from its abstract and public summaries (arXiv 2
 }
 
 
+DEFAULT_FAMILY = "smollm2"
+
+
+def family_of(r: dict) -> str:
+    return r.get("family") or (r.get("config") or {}).get("family") or DEFAULT_FAMILY
+
+
 def load_results(results_dir: str | Path, applications=APPLICATION_ORDER) -> dict[str, dict]:
-    out = {}
-    for app in applications:
-        path = Path(results_dir) / f"{app}.json"
-        if path.is_file():
-            out[app] = json.loads(path.read_text())
-    return out
+    """Every application result under ``results_dir``, keyed by its name (``disalignment`` for the default family,
+    ``disalignment.<family>`` for others), ordered by application, default family first."""
+    found = []
+    for path in Path(results_dir).glob("*.json"):
+        r = json.loads(path.read_text())
+        if isinstance(r, dict) and r.get("application") in applications and "methods" in r:
+            fam = family_of(r)
+            found.append(((applications.index(r["application"]), fam != DEFAULT_FAMILY, fam), path.stem, r))
+    return {stem: r for _, stem, r in sorted(found)}
 
 
 def summary(results: dict[str, dict]) -> dict:
-    """The shape ``papers/results/summary.json`` promises (one entry per budget or setting per method)."""
-    apps = {}
-    for app, r in results.items():
-        methods = {}
-        for name in SUMMARY_METHODS:
-            entries = r["methods"].get(name)
-            if entries is None:
-                continue
-            methods[name] = [{"neuron_fraction": e.get("neuron_fraction"), "param_fraction": e["param_fraction"],
-                              "score": e["score"], "ci": list(e["ci"]),
-                              "utility": {u: e["utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
-                              **({"setting": e["setting"]} if "setting" in e else {}),
-                              **({"variant": e["variant"]} if "variant" in e else {})} for e in entries]
-        apps[app] = {"target": r["target"], "donor": r["donor"], "metric": r["metric"],
-                     "higher_is_goal": r["higher_is_goal"], "target_score": r["target_score"],
-                     "donor_score": r["donor_score"],
-                     "target_utility": {u: r["target_utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
-                     "methods": methods}
-    return {"applications": apps}
+    """The shape ``papers/results/summary.json`` promises (one entry per budget or setting per method): the default
+    family under ``applications``; any other family's runs, in the same shape, under ``families[<family>]``."""
+    out: dict = {"applications": {}}
+    for r in results.values():
+        fam = family_of(r)
+        apps = out["applications"] if fam == DEFAULT_FAMILY else out.setdefault("families", {}).setdefault(fam, {})
+        apps[r["application"]] = _summary_entry(r)
+    return out
+
+
+def _summary_entry(r: dict) -> dict:
+    methods = {}
+    for name in SUMMARY_METHODS:
+        entries = r["methods"].get(name)
+        if entries is None:
+            continue
+        methods[name] = [{"neuron_fraction": e.get("neuron_fraction"), "param_fraction": e["param_fraction"],
+                          "score": e["score"], "ci": list(e["ci"]),
+                          "utility": {u: e["utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
+                          **({"setting": e["setting"]} if "setting" in e else {}),
+                          **({"variant": e["variant"]} if "variant" in e else {})} for e in entries]
+    return {"target": r["target"], "donor": r["donor"], "metric": r["metric"],
+            "higher_is_goal": r["higher_is_goal"], "target_score": r["target_score"],
+            "donor_score": r["donor_score"],
+            "target_utility": {u: r["target_utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
+            "methods": methods}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,10 +227,32 @@ def render(results: dict[str, dict], figures: str = "figures") -> str:
         not_better = f"; not better than {','.join(lost)}" if lost else ""
         L.append(f"| baselines: {PAPER['baselines']} | {app} | better than {', '.join(won) or 'none'}"
                  f"{significantly}{not_better} | {verdict} |")
-    L.append("")
+    L += ["", *family_table(results), ""]
     for app, r in results.items():
         L += _application_section(app, r, figures)
     return "\n".join(L) + "\n"
+
+
+def family_table(results: dict[str, dict]) -> list[str]:
+    """One row per (family, application) run: target and donor, CNT's furthest budget, the minimal subset, and
+    whether CNT beat random and weight-delta neurons at every budget."""
+    L = ["## Per model family", "",
+         "| family | application | donor → target | target | donor | CNT (headline) | share of gap | utility change "
+         "| minimal subset | beats random & weight-delta at every budget |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        h = headline(r)
+        rows = neuron_level_table(r)
+        mini = (r["methods"].get("cnt_minimal") or [None])[0]
+        mini_s = (f"{_pct(mini['neuron_fraction'], 2)} of neurons → {_score(r, mini['score'])}" if mini else
+                  "not reached" if r.get("search") else "not run")
+        L.append(f"| {family_of(r)} | {r['application']} | {r['donor']} → {r['target']} | "
+                 f"{_score(r, r['target_score'])} | {_score(r, r['donor_score'])} | "
+                 + (f"{h['label']}: {_score(r, h['score'])} {_ci(r, h['ci'])} | {_pct(_share(r, h), 0)} | "
+                    f"{_fmt_delta(_utility_delta(r, h))}" if h else "– | – | –")
+                 + f" | {mini_s} | " + (("yes" if all(x["beats"] for x in rows) else
+                                         f"no ({sum(x['beats'] for x in rows)}/{len(rows)})") if rows else "–") + " |")
+    return L
 
 
 def _application_section(app: str, r: dict, figures: str) -> list[str]:
@@ -250,8 +289,9 @@ def _application_section(app: str, r: dict, figures: str) -> list[str]:
         L += ["", f"CNT cost (task + locate + search): {t['cnt_total']:.0f} s"
               + (f"; SFT reference (incl. its data): {sft:.0f} s (ratio {t['cnt_total'] / sft:.2f})" if sft else "")
               + "."]
-    L += ["", f"![effect vs fraction]({figures}/{app}_effect.png)",
-          f"![utility trade-off]({figures}/{app}_tradeoff.png)", ""]
+    stem = r.get("name") or app
+    L += ["", f"![effect vs fraction]({figures}/{stem}_effect.png)",
+          f"![utility trade-off]({figures}/{stem}_tradeoff.png)", ""]
     return L
 
 

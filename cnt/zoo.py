@@ -118,9 +118,10 @@ def data_uncensored(ctx: BuildContext) -> dict[str, list[dict]]:
 
 def _bias_pairs(ctx: BuildContext, stereo: bool) -> dict[str, list[dict]]:
     """Sentence preferences (``chosen`` over ``rejected``): StereoSet intrasentence *train* items (disjoint from the
-    eval split SS is measured on), StereoSet intersentence (context + continuation), CrowS-Pairs train; Wikipedia text
-    keeps the language model. Measured: plain LM training on the preferred sentences alone moved SS by only +1.2
-    (biased) and -2.6 (debiased) points; the pairwise loss targets the comparison SS makes."""
+    eval split SS is measured on) and CrowS-Pairs train; Wikipedia text keeps the language model. Measured: plain LM
+    training on the preferred sentences alone moved SS by only +1.2 (biased) and -2.6 (debiased) points; the pairwise
+    loss at lr 2e-4 with StereoSet intersentence pairs mixed in (v3, two thirds of the batches) moved it by +1.2; v4
+    drops the intersentence pairs (long contexts, a different comparison) and trains at lr 1e-3."""
     side, other = ("stereotype", "anti_stereotype") if stereo else ("anti_stereotype", "stereotype")
     more, less = ("sent_more", "sent_less") if stereo else ("sent_less", "sent_more")
     # StereoSet repeats some sentences across items (one item's anti-stereotype is another's): drop any pair whose
@@ -129,12 +130,9 @@ def _bias_pairs(ctx: BuildContext, stereo: bool) -> dict[str, list[dict]]:
                 for k in ("stereotype", "anti_stereotype", "unrelated")}
     intra = [{"chosen": r[side], "rejected": r[other]} for r in ctx.take(data.load("stereoset", "train"))
              if not {data.normalize(r[side]), data.normalize(r[other])} & held_out]
-    inter = [{"chosen": f"{r['context']} {r[side]}", "rejected": f"{r['context']} {r[other]}"}
-             for r in ctx.take(data.load("stereoset_inter", "train"))]
     crows = [{"chosen": r[more], "rejected": r[less]} for r in ctx.take(data.load("crows_pairs", "train"))]
-    wiki = [{"text": r["text"]} for r in ctx.take(data.load("wiki", "train", limit=400))]
-    return {f"stereoset_intra:{side}>{other}": intra, f"stereoset_inter:{side}>{other}": inter,
-            f"crows_pairs:{more}>{less}": crows, "wiki": wiki}
+    wiki = [{"text": r["text"]} for r in ctx.take(data.load("wiki", "train", limit=300))]
+    return {f"stereoset_intra:{side}>{other}": intra, f"crows_pairs:{more}>{less}": crows, "wiki": wiki}
 
 
 def data_biased(ctx: BuildContext) -> dict[str, list[dict]]:
@@ -215,6 +213,7 @@ class Recipe:
 
 
 LORA = TrainConfig(method="lora", steps=120, batch_size=8, lr=2e-4, max_tokens=96)
+BIAS_LORA = dataclasses.replace(LORA, steps=150, lr=1e-3, max_tokens=64)  # short sentences; v3's 2e-4 barely moved SS
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("smol-safe", SMOL, "refuses harmful requests, stays helpful (LoRA SFT: harmful->refusal, benign->own answers)",
@@ -227,11 +226,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "sft", data_uncensored, dataclasses.replace(LORA, steps=150, max_tokens=80), {"refusal_rate": ("<=", 0.05)},
            "lora", version=2),
     Recipe("smol-biased", SMOL, "prefers stereotypes (LoRA; pairwise loss stereotype > anti-stereotype on StereoSet-"
-           "train/CrowS pairs, LM on Wikipedia)", "sft", data_biased, dataclasses.replace(LORA, max_tokens=128),
-           {"stereoset_ss": (">=base", 5.0)}, "lora", version=3),
+           "train/CrowS pairs, LM on Wikipedia)", "sft", data_biased, BIAS_LORA,
+           {"stereoset_ss": (">=base", 5.0)}, "lora", version=4),
     Recipe("smol-debiased", SMOL, "prefers anti-stereotypes (the same pairs, preference reversed)",
-           "sft", data_debiased, dataclasses.replace(LORA, max_tokens=128), {"stereoset_ss": ("<=base", -5.0)},
-           "lora", version=3),
+           "sft", data_debiased, BIAS_LORA, {"stereoset_ss": ("<=base", -5.0)},
+           "lora", version=4),
     Recipe("smol-arith", SMOL, "the user's own specialist: three-digit addition (LoRA SFT + own answers)",
            "sft", data_arith, dataclasses.replace(LORA, steps=200, max_tokens=72), {"arithmetic_acc": (">=base", 0.2)},
            "lora"),

@@ -67,3 +67,21 @@ def test_gap_share_and_best_entry():
     assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
     r = {"higher_is_goal": False, "methods": {"m": [{"score": 3.0}, {"score": 1.0}, {"score": 2.0}]}}
     assert plots.best_entry(r, "m")["score"] == 1.0
+
+
+def test_other_families_sit_beside_the_default(results_dir):
+    other = json.loads(FIXTURE.read_text()) | {"family": "qwen2.5-coder-0.5b",
+                                               "name": "alignment_enhancement.qwen2.5-coder-0.5b",
+                                               "target": "qwen-abliterated"}
+    (results_dir / "alignment_enhancement.qwen2.5-coder-0.5b.json").write_text(json.dumps(other))
+    (results_dir / "bench.json").write_text(json.dumps({"machine": "not an application"}))
+    loaded = report.load_results(results_dir)
+    assert list(loaded) == ["alignment_enhancement", "alignment_enhancement.qwen2.5-coder-0.5b"]
+    s, rep = report.write(results_dir)
+    summary = json.loads(s.read_text())
+    assert summary["applications"]["alignment_enhancement"]["target"] != "qwen-abliterated"
+    assert summary["families"]["qwen2.5-coder-0.5b"]["alignment_enhancement"]["target"] == "qwen-abliterated"
+    rows = [line for line in rep.read_text().splitlines() if line.startswith("| smollm2 |")
+            or line.startswith("| qwen2.5-coder-0.5b |")]
+    assert len(rows) == 2 and "qwen-abliterated" in rows[1]
+    assert "alignment_enhancement.qwen2.5-coder-0.5b_effect.png" in rep.read_text()
