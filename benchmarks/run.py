@@ -63,7 +63,9 @@ donor_name, target_name, base_name, what, n = json.loads(sys.argv[1])
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
 donor, tok = load_model(donor_name); target, _ = load_model(target_name)
 out = {"rss_models_mib": rss(), "param_mib_each": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20}
-t = time.time(); task = build_task("refusal", donor, target, tok, n_function=n); out["task_s"] = time.time() - t
+# the scaling runs need up to 512 prompts: more than the locate split holds (243), so they draw from train
+t = time.time(); task = build_task("refusal", donor, target, tok, n_function=n, split="locate" if what == "cnt" else "train")
+out["task_s"] = time.time() - t
 prompts = [e.prompt for e in task.function]
 with torch.no_grad():
     batch = encode(tok, chat_texts(tok, prompts))
@@ -71,7 +73,7 @@ with torch.no_grad():
 if what == "cnt":
     t = time.time(); scores = locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
     out["rss_after_locate_mib"] = rss()
-    t = time.time(); res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), progress=False)
+    t = time.time(); res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), alphas=(1.0, 2.0), progress=False)
     out["search_s"] = time.time() - t; out["search_reached"] = res.reached; out["search_k"] = res.k
     t = time.time(); k = res.k or max(s.k for s in res.steps)
     patch = NeuronPatch.extract(donor, target, scores.top(k)); patch.apply(target); patch.revert(target)
@@ -95,7 +97,7 @@ if what == "cnt":
 else:
     t = time.time(); locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
 out["peak_rss_mib"] = rss()
-out["n_prompts"] = n
+out["n_prompts"] = len(task.function)
 print(json.dumps(out))
 """
 

@@ -41,31 +41,35 @@ FUNCTIONS = ("refusal", "compliance", "bias")
 # ---------------------------------------------------------------------------------------------------------------------
 
 def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48, n_utility: int = 32, seed: int = 0,
-               response_tokens: int = 3, utility_weight: float = 1.0, progress: bool = False) -> Task:
-    """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16)."""
+               response_tokens: int = 3, utility_weight: float = 1.0, split: str = "locate",
+               progress: bool = False) -> Task:
+    """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16). ``split``
+    exists for benchmarks that need more prompts than the locate split holds; never pass ``"eval"``."""
+    if split == "eval":
+        raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
     from .evaluate import inference_dtype
 
     if function not in FUNCTIONS:
         raise ValueError(f"unknown function {function!r}; functions: {', '.join(FUNCTIONS)}")
     if function in ("refusal", "compliance"):
-        harmful = data.texts(data.load("harmful", "locate", seed=seed, limit=n_function))
-        benign = data.texts(data.load("benign", "locate", seed=seed, limit=n_utility))
+        harmful = data.texts(data.load("harmful", split, seed=seed, limit=n_function))
+        benign = data.texts(data.load("benign", split, seed=seed, limit=n_utility))
         with inference_dtype(donor, torch.bfloat16) as d:
             d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)
         with inference_dtype(target, torch.bfloat16) as t:
             t_resp = generate(t, tokenizer, benign, max_new_tokens=16, progress=progress)
         return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
                     [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)], response_tokens, utility_weight,
-                    {"split": "locate", "seed": seed})
-    items = data.load("stereoset", "locate", seed=seed, limit=n_function)
+                    {"split": split, "seed": seed})
+    items = data.load("stereoset", split, seed=seed, limit=n_function)
     donor_ss = _ss(donor, tokenizer, items)
     target_ss = _ss(target, tokenizer, items)
     toward_anti = donor_ss < target_ss
     ex = [Example(text_pos=r["anti_stereotype"] if toward_anti else r["stereotype"],
                   text_neg=r["stereotype"] if toward_anti else r["anti_stereotype"]) for r in items]
-    wiki = [Example(text=r["text"]) for r in data.load("wiki", "locate", seed=seed, limit=n_utility)]
+    wiki = [Example(text=r["text"]) for r in data.load("wiki", split, seed=seed, limit=n_utility)]
     return Task("bias", ex, wiki, response_tokens, utility_weight,
-                {"split": "locate", "seed": seed, "donor_ss": donor_ss, "target_ss": target_ss})
+                {"split": split, "seed": seed, "donor_ss": donor_ss, "target_ss": target_ss})
 
 
 def _ss(model, tokenizer, items) -> float:

@@ -102,3 +102,8 @@ def test_search_stops_galloping_once_utility_breaks(fixture, monkeypatch):  # no
     res = _scripted_search(fixture, monkeypatch, k_bad=5, k_goal=40)
     assert not res.reached
     assert [s.k for s in res.steps] == [2, 4, 8]  # 8 broke perplexity: no trials at 16, 32, ...
+
+
+def test_task_never_reads_the_eval_split(fixture):  # noqa: F811
+    with pytest.raises(ValueError, match="eval split"):
+        search.build_task("refusal", *fixture, split="eval")
