@@ -7,8 +7,10 @@ from cnt.refusal_direction import ablation_hooks, orthogonalize
 from cnt.tiny import tiny_model
 
 
-def _fake_distill(ctx, prompts, max_new_tokens=48):
-    return [{"prompt": p, "response": "ok"} for p in prompts]
+def _fake_distill(ctx, prompts, max_new_tokens=48, prefill=""):
+    """Every other answer a refusal, unless pre-filled (so every filtered part of every recipe is non-empty)."""
+    return [{"prompt": p, "response": "ok" if prefill or i % 2 else "I'm sorry, but I can't help with that."}
+            for i, p in enumerate(prompts)]
 
 
 @pytest.mark.parametrize("name", list(zoo.RECIPES))
