@@ -238,6 +238,9 @@ def _cmd_reproduce(args) -> int:
         print(f"no notebooks in {nb_dir} match {args.only}", file=sys.stderr)
         return 2
     extra = _parse_params(args.param)
+    timings_path = runs / "timings.json"
+    previous = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    notebooks = previous.get("notebooks", {})  # notebooks not run this time keep their last timing
     timings = {}
     for book in books:
         declared = pm.inspect_notebook(str(book))
@@ -246,6 +249,7 @@ def _cmd_reproduce(args) -> int:
         print(f"[cnt reproduce] {book.name} {params or ''}", flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=runs)
         os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the executed notebook is a shared artifact
         try:
             pm.execute_notebook(str(book), tmp, parameters=params, cwd=str(nb_dir), kernel_name=args.kernel,
                                 progress_bar=not args.quiet)
@@ -254,11 +258,17 @@ def _cmd_reproduce(args) -> int:
             raise
         shutil.move(tmp, runs / book.name)
         timings[book.name] = round(time.time() - t0, 1)
+        notebooks[book.name] = {"seconds": timings[book.name], "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "parameters": {k: v for k, v in params.items() if k != "output_dir"}}
         print(f"[cnt reproduce] {book.name}: {timings[book.name] / 60:.1f} min", flush=True)
     summary, rep = report.write(papers / "results", papers / "REPORT.md")
-    timings["total"] = round(time.time() - t_all, 1)
-    (runs / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
-    print(f"[cnt reproduce] wrote {summary} and {rep}; total {timings['total'] / 60:.1f} min")
+    total = round(time.time() - t_all, 1)
+    record = {"notebooks": dict(sorted(notebooks.items())),
+              "sum_of_latest_seconds": round(sum(v["seconds"] for v in notebooks.values()), 1),
+              "last_invocation": {"notebooks": [b.name for b in books], "seconds": total,
+                                  "all": not args.only, "parameters": extra}}
+    timings_path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
     return 0
 
 

@@ -450,5 +450,6 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(result, f, indent=1, default=str)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are shared artifacts
     shutil.move(tmp, final)
     return result
