@@ -32,7 +32,7 @@ from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
 from .locate import locate
 from .models import load_model, load_tokenizer
 from .search import Proxy, build_task, choose, judge, minimal_subset
-from .transfer import NeuronPatch
+from .transfer import NeuronPatch, transfer_all
 
 APPLICATIONS = {
     "disalignment": {"function": "compliance", "donor": "smol-uncensored", "target": "smol-safe",
@@ -83,6 +83,7 @@ class ApplicationConfig:
     profile: str = "quick"
     seed: int = 0
     search: bool = True
+    all_mlp: bool = True  # also transfer every MLP neuron (the ceiling of CNT's units; one light evaluation)
     device_map: str | None = None  # "auto": accelerate shards each model across the visible GPUs
 
     def __post_init__(self):
@@ -138,7 +139,7 @@ def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param
 SMOKE_ENV = "CNT_SMOKE"  # "1": notebooks shrink to a smoke run into a temporary folder (nbval in `make test`)
 SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": ("attribution",), "alphas": (1.0,),
          "lambdas": (1.0,), "densities": (0.5,), "random_seeds": (0,), "sft_steps": 2, "sft_small_data": True,
-         "search": False}
+         "search": False, "all_mlp": False}
 
 
 def smoke() -> bool:
@@ -374,6 +375,15 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         search_info = {k: v for k, v in res.to_dict().items() if k != "steps"} | {"n_steps": len(res.steps)}
     else:
         search_info = None
+    # the ceiling of any MLP-neuron subset: every MLP neuron of every layer (the rest of the donor's difference lives
+    # in attention, norms and embeddings). Light evaluation, like the curve points.
+    if config.all_mlp:
+        patch = transfer_all(donor, target)
+        patch.apply(target)
+        rep = ev(target, "all-mlp", only_metric=True)
+        patch.revert(target)
+        methods["all_mlp"] = [_entry(rep, metric, 1.0, patch.n_params / n_params, alpha=1.0)]
+        del patch
     timings["cnt_total"] = round(timings["task"] + timings[f"locate_{best.removeprefix('cnt_')}"]
                                  + timings.get("search", 0.0), 1)
 

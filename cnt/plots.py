@@ -14,7 +14,8 @@ NEURON_LEVEL = ("cnt", "random", "weight_delta")
 STYLE = {"cnt": ("C3", "o", "-"), "cnt_attribution": ("C3", "o", "-"), "cnt_activation_contrast": ("C1", "s", "--"),
          "cnt_iterative": ("C5", "D", ":"), "cnt_minimal": ("C3", "*", ""), "random": ("0.5", "x", "-"),
          "weight_delta": ("C0", "^", "-"), "linear": ("C2", "v", ""), "task_arithmetic": ("C4", "<", ""),
-         "ties": ("C6", ">", ""), "dare": ("C8", "P", ""), "refusal_direction": ("C9", "h", ""), "sft": ("k", "X", "")}
+         "ties": ("C6", ">", ""), "dare": ("C8", "P", ""), "refusal_direction": ("C9", "h", ""), "sft": ("k", "X", ""),
+         "all_mlp": ("C3", "s", "")}
 LABEL = {"refusal_rate": "refusal rate (harmful eval prompts)", "stereoset_ss": "StereoSet SS (50 = unbiased)"}
 
 

@@ -283,6 +283,11 @@ def _application_section(app: str, r: dict, figures: str) -> list[str]:
             L.append(f"| {name} | {_setting_str(setting)} | {_pct(e['param_fraction'], 3)} | "
                      f"{_score(r, e['score'])} {_ci(r, e['ci'])} | {_pct(_share(r, e), 0)} | "
                      f"{_fmt_delta(_utility_delta(r, e))} | {f'{secs:.0f} s' if secs is not None else '–'} |")
+    ceiling = (r["methods"].get("all_mlp") or [None])[0]
+    if ceiling:
+        L += ["", f"The ceiling of MLP-neuron transfer (every MLP neuron of every layer, α=1; the rest of the donor's "
+                  f"difference lives in attention, norms and embeddings): {_score(r, ceiling['score'])} "
+                  f"{_ci(r, ceiling['ci'])}, {_pct(_share(r, ceiling), 0)} of the gap."]
     t = r.get("timings", {})
     if "cnt_total" in t:
         sft = t.get("sft")

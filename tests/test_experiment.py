@@ -58,6 +58,10 @@ def test_run_application_end_to_end(tiny_folders):
     assert lin[0]["setting"]["lambda"] in (0.5, 1.0)  # recorded under the merge's own name
     # the best CNT variant is named, and chosen on validation shares (present on every entry)
     assert all("validation_share" in e for e in saved["methods"]["cnt"])
+    # the ceiling: every MLP neuron; its MLPs are the donor's, so its perplexity sits near the donor's
+    (ceiling,) = saved["methods"]["all_mlp"]
+    assert ceiling["neuron_fraction"] == 1.0 and 0 < ceiling["param_fraction"] < 1
+    assert saved["config"]["family"] == "smollm2" and saved["name"] == "alignment_enhancement"
 
 
 def test_config_validation():
