@@ -217,6 +217,7 @@ class NeuronPatch:
         d.mkdir(parents=True, exist_ok=True)
         st = d / "patch.safetensors"
         save_file(self._tensors(), str(st))
+        os.chmod(st, 0o644)  # safetensors writes files private; a patch is meant to be shared
         meta = {
             "format": "cnt.NeuronPatch", "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint.to_dict(),
             "donor": self.donor, "target": self.target, "alpha": self.alpha, "provenance": self.provenance,

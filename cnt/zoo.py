@@ -458,6 +458,7 @@ def _save_artifact(name: str, tensors: dict[str, torch.Tensor], manifest: dict) 
     out = artifact_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "artifact.safetensors"))
+    os.chmod(out / "artifact.safetensors", 0o644)  # safetensors writes it private; it is a committed artifact
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
