@@ -178,7 +178,8 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
     with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap.
 
-    k gallops up from ``k_min`` (doubling) until a trial is accepted, then bisects to within 10%. Galloping stops
+    k gallops up from ``k_min`` (doubling) until a trial is accepted, then bisects to within 10%; alphas are tried
+    largest first, and a later alpha only searches below the best k found so far. Galloping stops
     early once utility breaks (perplexity or benign drift over the limit): transferring *more* neurons moves the
     target further from itself, so a larger k is not expected to restore it — trials stay few. ``measured`` passes
     the target's and donor's proxy values when the caller already has them (same proxy, same dtype)."""
@@ -211,9 +212,11 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
         return step
 
     best: SearchStep | None = None
-    for alpha in alphas:
+    for alpha in sorted(alphas, reverse=True):  # larger alpha usually needs fewer neurons: it sets the bar early
         lo, hi, k = 0, None, k_min
-        while k <= k_max:  # gallop
+        limit = k_max if best is None else min(k_max, best.k - 1)  # a later alpha wins only with a smaller k
+        while lo < limit:  # gallop: k, 2k, 4k, ... (the last try at the limit itself)
+            k = min(k, limit)
             s = trial(k, alpha)
             if s.ok:
                 hi = k

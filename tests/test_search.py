@@ -107,3 +107,24 @@ def test_search_stops_galloping_once_utility_breaks(fixture, monkeypatch):  # no
 def test_task_never_reads_the_eval_split(fixture):  # noqa: F811
     with pytest.raises(ValueError, match="eval split"):
         search.build_task("refusal", *fixture, split="eval")
+
+
+def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # noqa: F811
+    donor, target, tok = fixture
+    from cnt.locate import NeuronScores
+
+    proxy = _ScriptedProxy(k_bad=10_000, k_goal=20)
+    scores = NeuronScores("attribution", [torch.rand(n) for n in _layer_sizes(target)])
+    real_extract = search.NeuronPatch.extract
+
+    def extract(d, t, picked, alpha=1.0, **kw):  # alpha 2 reaches the goal with half the neurons
+        proxy.k = alpha * sum(len(v) for v in picked.values())
+        return real_extract(d, t, picked, alpha=alpha, **kw)
+
+    monkeypatch.setattr(search.NeuronPatch, "extract", staticmethod(extract))
+    res = search.minimal_subset(scores, donor, target, tok, proxy, k_min=2, alphas=(1.0, 2.0), progress=False,
+                                measured=({"score": 0.0, "ppl": 10.0, "drift": 0.0},
+                                          {"score": 1.0, "ppl": 10.0, "drift": 0.0}))
+    assert res.reached and res.alpha == 2.0 and 9 <= res.k <= 10
+    assert [s.alpha for s in res.steps][0] == 2.0
+    assert all(s.k < res.k for s in res.steps if s.alpha == 1.0)  # alpha 1 never tried at or above alpha 2's k
