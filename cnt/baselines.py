@@ -203,9 +203,11 @@ def run_dare(donor, target, tokenizer=None, function=None, *, lam: float, densit
 # ---------------------------------------------------------------------------------------------------------------------
 
 def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int | None = None, alpha: float = 1.0,
-                          seed: int = 0, n: int = 64, progress: bool = False, **_) -> Modified:
+                          seed: int = 0, n: int = 64, layer_stride: int = 2, progress: bool = False, **_) -> Modified:
     """Remove refusal (``compliance``): the target's own difference-of-means direction, chosen on validation, projected
-    out of every residual write. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
+    out of every residual write. The candidates are every ``layer_stride``-th layer in the middle 60% × the last five
+    prompt positions (stride 1 on SmolLM2: 95 candidates, 413 s of a 16-minute application run; adjacent layers'
+    directions are nearly parallel, so stride 2 halves the cost). Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
     bias of that block's attention output (baked into the weights)."""
     from . import data
     from .refusal_direction import mean_activations, orthogonalize, select_direction
@@ -218,7 +220,8 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     if function == "compliance":
         h_va = t(data.load("harmful", "validation", seed=seed, limit=32))
         b_va = t(data.load("benign", "validation", seed=seed, limit=32))
-        choice = select_direction(target, tokenizer, h_tr, b_tr, h_va, b_va, progress=progress)
+        choice = select_direction(target, tokenizer, h_tr, b_tr, h_va, b_va, layer_stride=layer_stride,
+                                  progress=progress)
         changed = orthogonalize(model, choice.direction)
         return Modified("refusal_direction", {"mode": "ablate", "layer": choice.layer, "position": choice.position},
                         changed, round(time.time() - t0, 2), model=model, info={"candidates": choice.candidates})
