@@ -67,9 +67,18 @@ out = {"rss_models_mib": rss(), "param_mib_each": sum(p.numel() * p.element_size
 t = time.time(); task = build_task("refusal", donor, target, tok, n_function=n, split="locate" if what == "cnt" else "train")
 out["task_s"] = time.time() - t
 prompts = [e.prompt for e in task.function]
-with torch.no_grad():
-    batch = encode(tok, chat_texts(tok, prompts))
-    t = time.time(); target(**batch); out["forward_s"] = time.time() - t
+
+
+def forward_reference():
+    # one no-grad forward pass over the same prompts, in locate's batches of 8 (the unit every ratio is in); run
+    # after locate so that ru_maxrss up to then is locate's own peak
+    with torch.no_grad():
+        t = time.time()
+        for i in range(0, len(prompts), 8):
+            target(**encode(tok, chat_texts(tok, prompts[i:i + 8])))
+        out["forward_s"] = time.time() - t
+
+
 if what == "cnt":
     t = time.time(); scores = locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
     out["rss_after_locate_mib"] = rss()
@@ -94,8 +103,11 @@ if what == "cnt":
         m = B.run("sft", donor, target, tok, "refusal", examples=[e for v in parts.values() for e in v], config=r.train)
         out["sft_s"] = time.time() - t; out["sft_steps"] = r.train.steps
         out["cnt_over_sft"] = out["cnt_total_s"] / out["sft_s"]
+    forward_reference()
 else:
     t = time.time(); locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
+    out["rss_after_locate_mib"] = rss()  # the process peak so far: models + task + locate
+    forward_reference()
 out["peak_rss_mib"] = rss()
 out["n_prompts"] = len(task.function)
 print(json.dumps(out))
@@ -130,21 +142,37 @@ def scaling(family: str, sizes=(32, 64, 128, 256, 512)) -> dict:
 
 
 def figure(results: dict, path: Path) -> None:
+    """Left: locate time against prompts (with the linear fit). Middle: locate's peak memory against prompts, beside
+    the weights of donor + target (what locating must not exceed by more than per-neuron statistics and one gradient
+    buffer). Right: wall time of every step, CNT against the baselines and the SFT reference."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for sc in results.get("scaling", []):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for i, sc in enumerate(results.get("scaling", [])):
+        runs = [r for r in sc["runs"] if "rss_after_locate_mib" in r] or sc["runs"]
         xs = [r["n_prompts"] for r in sc["runs"]]
-        axes[0].plot(xs, [r["locate_s"] for r in sc["runs"]], "o-", label=f"{sc['family']} (fit r²={sc['fit']['r2']})")
+        axes[0].plot(xs, [r["locate_s"] for r in sc["runs"]], "o", color=f"C{i}",
+                     label=f"{sc['family']}: {sc['fit']['seconds_per_prompt']:.3f} s/prompt (r²={sc['fit']['r2']})")
+        axes[0].plot(xs, [sc["fit"]["intercept_s"] + sc["fit"]["seconds_per_prompt"] * x for x in xs], "-",
+                     color=f"C{i}", alpha=0.5)
+        key = "rss_after_locate_mib" if "rss_after_locate_mib" in runs[0] else "peak_rss_mib"
+        axes[1].plot([r["n_prompts"] for r in runs], [r[key] / 1024 for r in runs], "o-", color=f"C{i}",
+                     label=f"{sc['family']}: process peak through locate")
+        weights = 2 * runs[0]["param_mib_each"] / 1024
+        axes[1].axhline(weights, color=f"C{i}", ls="--", lw=1, label="donor + target weights (fp32)")
     axes[0].set_xlabel("function prompts")
     axes[0].set_ylabel("locate (s)")
-    axes[0].set_xscale("log", base=2)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("function prompts")
+    axes[1].set_ylabel("peak memory (GiB)")
+    axes[1].set_ylim(bottom=0)
+    axes[1].legend(fontsize=8)
     for i, c in enumerate(results.get("cnt", [])):
         keys = [k for k in c if k.endswith("_s") and k not in ("forward_s", "goal_s")]
-        axes[1].barh([f"{c['family']}:{k.removesuffix('_s')}" for k in keys], [c[k] for k in keys], color=f"C{i}")
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("wall time (s, 2 CPU cores)")
+        axes[2].barh([f"{c['family']}:{k.removesuffix('_s')}" for k in keys], [max(c[k], 1e-2) for k in keys],
+                     color=f"C{i}")
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("wall time (s, 2 CPU cores)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -185,22 +185,22 @@ def attribution(task: Task, donor, target, tokenizer, *, batch_size: int = 8, pr
     for p in params:
         p.requires_grad_(True)
     try:
-        def grads_of(examples):
+        def first_order(examples) -> list[torch.Tensor]:
+            """Per layer, per neuron: (θ_D − θ_T)·∇L over ``examples``. Gradients accumulate over batches in the
+            parameters' own .grad (one buffer the size of the MLP weights, whatever the number of prompts); each
+            layer's slices are reduced to a vector of neuron scores before the next layer is read."""
             for p in params:
                 p.grad = None
             chunks = list(_batches(examples, batch_size))
             for chunk in tqdm(chunks, desc=f"attribution ({task.name})", disable=not progress, leave=False):
                 loss = task_loss(target, tokenizer, chunk, task.response_tokens) * len(chunk) / len(examples)
                 loss.backward()
-            return [_neuron_grads(target, nt, layer) for layer in range(nt.n_layers)]
+            return [_neuron_delta_dot(nt, nd, layer)(_neuron_grads(target, nt, layer)) for layer in range(nt.n_layers)]
 
-        g_f = grads_of(task.function)
-        gain = [-_neuron_delta_dot(nt, nd, layer)(g_f[layer]) for layer in range(nt.n_layers)]
-        del g_f
+        gain = [-g for g in first_order(task.function)]
         scores = gain
         if task.utility and task.utility_weight:
-            g_u = grads_of(task.utility)
-            harm = [_neuron_delta_dot(nt, nd, layer)(g_u[layer]) for layer in range(nt.n_layers)]
+            harm = first_order(task.utility)
             scores = [g - task.utility_weight * h.clamp(min=0) for g, h in zip(gain, harm)]
     finally:
         for p in params:
