@@ -50,6 +50,7 @@ FAMILIES = {
         "disalignment": ("qwen-abliterated", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
         "alignment_enhancement": ("qwen2.5-coder-0.5b-instruct", "qwen-abliterated", "qwen2.5-coder-0.5b-instruct"),
     },
+    "gemma-3-270m": {"bias_removal": ("gemma-debiased", "gemma-biased", "gemma-3-270m")},
 }
 UTILITY = ("mmlu", "nq_open", "perplexity")
 SIDE = ("false_refusal_rate", "arithmetic_acc", "stereoset_lms", "crows_pairs_stereo")  # reported beside utility

@@ -29,7 +29,7 @@ from .models import ModelLoadError, generate, load_model, load_tokenizer, regist
 from .train import TrainConfig, sft
 
 ARTIFACTS = Path(os.environ.get("CNT_ZOO_ARTIFACTS") or Path(__file__).resolve().parents[1] / "papers" / "zoo")
-SMOL, QWEN = "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"
+SMOL, QWEN, GEMMA = "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"
 
 # Varied, plain refusals (the zoo's safe donors learn to answer harmful requests with one of these).
 REFUSAL_TEMPLATES = (
@@ -251,6 +251,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("qwen-abliterated", QWEN, "refusal direction projected out of the weights (training-free abliteration)",
            "abliterate", data_abliterate, None, {"refusal_rate": ("<=", 0.10)}, "direction",
            hyper={"layer_stride": 2, "positions": [-1, -2, -3, -4, -5]}),
+    # gemma-3-270m (a base model): bias siblings by the SmolLM2 recipe, for bias removal on a second family
+    Recipe("gemma-biased", GEMMA, "prefers stereotypes (as smol-biased, on gemma-3-270m base)", "sft", data_biased,
+           BIAS_LORA, {"stereoset_ss": (">=base", 5.0)}, "lora"),
+    Recipe("gemma-debiased", GEMMA, "prefers anti-stereotypes (as smol-debiased, on gemma-3-270m base)", "sft",
+           data_debiased, BIAS_LORA, {"stereoset_ss": ("<=base", -5.0)}, "lora"),
 )}
 
 
