@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -68,6 +69,7 @@ class ApplicationConfig:
 
     application: str
     family: str = "smollm2"  # names the result (a family other than the default gets its own JSON and figures)
+    tag: str | None = None  # names a variant run (e.g. another donor): results/<application>[.<family>].<tag>.json
     donor: str | None = None
     target: str | None = None
     base: str | None = None
@@ -103,6 +105,7 @@ class ApplicationConfig:
         unknown = set(self.baselines) - set(B.BASELINES)
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; baselines: {', '.join(B.BASELINES)}")
+        result_name(self.application, self.family, self.tag)  # a bad tag is refused before any compute
         from .locate import SCORERS
 
         unknown = set(self.scorers) - set(SCORERS)
@@ -115,16 +118,20 @@ class ApplicationConfig:
 
     @property
     def result_name(self) -> str:
-        return result_name(self.application, self.family)
+        return result_name(self.application, self.family, self.tag)
 
 
 DEFAULT_FAMILY = "smollm2"
 
 
-def result_name(application: str, family: str = DEFAULT_FAMILY) -> str:
+def result_name(application: str, family: str = DEFAULT_FAMILY, tag: str | None = None) -> str:
     """The stem of an application's result JSON and figures: ``disalignment`` for the default family,
-    ``disalignment.qwen2.5-coder-0.5b`` for another, so families sit side by side under ``papers/``."""
-    return application if family == DEFAULT_FAMILY else f"{application}.{family}"
+    ``disalignment.qwen2.5-coder-0.5b`` for another, and ``.<tag>`` appended for a variant run, so that runs sit side
+    by side under ``papers/`` and none overwrites another."""
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", tag):
+        raise ValueError(f"tag {tag!r} must be letters, digits, '-' or '_' (it names files)")
+    stem = application if family == DEFAULT_FAMILY else f"{application}.{family}"
+    return f"{stem}.{tag}" if tag else stem
 
 
 def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param_fraction: float, **extra) -> dict:
@@ -441,7 +448,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     bar.close()
 
     result = {
-        "application": config.application, "family": config.family, "name": config.result_name,
+        "application": config.application, "family": config.family, "tag": config.tag, "name": config.result_name,
         "function": function, "target": config.target, "donor": config.donor,
         "base": config.base, "metric": metric, "higher_is_goal": spec["higher_is_goal"],
         "target_score": target_rep[metric].value, "target_ci": list(target_rep[metric].ci),

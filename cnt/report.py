@@ -41,16 +41,22 @@ def load_results(results_dir: str | Path, applications=APPLICATION_ORDER) -> dic
         r = json.loads(path.read_text())
         if isinstance(r, dict) and r.get("application") in applications and "methods" in r:
             fam = family_of(r)
-            found.append(((applications.index(r["application"]), fam != DEFAULT_FAMILY, fam), path.stem, r))
+            tag = r.get("tag") or ""
+            found.append(((applications.index(r["application"]), fam != DEFAULT_FAMILY, fam, tag), path.stem, r))
     return {stem: r for _, stem, r in sorted(found)}
 
 
 def summary(results: dict[str, dict]) -> dict:
     """The shape ``papers/results/summary.json`` promises (one entry per budget or setting per method): the default
-    family under ``applications``; any other family's runs, in the same shape, under ``families[<family>]``."""
+    family under ``applications``; any other family's runs, in the same shape, under ``families[<family>]``; tagged
+    variant runs (another donor, say) under ``variants[<result name>]``."""
     out: dict = {"applications": {}}
-    for r in results.values():
+    for stem, r in results.items():
         fam = family_of(r)
+        if r.get("tag"):
+            out.setdefault("variants", {})[stem] = {"family": fam, "application": r["application"],
+                                                    **_summary_entry(r)}
+            continue
         apps = out["applications"] if fam == DEFAULT_FAMILY else out.setdefault("families", {}).setdefault(fam, {})
         apps[r["application"]] = _summary_entry(r)
     return out
@@ -270,7 +276,8 @@ def family_table(results: dict[str, dict]) -> list[str]:
         mini = (r["methods"].get("cnt_minimal") or [None])[0]
         mini_s = (f"{_pct(mini['neuron_fraction'], 2)} of neurons → {_score(r, mini['score'])}" if mini else
                   "not reached" if r.get("search") else "not run")
-        L.append(f"| {family_of(r)} | {r['application']} | {r['donor']} → {r['target']} | "
+        app = r["application"] + (f" ({r['tag']})" if r.get("tag") else "")
+        L.append(f"| {family_of(r)} | {app} | {r['donor']} → {r['target']} | "
                  f"{_score(r, r['target_score'])} | {_score(r, r['donor_score'])} | "
                  + (f"{h['label']}: {_score(r, h['score'])} {_ci(r, h['ci'])} | {_pct(_share(r, h), 0)} | "
                     f"{_fmt_delta(_utility_delta(r, h))}" if h else "– | – | –")

@@ -85,3 +85,19 @@ def test_other_families_sit_beside_the_default(results_dir):
             or line.startswith("| qwen2.5-coder-0.5b |")]
     assert len(rows) == 2 and "qwen-abliterated" in rows[1]
     assert "alignment_enhancement.qwen2.5-coder-0.5b_effect.png" in rep.read_text()
+
+
+def test_tagged_runs_do_not_replace_the_default(results_dir):
+    from cnt.experiment import result_name
+
+    assert result_name("alignment_enhancement", "smollm2", "donor-full") == "alignment_enhancement.donor-full"
+    with pytest.raises(ValueError, match="tag"):
+        result_name("alignment_enhancement", "smollm2", "../x")
+    other = json.loads(FIXTURE.read_text()) | {"tag": "donor-full", "name": "alignment_enhancement.donor-full",
+                                               "donor": "some-other-donor"}
+    (results_dir / "alignment_enhancement.donor-full.json").write_text(json.dumps(other))
+    s, rep = report.write(results_dir)
+    summary = json.loads(s.read_text())
+    assert summary["applications"]["alignment_enhancement"]["donor"] != "some-other-donor"
+    assert summary["variants"]["alignment_enhancement.donor-full"]["donor"] == "some-other-donor"
+    assert "alignment_enhancement (donor-full) | some-other-donor" in rep.read_text()
