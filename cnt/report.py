@@ -118,6 +118,19 @@ def _utility_delta(r: dict, e: dict) -> dict:
     return out
 
 
+SIDE_LABELS = {"arithmetic_acc": "skill", "false_refusal_rate": "false refusal"}
+
+
+def _side_delta(r: dict, e: dict) -> dict:
+    """The specialist's skill and false refusal, in points against the unmodified target (where measured)."""
+    t, m = r.get("target_side", {}), e.get("side", {})
+    return {k: m[k] - t[k] for k in SIDE_LABELS if m.get(k) is not None and t.get(k) is not None}
+
+
+def _fmt_side(d: dict) -> str:
+    return ", ".join(f"{SIDE_LABELS[k]} {100 * v:+.1f} pp" for k, v in d.items())
+
+
 def _fmt_delta(d: dict) -> str:
     parts = []
     if "mmlu" in d:
@@ -207,6 +220,12 @@ def render(results: dict[str, dict], figures: str = "figures") -> str:
          "chosen on the validation split. Share of gap = (method − target) / (donor − target).", ""]
     if not results:
         return "\n".join(L + ["No results yet: run `make reproduce`."]) + "\n"
+    no_lm_eval = [stem for stem, r in results.items() if "mmlu" not in r.get("target_utility", {})]
+    if no_lm_eval:
+        L += [f"Utility in {', '.join(no_lm_eval)} is perplexity, with the specialist's skill and false refusal beside "
+              "it: the `sweep` profile skips MMLU and NQ-Open, which for the SmolLM2 zoo sit at chance level (see "
+              "its card, `papers/zoo.md`) and could not register a 1% change. `-p profile=quick` or `full` adds them.",
+              ""]
     L += ["## Claims", "", "| claim (paper) | application | measured | verdict |", "|---|---|---|---|"]
     for app, r in results.items():
         h = headline(r)
@@ -311,9 +330,11 @@ def _application_section(app: str, r: dict, figures: str) -> list[str]:
             setting = e.get("setting") or {k: e[k] for k in ("budget", "alpha") if k in e}
             setting = {k: v for k, v in setting.items() if k not in ("seed",) or name != "random"}
             secs = e.get("seconds")
+            side = _fmt_side(_side_delta(r, e))
             L.append(f"| {name} | {_setting_str(setting)} | {_pct(e['param_fraction'], 3)} | "
                      f"{_score(r, e['score'])} {_ci(r, e['ci'])} | {_pct(_share(r, e), 0)} | "
-                     f"{_fmt_delta(_utility_delta(r, e))} | {f'{secs:.0f} s' if secs is not None else '–'} |")
+                     f"{_fmt_delta(_utility_delta(r, e))}{'; ' + side if side else ''} | "
+                     f"{f'{secs:.0f} s' if secs is not None else '–'} |")
     ceiling = (r["methods"].get("all_mlp") or [None])[0]
     if ceiling:
         L += ["", f"The ceiling of MLP-neuron transfer (every MLP neuron of every layer, α=1; the rest of the donor's "
