@@ -16,6 +16,7 @@ STYLE = {"cnt": ("C3", "o", "-"), "cnt_attribution": ("C3", "o", "-"), "cnt_acti
          "weight_delta": ("C0", "^", "-"), "linear": ("C2", "v", ""), "task_arithmetic": ("C4", "<", ""),
          "ties": ("C6", ">", ""), "dare": ("C8", "P", ""), "refusal_direction": ("C9", "h", ""), "sft": ("k", "X", ""),
          "all_mlp": ("C3", "s", "")}
+NAMES = {"all_mlp": "every MLP neuron (α=1)"}
 LABEL = {"refusal_rate": "refusal rate (harmful eval prompts)", "stereoset_ss": "StereoSet SS (50 = unbiased)"}
 
 
@@ -54,7 +55,8 @@ def effect_vs_fraction(result: dict, title: str | None = None):
             ax.errorbar(xs, ys, yerr=[e["score_sd"] for e in entries], color=c, marker=m, ls=ls, capsize=3,
                         label="random neurons (mean ± sd over seeds)")
         else:
-            ax.errorbar(xs, ys, yerr=_yerr(entries), color=c, marker=m, ls=ls, capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=_yerr(entries), color=c, marker=m, ls=ls, capsize=3,
+                        label=NAMES.get(name, name))
     for e in methods.get("cnt_minimal", []):
         ax.plot([100 * e["neuron_fraction"]], [e["score"]], marker="*", ms=16, color="C3", ls="",
                 label=f"CNT minimal subset ({100 * e['neuron_fraction']:.3g}%)")
