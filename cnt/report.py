@@ -337,8 +337,8 @@ def _application_section(app: str, r: dict, figures: str) -> list[str]:
                      f"{f'{secs:.0f} s' if secs is not None else '–'} |")
     ceiling = (r["methods"].get("all_mlp") or [None])[0]
     if ceiling:
-        L += ["", f"The ceiling of MLP-neuron transfer (every MLP neuron of every layer, α=1; the rest of the donor's "
-                  f"difference lives in attention, norms and embeddings): {_score(r, ceiling['score'])} "
+        L += ["", f"Every MLP neuron of every layer at α=1 (the donor's MLPs entire — the most an α=1 subset can copy; "
+                  f"the rest of the donor's difference lives in attention, norms and embeddings): {_score(r, ceiling['score'])} "
                   f"{_ci(r, ceiling['ci'])}, {_pct(_share(r, ceiling), 0)} of the gap."]
     t = r.get("timings", {})
     if "cnt_total" in t:
