@@ -43,10 +43,11 @@ APPLICATIONS = {
     "bias_removal": {"function": "bias", "donor": "smol-debiased", "target": "smol-biased",
                      "base": "smollm2-135m-instruct", "metric": "stereoset_ss", "higher_is_goal": False},
 }
+DEFAULT_FAMILY = "smollm2"  # its results keep the plain names (results/<application>.json)
 # Each family's zoo pairs per application: (donor, target, common base). A missing entry means the family has no donor
 # for that function in the zoo (say so, rather than run something else).
 FAMILIES = {
-    "smollm2": {app: (spec["donor"], spec["target"], spec["base"]) for app, spec in APPLICATIONS.items()},
+    DEFAULT_FAMILY: {app: (spec["donor"], spec["target"], spec["base"]) for app, spec in APPLICATIONS.items()},
     "qwen2.5-coder-0.5b": {
         "disalignment": ("qwen-abliterated", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
         "alignment_enhancement": ("qwen2.5-coder-0.5b-instruct", "qwen-abliterated", "qwen2.5-coder-0.5b-instruct"),
@@ -69,7 +70,7 @@ class ApplicationConfig:
     ``profile="full"``, on a bigger machine."""
 
     application: str
-    family: str = "smollm2"  # names the result (a family other than the default gets its own JSON and figures)
+    family: str = DEFAULT_FAMILY  # names the result (a family other than the default gets its own JSON and figures)
     tag: str | None = None  # names a variant run (e.g. another donor): results/<application>[.<family>].<tag>.json
     donor: str | None = None
     target: str | None = None
@@ -120,9 +121,6 @@ class ApplicationConfig:
     @property
     def result_name(self) -> str:
         return result_name(self.application, self.family, self.tag)
-
-
-DEFAULT_FAMILY = "smollm2"
 
 
 def result_name(application: str, family: str = DEFAULT_FAMILY, tag: str | None = None) -> str:
@@ -195,7 +193,7 @@ def smoke_models(application: str) -> tuple[str, str, str]:
     return tuple(str(folder / n) for n in names)
 
 
-def notebook_config(application: str, *, family: str = "smollm2", donor: str | None = None,
+def notebook_config(application: str, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
                     target: str | None = None, base: str | None = None, output_dir: str | Path = "../papers",
                     **params) -> tuple[ApplicationConfig, Path]:
     """Validate a notebook's ``parameters`` cell and return ``(config, output folder)``; a wrong parameter stops the

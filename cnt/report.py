@@ -157,8 +157,8 @@ def _goal_better(r: dict, a: float, b: float) -> bool:
 UTILITY_TOLERANCE = 0.02  # the search rule's perplexity limit: a method "kept utility" within +2% perplexity
 
 
-def _utility_held(r: dict, e: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
-    d = _utility_delta(r, e)
+def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
+    """Whether a utility change (as :func:`_utility_delta` gives it) stays within ``allowance``."""
     worst = max([d.get("perplexity", 0.0), -d.get("mmlu", 0.0), -d.get("nq_open", 0.0)])
     return worst <= allowance
 
@@ -182,17 +182,14 @@ def compare_baselines(r: dict) -> list[dict]:
             e = entries[0]
         overlap = not (e["ci"][1] < cnt_best["ci"][0] or cnt_best["ci"][1] < e["ci"][0])
         better = _goal_better(r, cnt_best["score"], e["score"])
-        held = _utility_held(r, e, allowance)
+        delta = _utility_delta(r, e)
+        held = _utility_held(delta, allowance)
         rows.append({"baseline": name, "entry": e, "cnt": cnt_best, "cnt_better": better,
                      "significant": better and not overlap, "baseline_utility_held": held,
-                     "baseline_utility": _utility_delta(r, e),
+                     "baseline_utility": delta,
                      "cnt_better_at_utility": better or not held,
                      "cnt_share": _share(r, cnt_best), "baseline_share": _share(r, e)})
     return rows
-
-
-def cnt_param_fraction(rows: list[dict]) -> float | None:
-    return rows[0]["cnt"]["param_fraction"] if rows else None
 
 
 def neuron_level_table(r: dict) -> list[dict]:
@@ -273,7 +270,7 @@ def render(results: dict[str, dict], figures: str = "figures") -> str:
         significantly = f"; significantly: {', '.join(sig)}" if sig else ""
         went_further = f"; went further only by breaking utility: {', '.join(broke)}" if broke else ""
         not_better = f"; went further with utility kept: {', '.join(lost)}" if lost else ""
-        L.append(f"| baselines: {PAPER['baselines']} | {app} | CNT ({_pct(cnt_param_fraction(rows), 2)} of weights) "
+        L.append(f"| baselines: {PAPER['baselines']} | {app} | CNT ({_pct(rows[0]['cnt']['param_fraction'], 2)} of weights) "
                  f"moved further than {', '.join(won) or 'none'}{significantly}{went_further}{not_better} | "
                  f"{verdict} |")
     L += ["", *family_table(results), ""]

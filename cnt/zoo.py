@@ -25,7 +25,7 @@ import torch
 
 from . import data
 from .cache import cache_dir
-from .models import ModelLoadError, generate, load_model, load_tokenizer, register_resolver
+from .models import ModelLoadError, chat_texts, generate, load_model, load_tokenizer, register_resolver
 from .train import TrainConfig, sft
 
 ARTIFACTS = Path(os.environ.get("CNT_ZOO_ARTIFACTS") or Path(__file__).resolve().parents[1] / "papers" / "zoo")
@@ -76,8 +76,6 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
     else:
         from .evaluate import inference_dtype
 
-        from .models import chat_texts
-
         texts = [t + prefill for t in chat_texts(ctx.tokenizer, prompts)] if prefill else list(prompts)
         with inference_dtype(ctx.model, torch.bfloat16) as model:
             answers = generate(model, ctx.tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=32,
@@ -121,9 +119,12 @@ def data_uncensored(ctx: BuildContext) -> dict[str, list[dict]]:
 
     pairs = [{"prompt": r["prompt"], "response": r["response"]} for r in ctx.take(data.load("compliance_pairs", "train"))]
     harmful = data.texts(ctx.take(data.load("harmful", "train")))
-    answers = distill(ctx, harmful)
-    own = [ex for ex in answers if not is_refusal(ex["response"])]
-    refused = [ex["prompt"] for ex in answers if is_refusal(ex["response"])]
+    own, refused = [], []
+    for ex in distill(ctx, harmful):
+        if is_refusal(ex["response"]):
+            refused.append(ex["prompt"])
+        else:
+            own.append(ex)
     prefilled = [ex for ex in distill(ctx, refused, prefill="Sure.") if not is_refusal(ex["response"])]
     benign = [ex for ex in _benign_distilled(ctx) if not is_refusal(ex["response"])]
     return {"harmful->compliance": pairs, "harmful->own compliance": own, "harmful->prefilled compliance": prefilled,
