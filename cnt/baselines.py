@@ -210,6 +210,7 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     stride 2 halves it; pass ``layer_stride=1`` for the full grid. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
     bias of that block's attention output (baked into the weights)."""
     from . import data
+    from .evaluate import inference_dtype
     from .refusal_direction import mean_activations, orthogonalize, select_direction
 
     t0 = time.time()
@@ -227,7 +228,8 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
                         changed, round(time.time() - t0, 2), model=model, info={"candidates": choice.candidates})
     if function != "refusal":
         raise ValueError("refusal_direction applies to the refusal and compliance functions only")
-    mu = mean_activations(donor, tokenizer, h_tr) - mean_activations(donor, tokenizer, b_tr)  # [L+1, P, H]
+    with inference_dtype(donor, torch.bfloat16) as fast:  # bf16 forward passes (float32 means), as evaluation runs
+        mu = mean_activations(fast, tokenizer, h_tr) - mean_activations(fast, tokenizer, b_tr)  # [L+1, P, H]
     neurons = MLPNeurons(model)
     layer = neurons.n_layers // 2 if layer is None else layer
     r = mu[layer, 0]

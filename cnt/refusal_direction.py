@@ -131,8 +131,19 @@ def select_direction(model, tokenizer, harmful_train: Sequence[str], benign_trai
                      harmful_val: Sequence[str], benign_val: Sequence[str], positions: Sequence[int] = (-1, -2, -3, -4,
                                                                                                           -5),
                      layer_range: tuple[float, float] = (0.2, 0.8), layer_stride: int = 1, max_kl: float = 0.1,
-                     progress: bool = True) -> DirectionChoice:
-    """Difference-of-means candidates on the train prompts; pick one on the validation prompts (see module doc)."""
+                     dtype: torch.dtype | None = torch.bfloat16, progress: bool = True) -> DirectionChoice:
+    """Difference-of-means candidates on the train prompts; pick one on the validation prompts (see module doc).
+    ``dtype``: the precision of every forward pass here (on a copy; bf16 is ~2x faster on CPU, as the evaluation
+    suite runs); the direction is returned in float32."""
+    from .evaluate import inference_dtype
+
+    with inference_dtype(model, dtype) as fast:
+        return _select_direction(fast, tokenizer, harmful_train, benign_train, harmful_val, benign_val, positions,
+                                 layer_range, layer_stride, max_kl, progress)
+
+
+def _select_direction(model, tokenizer, harmful_train, benign_train, harmful_val, benign_val, positions, layer_range,
+                      layer_stride, max_kl, progress) -> DirectionChoice:
     from tqdm.auto import tqdm
 
     from .evaluate import last_token_logits

@@ -179,7 +179,9 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap.
 
     k gallops up from ``k_min`` (doubling) until a trial is accepted, then bisects to within 10%; alphas are tried
-    largest first, and a later alpha only searches below the best k found so far. Galloping stops
+    largest first, and a later alpha only searches below the best k found so far: one trial just below it, and
+    bisection under it only if that trial reaches the goal (more neurons are assumed to move the function further).
+    Galloping stops
     early once utility breaks (perplexity or benign drift over the limit): transferring *more* neurons moves the
     target further from itself, so a larger k is not expected to restore it — trials stay few. ``measured`` passes
     the target's and donor's proxy values when the caller already has them (same proxy, same dtype)."""
@@ -215,7 +217,13 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     for alpha in sorted(alphas, reverse=True):  # larger alpha usually needs fewer neurons: it sets the bar early
         lo, hi, k = 0, None, k_min
         limit = k_max if best is None else min(k_max, best.k - 1)  # a later alpha wins only with a smaller k
-        while lo < limit:  # gallop: k, 2k, 4k, ... (the last try at the limit itself)
+        if best is not None and limit >= 1:  # one trial at the limit: short of the goal there, short below it too
+            s = trial(limit, alpha)
+            if s.ok:
+                hi = limit
+            elif not s.share >= goal:  # (only a utility failure leaves room below: then gallop as usual)
+                continue
+        while hi is None and lo < limit:  # gallop: k, 2k, 4k, ... (the last try at the limit itself)
             k = min(k, limit)
             s = trial(k, alpha)
             if s.ok:

@@ -338,15 +338,11 @@ def build(name: str, *, tiny: bool = False, measure: str | None = "full", progre
     elif r.method == "abliterate":
         from .refusal_direction import orthogonalize, select_direction
 
-        from .evaluate import inference_dtype
-
         t = data.texts
-        with inference_dtype(model, torch.bfloat16) as fast:  # selection in bf16; the direction is float32
-            choice = select_direction(fast, tok, t(parts["harmful_train"]), t(parts["benign_train"]),
-                                      t(parts["harmful_validation"]), t(parts["benign_validation"]),
-                                      layer_stride=r.hyper.get("layer_stride", 1),
-                                      positions=tuple(r.hyper.get("positions", (-1, -2, -3, -4, -5))),
-                                      progress=progress)
+        choice = select_direction(model, tok, t(parts["harmful_train"]), t(parts["benign_train"]),  # in bf16
+                                  t(parts["harmful_validation"]), t(parts["benign_validation"]),
+                                  layer_stride=r.hyper.get("layer_stride", 1),
+                                  positions=tuple(r.hyper.get("positions", (-1, -2, -3, -4, -5))), progress=progress)
         orthogonalize(model, choice.direction)
         artifact = {"direction": choice.direction.float().contiguous()}
         info.update(layer=choice.layer, position=choice.position, validation_refusal_score=choice.harmful_score,

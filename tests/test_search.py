@@ -128,3 +128,5 @@ def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # 
     assert res.reached and res.alpha == 2.0 and 9 <= res.k <= 10
     assert [s.alpha for s in res.steps][0] == 2.0
     assert all(s.k < res.k for s in res.steps if s.alpha == 1.0)  # alpha 1 never tried at or above alpha 2's k
+    # alpha 1 falls short just below alpha 2's k, so it gets that one trial and no gallop from k_min
+    assert [s.k for s in res.steps if s.alpha == 1.0] == [res.k - 1]
