@@ -7,7 +7,7 @@ cnt: locate + search + transfer for a zoo pair (goal for SmolLM2: <= 60 s on 2 C
 scaling: locate's time against the number of function prompts (32 -> 512), with a linear fit.
 
 Every measurement runs in a fresh subprocess (peak RSS is that process's own). `python benchmarks/run.py cnt scaling
---family qwen` measures the Qwen pair (needs `make setup-extra` and the qwen-abliterated zoo model).
+--family qwen --sizes 32,64,128` measures the Qwen pair (needs `make setup-extra` and the qwen-abliterated zoo model).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from cnt.search import build_task, Proxy, minimal_subset
 from cnt.locate import locate
 from cnt.transfer import NeuronPatch
 from cnt.models import chat_texts, encode
-donor_name, target_name, base_name, what, n = json.loads(sys.argv[1])
+donor_name, target_name, base_name, what, n, sft_steps = json.loads(sys.argv[1])
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
 donor, tok = load_model(donor_name); target, _ = load_model(target_name)
 out = {"rss_models_mib": rss(), "param_mib_each": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20}
@@ -103,6 +103,17 @@ if what == "cnt":
         m = B.run("sft", donor, target, tok, "refusal", examples=[e for v in parts.values() for e in v], config=r.train)
         out["sft_s"] = time.time() - t; out["sft_steps"] = r.train.steps
         out["cnt_over_sft"] = out["cnt_total_s"] / out["sft_s"]
+    else:  # a donor the kit did not train (e.g. a maker-aligned model): time the zoo's LoRA recipe for a few steps
+        import random
+        rng = random.Random(0)
+        from cnt import data
+        examples = [{"prompt": p, "response": rng.choice(zoo.REFUSAL_TEMPLATES)}
+                    for p in data.texts(data.load("harmful", "train"))]
+        cfg = dataclasses.replace(zoo.LORA, steps=sft_steps)
+        t = time.time(); m = B.run("sft", donor, target, tok, "refusal", examples=examples, config=cfg)
+        out["sft_s"] = time.time() - t; out["sft_steps"] = sft_steps; out["sft_s_per_step"] = out["sft_s"] / sft_steps
+        out["sft_note"] = (f"{sft_steps} steps of the zoo's LoRA config on harmful->refusal pairs (the donor has no "
+                           "recipe here; a SmolLM2 recipe is 120-200 steps)")
     forward_reference()
 else:
     t = time.time(); locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
@@ -114,9 +125,12 @@ print(json.dumps(out))
 """
 
 
-def time_cnt(family: str, what: str, n: int = 48) -> dict:
+SIZES = (32, 64, 128, 256, 512)
+
+
+def time_cnt(family: str, what: str, n: int = 48, sft_steps: int = 20) -> dict:
     d, t, b = PAIRS[family]
-    out = subprocess.run([sys.executable, "-c", _CNT_CODE, json.dumps([d, t, b, what, n])], check=True,
+    out = subprocess.run([sys.executable, "-c", _CNT_CODE, json.dumps([d, t, b, what, n, sft_steps])], check=True,
                          capture_output=True, text=True, cwd=ROOT)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res = {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
@@ -128,7 +142,7 @@ def time_cnt(family: str, what: str, n: int = 48) -> dict:
     return res
 
 
-def scaling(family: str, sizes=(32, 64, 128, 256, 512)) -> dict:
+def scaling(family: str, sizes=SIZES) -> dict:
     import numpy as np
 
     runs = [time_cnt(family, "locate", n) for n in sizes]
@@ -185,6 +199,11 @@ def main() -> None:
         i = args.index("--family")
         families = [args[i + 1]]
         args = args[:i] + args[i + 2:]
+    sizes = SIZES
+    if "--sizes" in args:  # e.g. --sizes 32,64,128 for the larger models
+        i = args.index("--sizes")
+        sizes = tuple(int(x) for x in args[i + 1].split(","))
+        args = args[:i] + args[i + 2:]
     which = args or ["load", "eval", "cnt", "scaling"]
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if "load" in which:
@@ -195,7 +214,7 @@ def main() -> None:
     if "cnt" in which:
         results["cnt"] = [time_cnt(f, "cnt") for f in families]
     if "scaling" in which:
-        results["scaling"] = [scaling(f) for f in families]
+        results["scaling"] = [scaling(f, sizes) for f in families]
     out = ROOT / "papers" / "results" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}

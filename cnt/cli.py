@@ -228,6 +228,7 @@ def _cmd_reproduce(args) -> int:
     import papermill as pm
 
     from . import report
+    from .experiment import DEFAULT_FAMILY
 
     t_all = time.time()
     papers, nb_dir = Path(args.papers).resolve(), Path(args.notebooks).resolve()
@@ -242,9 +243,13 @@ def _cmd_reproduce(args) -> int:
     previous = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     notebooks = previous.get("notebooks", {})  # notebooks not run this time keep their last timing
     timings = {}
-    for book in books:
+
+    def run(book: Path) -> None:
         declared = pm.inspect_notebook(str(book))
         params = {k: v for k, v in {"output_dir": str(papers), **extra}.items() if k in declared}
+        # another family or a tagged variant keeps its own executed notebook beside the default one
+        variant = [str(v) for v in (params.get("family"), params.get("tag")) if v and v != DEFAULT_FAMILY]
+        run_name = ".".join([book.stem, *variant]) + ".ipynb"
         t0 = time.time()
         print(f"[cnt reproduce] {book.name} {params or ''}", flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=runs)
@@ -252,20 +257,43 @@ def _cmd_reproduce(args) -> int:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the executed notebook is a shared artifact
         try:
             pm.execute_notebook(str(book), tmp, parameters=params, cwd=str(nb_dir), kernel_name=args.kernel,
-                                progress_bar=not args.quiet)
+                                progress_bar=not args.quiet and args.jobs == 1)
         except Exception:
             os.unlink(tmp)  # a failed run never replaces the previous executed notebook
             raise
-        shutil.move(tmp, runs / book.name)
-        timings[book.name] = round(time.time() - t0, 1)
-        notebooks[book.name] = {"seconds": timings[book.name], "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                "parameters": {k: v for k, v in params.items() if k != "output_dir"}}
-        print(f"[cnt reproduce] {book.name}: {timings[book.name] / 60:.1f} min", flush=True)
+        shutil.move(tmp, runs / run_name)
+        timings[run_name] = round(time.time() - t0, 1)
+        notebooks[run_name] = {"seconds": timings[run_name], "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "parameters": {k: v for k, v in params.items() if k != "output_dir"},
+                               "jobs": args.jobs}
+        print(f"[cnt reproduce] {run_name}: {timings[run_name] / 60:.1f} min", flush=True)
+
+    if args.jobs == 1:
+        for book in books:
+            run(book)
+    else:  # notebooks side by side, the cores split between their kernels (which inherit these variables)
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        saved = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        os.environ.update(dict.fromkeys(saved, threads))
+        books.sort(key=lambda b: -notebooks.get(b.name, {}).get("seconds", 0))  # longest first
+        try:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                for f in [pool.submit(run, b) for b in books]:
+                    f.result()  # the first failure is raised once every notebook has finished
+        finally:
+            for var, value in saved.items():  # later kernels (e.g. nbval's in the same process) get all cores
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
     summary, rep = report.write(papers / "results", papers / "REPORT.md")
     total = round(time.time() - t_all, 1)
     record = {"notebooks": dict(sorted(notebooks.items())),
-              "sum_of_latest_seconds": round(sum(v["seconds"] for v in notebooks.values()), 1),
-              "last_invocation": {"notebooks": [b.name for b in books], "seconds": total,
+              "sum_of_latest_seconds": round(sum(v["seconds"] for k, v in notebooks.items()  # default runs only
+                                                 if (nb_dir / k).is_file()), 1),
+              "last_invocation": {"notebooks": sorted(b.name for b in books), "seconds": total, "jobs": args.jobs,
                                   "all": not args.only, "parameters": extra}}
     timings_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
@@ -409,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="parameter for every notebook")
     s.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3: this environment)")
     s.add_argument("--quiet", action="store_true", help="no papermill progress bar")
+    s.add_argument("-j", "--jobs", type=int, default=1,
+                   help="notebooks run side by side, the CPU cores split between them (default 1)")
     s.set_defaults(func=_cmd_reproduce)
     return p
 

@@ -462,6 +462,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         "validation": {"target": val.target, "donor": val.donor}, "search": search_info,
         "config": {k: v for k, v in asdict(config).items()}, "fingerprint": fp.to_dict(),
         "n_params": n_params, "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch_threads": torch.get_num_threads(),  # wall times above were measured with this many
     }
     final = out_dir / f"{config.result_name}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")

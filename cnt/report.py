@@ -306,7 +306,9 @@ def _application_section(app: str, r: dict, figures: str) -> list[str]:
     L = [f"## {app}: {r['donor']} → {r['target']} ({r['function']})", "",
          f"Target {r['metric']} {_score(r, r['target_score'])} {_ci(r, r['target_ci'])}, donor "
          f"{_score(r, r['donor_score'])} {_ci(r, r['donor_ci'])}; profile `{r['config']['profile']}`; "
-         f"{r['n_params']:,} parameters; run {r['seconds'] / 60:.1f} min.", ""]
+         f"{r['n_params']:,} parameters; run {r['seconds'] / 60:.1f} min"
+         + (f" ({r['torch_threads']} torch thread{'s' if r['torch_threads'] > 1 else ''}; wall times in this section "
+            f"come from that run)" if r.get("torch_threads") else "") + ".", ""]
     L += ["### CNT against random and weight-delta neurons at every budget", "",
           "| MLP neurons | CNT (" + (r["methods"]["cnt"][0].get("variant", "") if r["methods"].get("cnt") else "")
           + ") | random (mean ± sd) | weight-delta | CNT beats both |", "|---|---|---|---|---|"]
@@ -357,6 +359,7 @@ def write(results_dir: str | Path = "papers/results", report: str | Path | None 
     """Write ``summary.json`` (in ``results_dir``) and ``REPORT.md`` (default: beside ``results_dir``)."""
     results_dir = Path(results_dir)
     results = load_results(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)  # no results yet: an empty summary and a report that says so
     summary_path = results_dir / "summary.json"
     summary_path.write_text(json.dumps(summary(results), indent=1) + "\n")
     report = Path(report) if report else results_dir.parent / "REPORT.md"

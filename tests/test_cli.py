@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -66,3 +67,31 @@ def test_transfer_refuses_bad_budget(capsys):
     with pytest.raises(SystemExit):
         main(["transfer", "--donor", "a", "--target", "b", "--function", "refusal", "--budget", "2", "--out", "x"])
     assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
+    """`cnt reproduce -p family=...` writes its executed notebook under its own name; the default run's stays, and the
+    recorded total counts the default runs only."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('family = "smollm2"\noutput_dir = "papers"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("print(family)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    nbformat.write(nb, books / "01_demo.ipynb")
+    papers = tmp_path / "papers"
+    omp_before = os.environ.get("OMP_NUM_THREADS")
+    common = ["reproduce", "--notebooks", str(books), "--papers", str(papers), "--quiet"]
+    assert main(common) == 0
+    assert main(common + ["-p", "family=other-family", "--jobs", "2"]) == 0  # (the side-by-side path)
+    runs = papers / "runs"
+    assert (runs / "01_demo.ipynb").is_file() and (runs / "01_demo.other-family.ipynb").is_file()
+    executed = nbformat.read(runs / "01_demo.other-family.ipynb", as_version=4)
+    assert "other-family" in "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    timings = json.loads((runs / "timings.json").read_text())
+    assert set(timings["notebooks"]) == {"01_demo.ipynb", "01_demo.other-family.ipynb"}
+    assert timings["sum_of_latest_seconds"] == timings["notebooks"]["01_demo.ipynb"]["seconds"]
+    assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == omp_before  # restored
