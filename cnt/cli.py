@@ -295,6 +295,13 @@ def _cmd_reproduce(args) -> int:
                                                  if (nb_dir / k).is_file()), 1),
               "last_invocation": {"notebooks": sorted(b.name for b in books), "seconds": total, "jobs": args.jobs,
                                   "all": not args.only, "parameters": extra}}
+    if args.only or extra:  # a partial or non-default run keeps the record of the last full default one
+        last = previous.get("last_invocation", {})
+        full = previous.get("last_full_invocation") or (last if last.get("all") and not last.get("parameters") else None)
+        if full:
+            record["last_full_invocation"] = full
+    else:
+        record["last_full_invocation"] = record["last_invocation"]
     timings_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
     return 0

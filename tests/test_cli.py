@@ -95,3 +95,5 @@ def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
     assert set(timings["notebooks"]) == {"01_demo.ipynb", "01_demo.other-family.ipynb"}
     assert timings["sum_of_latest_seconds"] == timings["notebooks"]["01_demo.ipynb"]["seconds"]
     assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == omp_before  # restored
+    assert timings["last_full_invocation"]["parameters"] == {}  # the default run's record survives the family run
+    assert timings["last_invocation"]["parameters"] == {"family": "other-family"}
