@@ -247,6 +247,9 @@ def _cmd_reproduce(args) -> int:
     def run(book: Path) -> None:
         declared = pm.inspect_notebook(str(book))
         params = {k: v for k, v in {"output_dir": str(papers), **extra}.items() if k in declared}
+        if set(extra) - set(declared):
+            print(f"[cnt reproduce] {book.name} has no parameter {', '.join(sorted(set(extra) - set(declared)))}: "
+                  f"ignored there (it declares {', '.join(declared)})", file=sys.stderr, flush=True)
         # another family or a tagged variant keeps its own executed notebook beside the default one
         variant = [str(v) for v in (params.get("family"), params.get("tag")) if v and v != DEFAULT_FAMILY]
         run_name = ".".join([book.stem, *variant]) + ".ipynb"

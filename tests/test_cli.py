@@ -97,3 +97,18 @@ def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
     assert "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == omp_before  # restored
     assert timings["last_full_invocation"]["parameters"] == {}  # the default run's record survives the family run
     assert timings["last_invocation"]["parameters"] == {"family": "other-family"}
+
+
+def test_reproduce_names_a_parameter_a_notebook_does_not_declare(tmp_path, capsys):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('output_dir = "papers"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nb").mkdir()
+    nbformat.write(nb, tmp_path / "nb" / "00_x.ipynb")
+    assert main(["reproduce", "--notebooks", str(tmp_path / "nb"), "--papers", str(tmp_path / "p"), "--quiet",
+                 "-p", "random_seeds=[0]"]) == 0
+    assert "has no parameter random_seeds" in capsys.readouterr().err
