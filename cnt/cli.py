@@ -291,7 +291,6 @@ def _cmd_reproduce(args) -> int:
                     os.environ.pop(var, None)
                 else:
                     os.environ[var] = value
-    summary, rep = report.write(papers / "results", papers / "REPORT.md")
     total = round(time.time() - t_all, 1)
     record = {"notebooks": dict(sorted(notebooks.items())),
               "sum_of_latest_seconds": round(sum(v["seconds"] for k, v in notebooks.items()  # default runs only
@@ -306,6 +305,7 @@ def _cmd_reproduce(args) -> int:
     else:
         record["last_full_invocation"] = record["last_invocation"]
     timings_path.write_text(json.dumps(record, indent=1) + "\n")
+    summary, rep = report.write(papers / "results", papers / "REPORT.md")  # (it states the invocation's time)
     print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
     return 0
 

@@ -86,6 +86,7 @@ def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
     omp_before = os.environ.get("OMP_NUM_THREADS")
     common = ["reproduce", "--notebooks", str(books), "--papers", str(papers), "--quiet"]
     assert main(common) == 0
+    assert "The last full `make reproduce` took" in (papers / "REPORT.md").read_text()  # this invocation's time
     assert main(common + ["-p", "family=other-family", "--jobs", "2"]) == 0  # (the side-by-side path)
     runs = papers / "runs"
     assert (runs / "01_demo.ipynb").is_file() and (runs / "01_demo.other-family.ipynb").is_file()
