@@ -105,10 +105,8 @@ if what == "cnt":
         out["cnt_over_sft"] = out["cnt_total_s"] / out["sft_s"]
     else:  # a donor the kit did not train (e.g. a maker-aligned model): time the zoo's LoRA recipe for a few steps
         import random
-        rng = random.Random(0)
         from cnt import data
-        examples = [{"prompt": p, "response": rng.choice(zoo.REFUSAL_TEMPLATES)}
-                    for p in data.texts(data.load("harmful", "train"))]
+        examples = zoo.refusal_pairs(data.texts(data.load("harmful", "train")), random.Random(0))
         cfg = dataclasses.replace(zoo.LORA, steps=sft_steps)
         t = time.time(); m = B.run("sft", donor, target, tok, "refusal", examples=examples, config=cfg)
         out["sft_s"] = time.time() - t; out["sft_steps"] = sft_steps; out["sft_s_per_step"] = out["sft_s"] / sft_steps

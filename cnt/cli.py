@@ -242,7 +242,6 @@ def _cmd_reproduce(args) -> int:
     timings_path = runs / "timings.json"
     previous = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     notebooks = previous.get("notebooks", {})  # notebooks not run this time keep their last timing
-    timings = {}
 
     def run(book: Path) -> None:
         declared = pm.inspect_notebook(str(book))
@@ -265,11 +264,11 @@ def _cmd_reproduce(args) -> int:
             os.unlink(tmp)  # a failed run never replaces the previous executed notebook
             raise
         shutil.move(tmp, runs / run_name)
-        timings[run_name] = round(time.time() - t0, 1)
-        notebooks[run_name] = {"seconds": timings[run_name], "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        seconds = round(time.time() - t0, 1)
+        notebooks[run_name] = {"seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                "parameters": {k: v for k, v in params.items() if k != "output_dir"},
                                "jobs": args.jobs}
-        print(f"[cnt reproduce] {run_name}: {timings[run_name] / 60:.1f} min", flush=True)
+        print(f"[cnt reproduce] {run_name}: {seconds / 60:.1f} min", flush=True)
 
     if args.jobs == 1:
         for book in books:
