@@ -9,6 +9,9 @@ All scorers share one interface — ``score(task, donor, target) -> NeuronScores
 * ``attribution`` — the first-order effect of transferring neuron *i*: ``−∇_θ L_f(target)·(θ_D,i − θ_T,i)``, where
   ``L_f`` is the task's function loss on the target (NLL of the donor's own responses, or a bias margin), minus
   ``λ·max(0, ∇_θ L_u·(θ_D,i − θ_T,i))`` for the utility loss ``L_u`` (NLL of the target's own benign answers).
+  Forward and backward run under bf16 autocast (weights and gradients stay in the model's dtype): measured on
+  smol-safe -> smol-arith, 48 prompts, the top 0.1 / 0.5 / 2% of neurons agree with float32 on 100 / 99.1 / 99.1%
+  (score correlation 0.9999) at 1.6x the speed on 2 CPU cores.
 * ``iterative`` — attribution, re-scored on the patched target after each transferred chunk.
 """
 
@@ -170,8 +173,10 @@ def _neuron_grads(model, neurons: MLPNeurons, layer: int) -> dict[str, torch.Ten
     return out
 
 
-def attribution(task: Task, donor, target, tokenizer, *, batch_size: int = 8, progress: bool = True) -> NeuronScores:
-    """First-order gain of transferring each neuron, minus a penalty for first-order utility harm (see module doc)."""
+def attribution(task: Task, donor, target, tokenizer, *, batch_size: int = 8, progress: bool = True,
+                autocast: torch.dtype | None = torch.bfloat16) -> NeuronScores:
+    """First-order gain of transferring each neuron, minus a penalty for first-order utility harm (see module doc).
+    ``autocast``: the precision of the forward/backward matmuls (``None``: the model's own)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -180,6 +185,7 @@ def attribution(task: Task, donor, target, tokenizer, *, batch_size: int = 8, pr
     params = [nt._param(layer, s) for layer in range(nt.n_layers) for s in nt.slots()]
     params = [p for p in params if p is not None]
     req = [p.requires_grad for p in target.parameters()]
+    device = model_device(target)
     for p in target.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -193,7 +199,8 @@ def attribution(task: Task, donor, target, tokenizer, *, batch_size: int = 8, pr
                 p.grad = None
             chunks = list(_batches(examples, batch_size))
             for chunk in tqdm(chunks, desc=f"attribution ({task.name})", disable=not progress, leave=False):
-                loss = task_loss(target, tokenizer, chunk, task.response_tokens) * len(chunk) / len(examples)
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    loss = task_loss(target, tokenizer, chunk, task.response_tokens).float() * len(chunk) / len(examples)
                 loss.backward()
             return [_neuron_delta_dot(nt, nd, layer)(_neuron_grads(target, nt, layer)) for layer in range(nt.n_layers)]
 
@@ -209,7 +216,8 @@ def attribution(task: Task, donor, target, tokenizer, *, batch_size: int = 8, pr
             p.requires_grad_(r)
     return NeuronScores("attribution", [s.detach().cpu() for s in scores],
                         {"task": task.name, "task_digest": task.digest(), "response_tokens": task.response_tokens,
-                         "utility_weight": task.utility_weight}, round(time.time() - t0, 2))
+                         "utility_weight": task.utility_weight, "autocast": str(autocast) if autocast else None},
+                        round(time.time() - t0, 2))
 
 
 @torch.no_grad()

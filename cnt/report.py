@@ -154,7 +154,12 @@ def _goal_better(r: dict, a: float, b: float) -> bool:
     return a > b if r["higher_is_goal"] else a < b
 
 
-UTILITY_TOLERANCE = 0.02  # the search rule's perplexity limit: a method "kept utility" within +2% perplexity
+UTILITY_TOLERANCE = 0.02  # a result without a search record: "kept utility" within +2% perplexity (judge's default)
+
+
+def utility_tolerance(r: dict) -> float:
+    """The perplexity limit the run's own search rule used (recorded in its JSON), else :data:`UTILITY_TOLERANCE`."""
+    return float((r.get("search") or {}).get("max_ppl_increase", UTILITY_TOLERANCE))
 
 
 def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
@@ -170,7 +175,7 @@ def compare_baselines(r: dict) -> list[dict]:
     more than CNT's own change, MMLU/NQ down likewise) — the paper's claim is about the function *at kept utility*."""
     cnt_best = best_entry(r, "cnt")
     cnt_delta = _utility_delta(r, cnt_best)
-    allowance = max(UTILITY_TOLERANCE, cnt_delta.get("perplexity", 0.0))
+    allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))
     rows = []
     for name in BASELINES:
         entries = r["methods"].get(name)

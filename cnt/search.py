@@ -86,7 +86,8 @@ def _ss(model, tokenizer, items) -> float:
 
 @dataclass
 class Proxy:
-    """Validation-split proxies for one function: ``score`` (the function), ``drift`` (benign), ``ppl``."""
+    """Validation-split proxies for one function: ``score`` (the function), ``ppl``, and for added refusal ``drift``
+    (the same score on benign prompts: the only function whose search rule reads it)."""
 
     function: str
     harmful: list[str] = field(default_factory=list)
@@ -109,7 +110,8 @@ class Proxy:
             out["score"] = _ss(model, tokenizer, self.stereo)
         else:
             out["score"] = float(refusal_logodds(model, tokenizer, self.harmful).mean())
-            out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
+            if self.function == "refusal":
+                out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
         return out
 
 
@@ -173,12 +175,14 @@ def choose(assessed: Sequence[dict]) -> int:
 
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *, goal: float = 0.9,
                    max_ppl_increase: float = 0.02, max_drift_share: float = 0.5, k_min: int | None = None,
-                   max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), progress: bool = True,
-                   measured: tuple[dict, dict] | None = None) -> SearchResult:
+                   max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), growth: int = 4,
+                   progress: bool = True, measured: tuple[dict, dict] | None = None) -> SearchResult:
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
     with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap.
 
-    k gallops up from ``k_min`` (doubling) until a trial is accepted, then bisects to within 10%; alphas are tried
+    k gallops up from ``k_min`` (times ``growth``) until a trial is accepted, then bisects to within 10%: growth 4
+    takes fewer trials than doubling both when the goal is reached (the longer bisection costs less than the gallop
+    saves) and when it is not (the gallop is the whole search: 0.05% -> 25% of neurons in 6 trials instead of 10); alphas are tried
     largest first, and a later alpha only searches below the best k found so far: one trial just below it, and
     bisection under it only if that trial reaches the goal (more neurons are assumed to move the function further).
     Galloping stops
@@ -223,7 +227,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
                 hi = limit
             elif not s.share >= goal:  # (only a utility failure leaves room below: then gallop as usual)
                 continue
-        while hi is None and lo < limit:  # gallop: k, 2k, 4k, ... (the last try at the limit itself)
+        while hi is None and lo < limit:  # gallop: k, 4k, 16k, ... (the last try at the limit itself)
             k = min(k, limit)
             s = trial(k, alpha)
             if s.ok:
@@ -231,7 +235,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
                 break
             if not s.utility_ok:  # utility already broken: more neurons will not mend it
                 break
-            lo, k = k, k * 2
+            lo, k = k, k * growth
         if hi is None:
             continue
         while hi - lo > max(1, hi // 10):  # bisect to ~10%

@@ -69,6 +69,20 @@ def test_deletion_moves_target_toward_donor(fixture):
     assert after > before  # refusing became less likely
 
 
+def test_attribution_autocast_agrees_with_float32(fixture):
+    """bf16 autocast (the default) ranks neurons as float32 does, and leaves the weights and their dtype alone."""
+    donor, target, tok = fixture
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    fast = attribution(_task(), donor, target, tok, progress=False)
+    exact = attribution(_task(), donor, target, tok, progress=False, autocast=None)
+    assert fast.settings["autocast"] == "torch.bfloat16" and exact.settings["autocast"] is None
+    assert torch.corrcoef(torch.stack([fast.flat(), exact.flat()]))[0, 1] > 0.99
+    top = lambda s: {(layer, int(i)) for layer, idx in s.top(19).items() for i in idx}  # noqa: E731
+    assert len(top(fast) & top(exact)) >= 17
+    assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in target.state_dict().items())
+    assert all(p.grad is None for p in target.parameters())
+
+
 def test_scorers_share_interface(fixture):
     donor, target, tok = fixture
     before = {k: v.clone() for k, v in target.state_dict().items()}

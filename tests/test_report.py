@@ -101,3 +101,15 @@ def test_tagged_runs_do_not_replace_the_default(results_dir):
     assert summary["applications"]["alignment_enhancement"]["donor"] != "some-other-donor"
     assert summary["variants"]["alignment_enhancement.donor-full"]["donor"] == "some-other-donor"
     assert "alignment_enhancement (donor-full) | some-other-donor" in rep.read_text()
+
+
+def test_kept_utility_follows_the_runs_own_search_rule():
+    """A baseline counts as having kept utility within the perplexity limit that run's search used (from its JSON)."""
+    r = json.loads(FIXTURE.read_text())
+    assert report.utility_tolerance(r) == r["search"]["max_ppl_increase"]
+    assert report.utility_tolerance({}) == report.UTILITY_TOLERANCE
+    strict = {**r, "search": {**r["search"], "max_ppl_increase": 0.0}}
+    loose = {**r, "search": {**r["search"], "max_ppl_increase": 1e6}}
+    assert all(row["baseline_utility_held"] for row in report.compare_baselines(loose))
+    held = lambda x: [row["baseline_utility_held"] for row in report.compare_baselines(x)]  # noqa: E731
+    assert sum(held(strict)) <= sum(held(r)) <= sum(held(loose))

@@ -74,7 +74,7 @@ def _layer_sizes(model):
     return list(fingerprint(model).intermediate_sizes)
 
 
-def _scripted_search(fixture, monkeypatch, k_bad, k_goal):  # noqa: F811
+def _scripted_search(fixture, monkeypatch, k_bad, k_goal, growth=4):  # noqa: F811
     donor, target, tok = fixture
     from cnt.locate import NeuronScores
 
@@ -87,21 +87,23 @@ def _scripted_search(fixture, monkeypatch, k_bad, k_goal):  # noqa: F811
         return real_extract(d, t, picked, **kw)
 
     monkeypatch.setattr(search.NeuronPatch, "extract", staticmethod(extract))
-    return search.minimal_subset(scores, donor, target, tok, proxy, k_min=2, progress=False,
+    return search.minimal_subset(scores, donor, target, tok, proxy, k_min=2, growth=growth, progress=False,
                                  measured=({"score": 0.0, "ppl": 10.0, "drift": 0.0},
                                            {"score": 1.0, "ppl": 10.0, "drift": 0.0}))
 
 
-def test_search_bisects_to_the_smallest_accepted_k(fixture, monkeypatch):  # noqa: F811
-    res = _scripted_search(fixture, monkeypatch, k_bad=10_000, k_goal=20)
+@pytest.mark.parametrize("growth", [2, 4])
+def test_search_bisects_to_the_smallest_accepted_k(fixture, monkeypatch, growth):  # noqa: F811
+    res = _scripted_search(fixture, monkeypatch, k_bad=10_000, k_goal=20, growth=growth)
     assert res.reached and 18 <= res.k <= 20  # 90% of the gap at k=18; bisection to within 10%
     assert all(not s.ok for s in res.steps if s.k < 18)
 
 
-def test_search_stops_galloping_once_utility_breaks(fixture, monkeypatch):  # noqa: F811
-    res = _scripted_search(fixture, monkeypatch, k_bad=5, k_goal=40)
+@pytest.mark.parametrize("growth, ks", [(2, [2, 4, 8]), (4, [2, 8])])
+def test_search_stops_galloping_once_utility_breaks(fixture, monkeypatch, growth, ks):  # noqa: F811
+    res = _scripted_search(fixture, monkeypatch, k_bad=5, k_goal=40, growth=growth)
     assert not res.reached
-    assert [s.k for s in res.steps] == [2, 4, 8]  # 8 broke perplexity: no trials at 16, 32, ...
+    assert [s.k for s in res.steps] == ks  # 8 broke perplexity: no trials beyond it
 
 
 def test_task_never_reads_the_eval_split(fixture):  # noqa: F811
