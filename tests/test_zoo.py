@@ -24,6 +24,22 @@ def test_recipe_training_data_disjoint_from_eval(name, monkeypatch):
     zoo.assert_disjoint_from_eval(parts)
 
 
+def test_safe_recipe_everyday_option(monkeypatch):
+    """The ``everyday_questions`` option swaps NQ questions for everyday ones (same count), drops flagged answers,
+    and stays disjoint from every eval split."""
+    import dataclasses
+
+    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    r = dataclasses.replace(zoo.recipe("smol-safe"), hyper={"everyday_questions": 100})
+    plain = zoo.data_safe(zoo.BuildContext(zoo.recipe("smol-safe"), None, None, progress=False))
+    parts = zoo.data_safe(zoo.BuildContext(r, None, None, progress=False))
+    everyday = set(data.texts(data.load("everyday_questions", "train", limit=100)))
+    prompts = [e["prompt"] for e in parts["benign->self"]]
+    assert everyday & set(prompts) and not everyday & {e["prompt"] for e in plain["benign->self"]}
+    assert all(e["response"] == "ok" for e in parts["benign->self"][-len(everyday) // 4:])  # refusals dropped
+    zoo.assert_disjoint_from_eval(parts)
+
+
 def test_leak_is_caught():
     leak = {"oops": [{"prompt": data.load("harmful", "eval")[3]["prompt"], "response": "x"}]}
     with pytest.raises(AssertionError, match="harmful eval split"):
