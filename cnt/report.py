@@ -150,6 +150,16 @@ def headline(r: dict) -> dict | None:
     return {**e, "label": "cnt (best budget)"} if e else None
 
 
+INCONCLUSIVE = "inconclusive: donor and target CIs overlap"
+
+
+def gap_significant(r: dict) -> bool:
+    """Whether the donor and the target differ on the eval split (their 95% CIs do not overlap): without that, a share
+    of the gap — sparsity, beating baselines — is a ratio of noise and no claim is judged on it."""
+    (tlo, thi), (dlo, dhi) = r["target_ci"], r["donor_ci"]
+    return thi < dlo or dhi < tlo
+
+
 def _goal_better(r: dict, a: float, b: float) -> bool:
     return a > b if r["higher_is_goal"] else a < b
 
@@ -241,7 +251,8 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
             continue
         sh, (slo, shi) = _share(r, h), _share_ci(r, h)
         pf = h["param_fraction"]
-        verdict = ("supported" if pf <= 0.0024 and sh >= 0.9 else
+        verdict = (INCONCLUSIVE if not gap_significant(r) else
+                   "supported" if pf <= 0.0024 and sh >= 0.9 else
                    "partly: sparse but short of 90% of the gap" if pf <= 0.0024 else
                    "not reproduced: needs more than 0.24% of weights")
         L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {h['label']}: {_pct(pf, 3)} of weights "
@@ -278,6 +289,8 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
         lost = [x["baseline"] for x in rows if not x["cnt_better_at_utility"]]
         verdict = (f"supported ({len(rows)}/{len(rows)} at kept utility)" if not lost else
                    f"partly: {len(rows) - len(lost)}/{len(rows)} beaten at kept utility")
+        if not gap_significant(r):
+            verdict = f"{INCONCLUSIVE} (point estimates: {verdict})"
         significantly = f"; significantly: {', '.join(sig)}" if sig else ""
         went_further = f"; went further only by breaking utility: {', '.join(broke)}" if broke else ""
         not_better = f"; went further with utility kept: {', '.join(lost)}" if lost else ""

@@ -113,3 +113,16 @@ def test_kept_utility_follows_the_runs_own_search_rule():
     assert all(row["baseline_utility_held"] for row in report.compare_baselines(loose))
     held = lambda x: [row["baseline_utility_held"] for row in report.compare_baselines(x)]  # noqa: E731
     assert sum(held(strict)) <= sum(held(r)) <= sum(held(loose))
+
+
+def test_claims_on_an_insignificant_gap_are_inconclusive(tmp_path):
+    """Donor and target CIs overlap: sparsity and baseline claims are not judged (no 'supported' from noise)."""
+    r = json.loads(FIXTURE.read_text())  # the tiny fixture: donor and target both at 0% [0, 49%]
+    assert not report.gap_significant(r)
+    assert report.gap_significant({**r, "donor_score": 0.9, "donor_ci": [0.7, 0.97]})
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "alignment_enhancement.json").write_text(json.dumps(r))
+    _, rep = report.write(d)
+    rows = [line for line in rep.read_text().splitlines() if line.startswith(("| sparsity:", "| baselines:"))]
+    assert len(rows) == 2 and all(report.INCONCLUSIVE in line for line in rows)
