@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,13 @@ def test_reproduce_names_a_parameter_a_notebook_does_not_declare(tmp_path, capsy
     assert main(["reproduce", "--notebooks", str(tmp_path / "nb"), "--papers", str(tmp_path / "p"), "--quiet",
                  "-p", "random_seeds=[0]"]) == 0
     assert "has no parameter random_seeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("book", ["01_safety_disalignment", "02_alignment_enhancement", "03_bias_removal"])
+def test_application_notebooks_declare_family_and_tag(book):
+    """`cnt reproduce -p family=... -p tag=...` names a variant's results; a notebook that dropped either would write
+    the variant over the default results (papermill ignores an undeclared parameter)."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(Path(__file__).parents[1] / "notebooks" / f"{book}.ipynb"))
+    assert {"family", "tag", "donor", "target", "base", "profile", "output_dir"} <= set(declared)
