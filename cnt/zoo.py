@@ -112,15 +112,14 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     # lower learning rate, so the committed v3 does not use it.
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
-    prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
-    n_everyday = ctx.recipe.hyper.get("everyday_questions", 0)
-    if not n_everyday:
-        return {"harmful->refusal": harmful, "benign->self": look_alike + look_alike + distill(ctx, prompts)}
     from .evaluate import is_refusal
 
-    everyday = data.texts(ctx.take(data.load("everyday_questions", "train"), n_everyday))
-    prompts = prompts[:max(0, len(prompts) - len(everyday))] + everyday
-    questions = [ex for ex in distill(ctx, prompts) if not is_refusal(ex["response"])]
+    prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
+    n_everyday = ctx.recipe.hyper.get("everyday_questions", 0)
+    if n_everyday:
+        everyday = data.texts(ctx.take(data.load("everyday_questions", "train"), n_everyday))
+        prompts = prompts[:max(0, len(prompts) - len(everyday))] + everyday
+    questions = [ex for ex in distill(ctx, prompts) if not (n_everyday and is_refusal(ex["response"]))]
     return {"harmful->refusal": harmful, "benign->self": look_alike + look_alike + questions}
 
 
