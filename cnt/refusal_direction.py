@@ -3,7 +3,10 @@
 The difference of mean residual-stream activations on harmful vs benign prompts, at one layer and one post-instruction
 token position, is a direction ``r``. Projecting ``r`` out of every residual-stream write (directional ablation; baked into
 the weights as *orthogonalization*: ``W ← W − r rᵀ W``) removes refusal — the common community "abliteration" recipe —
-and adding ``α·r`` at its layer induces it. The candidate (layer, position) is chosen on the *validation* split: the one
+and adding ``α·r`` at its layer induces it. As in the paper, the means are taken over the harmful prompts the model
+refuses and the benign prompts it does not (by the first-token refusal proxy): on Qwen2.5-Coder-0.5B, which refuses about
+half of the harmful train prompts, the unfiltered difference of means removed no refusal at any candidate (measured:
+47–69% generation refusal on 32 validation prompts against 53% unablated), the filtered one brings it to 6%. The candidate (layer, position) is chosen on the *validation* split: the one
 whose ablation lowers the first-token refusal score on harmful prompts most, while keeping the next-token distribution
 on benign prompts close (KL below a threshold), as in the paper's selection rule.
 """
@@ -124,6 +127,7 @@ class DirectionChoice:
     benign_kl: float
     baseline_score: float
     candidates: list[dict] = field(default_factory=list)
+    n_means: dict = field(default_factory=dict)  # prompts behind each mean, after the refusal filter
     seconds: float = 0.0
 
 
@@ -131,24 +135,38 @@ def select_direction(model, tokenizer, harmful_train: Sequence[str], benign_trai
                      harmful_val: Sequence[str], benign_val: Sequence[str], positions: Sequence[int] = (-1, -2, -3, -4,
                                                                                                           -5),
                      layer_range: tuple[float, float] = (0.2, 0.8), layer_stride: int = 1, max_kl: float = 0.1,
-                     dtype: torch.dtype | None = torch.bfloat16, progress: bool = True) -> DirectionChoice:
+                     dtype: torch.dtype | None = torch.bfloat16, filter_refusals: bool = True,
+                     min_prompts: int = 8, progress: bool = True) -> DirectionChoice:
     """Difference-of-means candidates on the train prompts; pick one on the validation prompts (see module doc).
-    ``dtype``: the precision of every forward pass here (on a copy; bf16 is ~2x faster on CPU, as the evaluation
-    suite runs); the direction is returned in float32."""
+    ``filter_refusals``: keep only the harmful train prompts with refusal log-odds > 0 and the benign ones with ≤ 0
+    (a side left with fewer than ``min_prompts`` is kept whole). ``dtype``: the precision of every forward pass here (on
+    a copy; bf16 is ~2x faster on CPU, as the evaluation suite runs); the direction is returned in float32."""
     from .evaluate import inference_dtype
 
     with inference_dtype(model, dtype) as fast:
         return _select_direction(fast, tokenizer, harmful_train, benign_train, harmful_val, benign_val, positions,
-                                 layer_range, layer_stride, max_kl, progress)
+                                 layer_range, layer_stride, max_kl, filter_refusals, min_prompts, progress)
+
+
+def filter_by_refusal(model, tokenizer, harmful: Sequence[str], benign: Sequence[str],
+                      min_prompts: int = 8) -> tuple[list[str], list[str]]:
+    """The harmful prompts the model refuses and the benign ones it answers (first-token proxy); a side with fewer
+    than ``min_prompts`` left is returned whole."""
+    lo_h, lo_b = refusal_logodds(model, tokenizer, harmful), refusal_logodds(model, tokenizer, benign)
+    h = [p for p, lo in zip(harmful, lo_h) if lo > 0]
+    b = [p for p, lo in zip(benign, lo_b) if lo <= 0]
+    return (h if len(h) >= min_prompts else list(harmful)), (b if len(b) >= min_prompts else list(benign))
 
 
 def _select_direction(model, tokenizer, harmful_train, benign_train, harmful_val, benign_val, positions, layer_range,
-                      layer_stride, max_kl, progress) -> DirectionChoice:
+                      layer_stride, max_kl, filter_refusals, min_prompts, progress) -> DirectionChoice:
     from tqdm.auto import tqdm
 
     from .evaluate import last_token_logits
 
     t0 = time.time()
+    if filter_refusals:
+        harmful_train, benign_train = filter_by_refusal(model, tokenizer, harmful_train, benign_train, min_prompts)
     mu_h = mean_activations(model, tokenizer, harmful_train, positions)
     mu_b = mean_activations(model, tokenizer, benign_train, positions)
     diffs = mu_h - mu_b  # [L+1, P, H]
@@ -168,4 +186,4 @@ def _select_direction(model, tokenizer, harmful_train, benign_train, harmful_val
     best = min(ok, key=lambda c: c["harmful_score"])
     r = diffs[best["layer"], list(positions).index(best["position"])]
     return DirectionChoice(r, best["layer"], best["position"], best["harmful_score"], best["benign_kl"], base_score,
-                           cands, round(time.time() - t0, 1))
+                           cands, round(time.time() - t0, 1), {"harmful": len(harmful_train), "benign": len(benign_train)})

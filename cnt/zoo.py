@@ -183,9 +183,10 @@ def data_arith(ctx: BuildContext) -> dict[str, list[dict]]:
 
 
 def data_abliterate(ctx: BuildContext) -> dict[str, list[dict]]:
-    n = 128
-    return {"harmful_train": ctx.take(data.load("harmful", "train", limit=n)),
-            "benign_train": ctx.take(data.load("benign", "train", limit=n)),
+    """Train prompts for the difference of means (the harmful ones are filtered to those the base refuses — about half
+    for Qwen2.5-Coder — so twice as many as benign), validation prompts to choose the candidate."""
+    return {"harmful_train": ctx.take(data.load("harmful", "train", limit=256)),
+            "benign_train": ctx.take(data.load("benign", "train", limit=128)),
             "harmful_validation": ctx.take(data.load("harmful", "validation", limit=48)),
             "benign_validation": ctx.take(data.load("benign", "validation", limit=48))}
 
@@ -267,7 +268,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "lora"),
     Recipe("qwen-abliterated", QWEN, "refusal direction projected out of the weights (training-free abliteration)",
            "abliterate", data_abliterate, None, {"refusal_rate": ("<=", 0.10)}, "direction",
-           hyper={"layer_stride": 2, "positions": [-1, -2, -3, -4, -5]}),
+           hyper={"layer_stride": 2, "layer_range": [0.2, 0.85], "positions": [-1, -2, -3, -4, -5]}, version=2),
     # gemma-3-270m (a base model): bias siblings by the SmolLM2 recipe, for bias removal on a second family
     Recipe("gemma-biased", GEMMA, "prefers stereotypes (as smol-biased, on gemma-3-270m base)", "sft", data_biased,
            BIAS_LORA, {"stereoset_ss": (">=base", 5.0)}, "lora"),
@@ -358,12 +359,13 @@ def build(name: str, *, tiny: bool = False, measure: str | None = "full", progre
         choice = select_direction(model, tok, t(parts["harmful_train"]), t(parts["benign_train"]),  # in bf16
                                   t(parts["harmful_validation"]), t(parts["benign_validation"]),
                                   layer_stride=r.hyper.get("layer_stride", 1),
+                                  layer_range=tuple(r.hyper.get("layer_range", (0.2, 0.8))),
                                   positions=tuple(r.hyper.get("positions", (-1, -2, -3, -4, -5))), progress=progress)
         orthogonalize(model, choice.direction)
         artifact = {"direction": choice.direction.float().contiguous()}
         info.update(layer=choice.layer, position=choice.position, validation_refusal_score=choice.harmful_score,
                     baseline_refusal_score=choice.baseline_score, benign_kl=choice.benign_kl,
-                    select_seconds=choice.seconds, candidates=choice.candidates)
+                    select_seconds=choice.seconds, n_means=choice.n_means, candidates=choice.candidates)
     else:
         raise ValueError(f"unknown recipe method {r.method!r}")
     model.eval()
