@@ -186,4 +186,5 @@ def _select_direction(model, tokenizer, harmful_train, benign_train, harmful_val
     best = min(ok, key=lambda c: c["harmful_score"])
     r = diffs[best["layer"], list(positions).index(best["position"])]
     return DirectionChoice(r, best["layer"], best["position"], best["harmful_score"], best["benign_kl"], base_score,
-                           cands, round(time.time() - t0, 1), {"harmful": len(harmful_train), "benign": len(benign_train)})
+                           cands, n_means={"harmful": len(harmful_train), "benign": len(benign_train)},
+                           seconds=round(time.time() - t0, 1))

@@ -266,9 +266,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("smol-arith", SMOL, "the user's own specialist: three-digit addition (LoRA SFT + own answers)",
            "sft", data_arith, dataclasses.replace(LORA, steps=200, max_tokens=72), {"arithmetic_acc": (">=base", 0.2)},
            "lora"),
+    # v2: means over refused harmful / answered benign prompts (v1, unfiltered: 43.8% refusal). The candidates that
+    # remove refusal sit at layers 16-20, position -1, with benign first-token KL 0.19-0.93; Arditi et al.'s KL bound of
+    # 0.1 (for 1.8B+ models) admitted none of them (measured: layer 10 chosen, 45.8% refusal), so 0.2 here.
     Recipe("qwen-abliterated", QWEN, "refusal direction projected out of the weights (training-free abliteration)",
            "abliterate", data_abliterate, None, {"refusal_rate": ("<=", 0.10)}, "direction",
-           hyper={"layer_stride": 2, "layer_range": [0.2, 0.85], "positions": [-1, -2, -3, -4, -5]}, version=2),
+           hyper={"layer_stride": 2, "layer_range": [0.2, 0.85], "positions": [-1, -2, -3, -4, -5], "max_kl": 0.2},
+           version=2),
     # gemma-3-270m (a base model): bias siblings by the SmolLM2 recipe, for bias removal on a second family
     Recipe("gemma-biased", GEMMA, "prefers stereotypes (as smol-biased, on gemma-3-270m base)", "sft", data_biased,
            BIAS_LORA, {"stereoset_ss": (">=base", 5.0)}, "lora"),
@@ -360,6 +364,7 @@ def build(name: str, *, tiny: bool = False, measure: str | None = "full", progre
                                   t(parts["harmful_validation"]), t(parts["benign_validation"]),
                                   layer_stride=r.hyper.get("layer_stride", 1),
                                   layer_range=tuple(r.hyper.get("layer_range", (0.2, 0.8))),
+                                  max_kl=r.hyper.get("max_kl", 0.1),
                                   positions=tuple(r.hyper.get("positions", (-1, -2, -3, -4, -5))), progress=progress)
         orthogonalize(model, choice.direction)
         artifact = {"direction": choice.direction.float().contiguous()}

@@ -117,3 +117,21 @@ def test_compare_with_committed(monkeypatch, tmp_path):
     other = zoo.compare_with_committed("x", {"a": torch.ones(3) * 2}, {"behaviour": beh2})
     assert other["max_abs_weight_diff"] == 1.0 and not other["all_within_tolerance"]
     assert other["metrics"]["perplexity"]["within_tolerance"]
+
+
+def test_refusal_filter_keeps_refused_harmful_and_answered_benign(smol):
+    """The difference of means is taken over harmful prompts the model refuses (proxy log-odds > 0) and benign ones it
+    answers (≤ 0); a side left with fewer than ``min_prompts`` is kept whole."""
+    from cnt.evaluate import refusal_logodds
+    from cnt.refusal_direction import filter_by_refusal
+
+    model, tok = smol
+    harmful = data.texts(data.load("harmful", "train", limit=24))
+    benign = data.texts(data.load("benign", "train", limit=16))
+    lo_h, lo_b = refusal_logodds(model, tok, harmful), refusal_logodds(model, tok, benign)
+    h, b = filter_by_refusal(model, tok, harmful, benign, min_prompts=1)
+    assert h == [p for p, lo in zip(harmful, lo_h) if lo > 0]
+    assert b == [p for p, lo in zip(benign, lo_b) if lo <= 0]
+    assert 0 < len(h) < len(harmful)  # SmolLM2 refuses some of them
+    h_all, _ = filter_by_refusal(model, tok, harmful, benign, min_prompts=len(harmful))
+    assert h_all == harmful
