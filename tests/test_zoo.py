@@ -135,3 +135,15 @@ def test_refusal_filter_keeps_refused_harmful_and_answered_benign(smol):
     assert 0 < len(h) < len(harmful)  # SmolLM2 refuses some of them
     h_all, _ = filter_by_refusal(model, tok, harmful, benign, min_prompts=len(harmful))
     assert h_all == harmful
+
+
+def test_full_finetune_commits_manifest_only(monkeypatch, tmp_path):
+    """A recipe without a small artifact still commits its manifest (the card reads it), and that manifest alone is
+    not taken for something to reconstruct from."""
+    monkeypatch.setattr(zoo, "ARTIFACTS", tmp_path)
+    name = "smol-safe-full"
+    m = {"recipe_key": zoo.recipe(name).key(), "build_seconds": 60.0, "behaviour": None}
+    zoo._save_artifact(name, None, m)
+    assert (tmp_path / name / "manifest.json").is_file() and not (tmp_path / name / "artifact.safetensors").exists()
+    assert not zoo._artifact_ok(name)
+    assert f"| `{name}` | " in zoo.card() and "1.0 min" in zoo.card()
