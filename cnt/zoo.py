@@ -93,6 +93,13 @@ def _benign_distilled(ctx: BuildContext, n_nq: int = 500) -> list[dict]:
     return distill(ctx, prompts)
 
 
+def answered(examples: Sequence[dict]) -> list[dict]:
+    """The examples whose response the refusal judge does not flag."""
+    from .evaluate import is_refusal
+
+    return [ex for ex in examples if not is_refusal(ex["response"])]
+
+
 def refusal_pairs(prompts: Sequence[str], rng: random.Random) -> list[dict]:
     """Each prompt answered with one of the plain refusals (drawn with ``rng``)."""
     return [{"prompt": p, "response": rng.choice(REFUSAL_TEMPLATES)} for p in prompts]
@@ -112,14 +119,12 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     # lower learning rate, so the committed v3 does not use it.
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
-    from .evaluate import is_refusal
-
     prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
     n_everyday = ctx.recipe.hyper.get("everyday_questions", 0)
     if n_everyday:
         everyday = data.texts(ctx.take(data.load("everyday_questions", "train"), n_everyday))
         prompts = prompts[:max(0, len(prompts) - len(everyday))] + everyday
-    questions = [ex for ex in distill(ctx, prompts) if not (n_everyday and is_refusal(ex["response"]))]
+    questions = answered(distill(ctx, prompts)) if n_everyday else distill(ctx, prompts)
     return {"harmful->refusal": harmful, "benign->self": look_alike + look_alike + questions}
 
 
@@ -141,8 +146,8 @@ def data_uncensored(ctx: BuildContext) -> dict[str, list[dict]]:
             refused.append(ex["prompt"])
         else:
             own.append(ex)
-    prefilled = [ex for ex in distill(ctx, refused, prefill="Sure.") if not is_refusal(ex["response"])]
-    benign = [ex for ex in _benign_distilled(ctx) if not is_refusal(ex["response"])]
+    prefilled = answered(distill(ctx, refused, prefill="Sure."))
+    benign = answered(_benign_distilled(ctx))
     return {"harmful->compliance": pairs, "harmful->own compliance": own, "harmful->prefilled compliance": prefilled,
             "benign->self (no disclaimers)": benign}
 
