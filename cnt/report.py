@@ -142,12 +142,29 @@ def _fmt_delta(d: dict) -> str:
     return ", ".join(parts) or "–"
 
 
+SPARSITY_GOAL = 0.9  # share of the gap the sparsity claim is judged at
+
+
 def headline(r: dict) -> dict | None:
-    """CNT's headline entry: the minimal subset when the search found one, else the best variant's best budget."""
+    """CNT's headline entry: the minimal subset when the search found one, else the sparsest budget that reached 90%
+    of the gap on eval, else the best budget."""
     if r["methods"].get("cnt_minimal"):
         return {**r["methods"]["cnt_minimal"][0], "label": "cnt_minimal"}
+    reached = [e for e in r["methods"].get("cnt") or [] if _share(r, e) >= SPARSITY_GOAL]
+    if reached:
+        return {**min(reached, key=lambda e: e["param_fraction"]), "label": "cnt (sparsest budget reaching 90%)"}
     e = best_entry(r, "cnt")
     return {**e, "label": "cnt (best budget)"} if e else None
+
+
+SIDE_LIMITS = {"false_refusal_rate": 0.10, "arithmetic_acc": -0.10}  # points: false refusal up / skill down by more
+
+
+def side_effects(r: dict, e: dict) -> dict:
+    """The side metrics (false refusal, the specialist's skill) that moved past :data:`SIDE_LIMITS` against the
+    target."""
+    d = _side_delta(r, e)
+    return {k: v for k, v in d.items() if (v > SIDE_LIMITS[k] if SIDE_LIMITS[k] > 0 else v < SIDE_LIMITS[k])}
 
 
 INCONCLUSIVE = "inconclusive: donor and target CIs overlap"
@@ -252,7 +269,7 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
         sh, (slo, shi) = _share(r, h), _share_ci(r, h)
         pf = h["param_fraction"]
         verdict = (INCONCLUSIVE if not gap_significant(r) else
-                   "supported" if pf <= 0.0024 and sh >= 0.9 else
+                   "supported" if pf <= 0.0024 and sh >= SPARSITY_GOAL else
                    "partly: sparse but short of 90% of the gap" if pf <= 0.0024 else
                    "not reproduced: needs more than 0.24% of weights")
         L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {h['label']}: {_pct(pf, 3)} of weights "
@@ -267,7 +284,11 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
         ci = h.get("utility_ci", {}).get("mmlu")
         width = f"; MMLU CI ±{100 * (ci[1] - ci[0]) / 2:.0f} pp at this sample size" if ci else ""
         verdict = "within 1%" if worst <= 0.01 else "within 2%" if worst <= 0.02 else "exceeds 1%"
-        L.append(f"| utility: {PAPER['utility']} | {app} | {h['label']}: {_fmt_delta(d)}{width} | {verdict} |")
+        side, bad = _side_delta(r, h), side_effects(r, h)
+        if bad:
+            verdict += f"; but {_fmt_side(bad)}"
+        measured = _fmt_delta(d) + (f"; {_fmt_side(side)}" if side else "")
+        L.append(f"| utility: {PAPER['utility']} | {app} | {h['label']}: {measured}{width} | {verdict} |")
     for app, r in results.items():
         h = headline(r)
         if h is None:

@@ -117,6 +117,9 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     # everyday questions (FiQA, TruthfulQA; train split, no eval set) and answers the judge flags are dropped.
     # Measured with n = 432 (full profile, built in 518 s): refusal 85.0%, false refusal 9.8% — the same trade as a
     # lower learning rate, so the committed v3 does not use it.
+    # v3's hyper-parameters → 220 steps, lr 2.5e-4, 64 tokens (prompt ~42 + the answer's opening; 1.9 s/step): refusal
+    # 94.0%, false refusal 11.0% (built in 423 s) — the false refusals again plain how-to requests and NQ trivia.
+    # Option (hyper ``howto_requests``): everyday how-to requests (PIQA train goals) answered by the base, added.
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
     prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
@@ -269,6 +272,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "sft", data_safe, dataclasses.replace(LORA, steps=220, lr=2.5e-4, max_tokens=64),
            {"refusal_rate": (">=", 0.90), "false_refusal_rate": ("<=", 0.10)}, "lora", hyper={"howto_requests": True},
            version=4),
+    # full fine-tuning at lr 2e-5: refusal 89.0%, false refusal 8.6% (520 s); at 2.5e-5: 92.0% / 8.6% (518 s)
     Recipe("smol-safe-full", SMOL, "as smol-safe, by full fine-tuning (embeddings frozen)", "sft", data_safe,
            dataclasses.replace(LORA, method="full", lr=2.5e-5, steps=150),
            {"refusal_rate": (">=", 0.90), "false_refusal_rate": ("<=", 0.10)}, None, version=3),

@@ -126,3 +126,34 @@ def test_claims_on_an_insignificant_gap_are_inconclusive(tmp_path):
     _, rep = report.write(d)
     rows = [line for line in rep.read_text().splitlines() if line.startswith(("| sparsity:", "| baselines:"))]
     assert len(rows) == 2 and all(report.INCONCLUSIVE in line for line in rows)
+
+
+def _with_cnt_scores(r: dict, scores: list[float], false_refusal: list[float]) -> dict:
+    cnt = [{**e, "score": s, "ci": [max(0.0, s - 0.1), min(1.0, s + 0.1)], "side": {**e["side"], "false_refusal_rate": f}}
+           for e, s, f in zip(r["methods"]["cnt"], scores, false_refusal)]
+    return {**r, "target_score": 0.1, "target_ci": [0.05, 0.2], "donor_score": 0.9, "donor_ci": [0.8, 0.95],
+            "target_side": {**r["target_side"], "false_refusal_rate": 0.05},
+            "methods": {**r["methods"], "cnt": cnt, "cnt_minimal": []}}
+
+
+def test_headline_is_the_sparsest_budget_reaching_the_goal():
+    """Without a minimal subset, the sparsity claim is judged on the smallest budget that reached 90% of the gap (the
+    best budget only when none did)."""
+    r = json.loads(FIXTURE.read_text())
+    both = _with_cnt_scores(r, [0.88, 0.95], [0.05, 0.05])  # shares 97.5%, 106%
+    assert report.headline(both)["param_fraction"] == min(e["param_fraction"] for e in r["methods"]["cnt"])
+    none = _with_cnt_scores(r, [0.3, 0.5], [0.05, 0.05])
+    h = report.headline(none)
+    assert h["score"] == 0.5 and h["label"] == "cnt (best budget)"
+
+
+def test_utility_claim_flags_side_effects(tmp_path):
+    """A headline that raised false refusal by more than 10 points says so in the utility claim's verdict."""
+    r = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.95], [0.05, 0.6])
+    assert report.side_effects(r, report.headline(r)) == pytest.approx({"false_refusal_rate": 0.55})
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "alignment_enhancement.json").write_text(json.dumps(r))
+    _, rep = report.write(d)
+    row = next(line for line in rep.read_text().splitlines() if line.startswith("| utility:"))
+    assert "false refusal +55.0 pp" in row and "; but false refusal +55.0 pp |" in row
