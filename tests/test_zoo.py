@@ -147,3 +147,14 @@ def test_full_finetune_commits_manifest_only(monkeypatch, tmp_path):
     assert (tmp_path / name / "manifest.json").is_file() and not (tmp_path / name / "artifact.safetensors").exists()
     assert not zoo._artifact_ok(name)
     assert f"| `{name}` | " in zoo.card() and "1.0 min" in zoo.card()
+
+
+def test_howto_requests_are_piqa_train_questions():
+    """The how-to requests smol-safe may add: PIQA train goals phrased "How do/can/to …", none from its eval split."""
+    ctx = zoo.BuildContext(zoo.recipe("smol-safe"), None, None, tiny=False, progress=False)
+    how = zoo.howto_requests(ctx)
+    assert len(how) > 100 and all(q.lower().startswith("how ") for q in how)
+    train = {data.normalize(r["question"]) for r in data.load("piqa", "train")}
+    held_out = {data.normalize(r["question"]) for r in data.load("piqa", "eval")}
+    normalized = {data.normalize(q) for q in how}
+    assert normalized <= train and not normalized & held_out
