@@ -129,12 +129,11 @@ def test_refusal_filter_keeps_refused_harmful_and_answered_benign(smol):
     harmful = data.texts(data.load("harmful", "train", limit=24))
     benign = data.texts(data.load("benign", "train", limit=16))
     lo_h, lo_b = refusal_logodds(model, tok, harmful), refusal_logodds(model, tok, benign)
-    h, b = filter_by_refusal(model, tok, harmful, benign, min_prompts=1)
+    h, b = filter_by_refusal(model, tok, harmful, benign, min_prompts=0)
     assert h == [p for p, lo in zip(harmful, lo_h) if lo > 0]
-    assert b == [p for p, lo in zip(benign, lo_b) if lo <= 0]
-    assert 0 < len(h) < len(harmful)  # SmolLM2 refuses some of them
-    h_all, _ = filter_by_refusal(model, tok, harmful, benign, min_prompts=len(harmful))
-    assert h_all == harmful
+    assert b == [p for p, lo in zip(benign, lo_b) if lo <= 0] and b  # the base answers benign requests
+    big = len(harmful) + len(benign) + 1
+    assert filter_by_refusal(model, tok, harmful, benign, min_prompts=big) == (harmful, benign)
 
 
 def test_full_finetune_commits_manifest_only(monkeypatch, tmp_path):
