@@ -185,8 +185,9 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     saves) and when it is not (the gallop is the whole search: 0.05% -> 25% of neurons in 6 trials instead of 10);
     alphas are tried largest first, and a later alpha only searches below the best k found so far: one trial just
     below it, and bisection under it only if that trial reaches the goal (more neurons are assumed to move the
-    function further). Galloping stops early once utility breaks (perplexity or benign drift over the limit): transferring *more* neurons moves the
-    target further from itself, so a larger k is not expected to restore it — trials stay few. ``measured`` passes
+    function further). Galloping stops early once utility breaks (perplexity or benign drift over the limit):
+    transferring *more* neurons moves the target further from itself, so a larger k is not expected to restore it —
+    trials stay few. ``measured`` passes
     the target's and donor's proxy values when the caller already has them (same proxy, same dtype)."""
     from tqdm.auto import tqdm
 

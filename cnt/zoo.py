@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -141,8 +142,6 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
 def howto_requests(ctx: BuildContext) -> list[str]:
     """Everyday how-to requests: the PIQA *train* goals phrased as a question ("How do I clean car upholstery"),
     disjoint from PIQA's eval split (asserted with every recipe's data)."""
-    import re
-
     how = re.compile(r"^\s*how (do|can|to|should|would|does|is)\b", re.I)
     return [q for q in (r["question"].strip() for r in ctx.take(data.load("piqa", "train"))) if how.match(q)]
 
@@ -386,11 +385,8 @@ def build(name: str, *, tiny: bool = False, measure: str | None = "full", progre
 
         t = data.texts
         choice = select_direction(model, tok, t(parts["harmful_train"]), t(parts["benign_train"]),  # in bf16
-                                  t(parts["harmful_validation"]), t(parts["benign_validation"]),
-                                  layer_stride=r.hyper.get("layer_stride", 1),
-                                  layer_range=tuple(r.hyper.get("layer_range", (0.2, 0.8))),
-                                  max_kl=r.hyper.get("max_kl", 0.1),
-                                  positions=tuple(r.hyper.get("positions", (-1, -2, -3, -4, -5))), progress=progress)
+                                  t(parts["harmful_validation"]), t(parts["benign_validation"]), progress=progress,
+                                  **{k: tuple(v) if isinstance(v, list) else v for k, v in r.hyper.items()})
         orthogonalize(model, choice.direction)
         artifact = {"direction": choice.direction.float().contiguous()}
         info.update(layer=choice.layer, position=choice.position, validation_refusal_score=choice.harmful_score,
@@ -509,10 +505,9 @@ def _save_artifact(name: str, tensors: dict[str, torch.Tensor] | None, manifest:
     out.mkdir(parents=True, exist_ok=True)
     if tensors is None:
         (out / "artifact.safetensors").unlink(missing_ok=True)
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        return out
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "artifact.safetensors"))
-    os.chmod(out / "artifact.safetensors", 0o644)  # safetensors writes it private; it is a committed artifact
+    else:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "artifact.safetensors"))
+        os.chmod(out / "artifact.safetensors", 0o644)  # safetensors writes it private; it is a committed artifact
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 

@@ -157,3 +157,16 @@ def test_howto_requests_are_piqa_train_questions():
     held_out = {data.normalize(r["question"]) for r in data.load("piqa", "eval")}
     normalized = {data.normalize(q) for q in how}
     assert normalized <= train and not normalized & held_out
+
+
+def test_abliterate_build_follows_the_recipe_hyper_parameters():
+    """A tiny abliteration build searches the grid its recipe names (positions, layer range) and records the means'
+    prompt counts after the refusal filter."""
+    r = zoo.recipe("qwen-abliterated")
+    model, _, manifest = zoo.build("qwen-abliterated", tiny=True, measure=None, progress=False, save=False)
+    b = manifest["build"]
+    n_layers = MLPNeurons(model).n_layers
+    lo, hi = r.hyper["layer_range"]
+    assert {c["position"] for c in b["candidates"]} == set(r.hyper["positions"])
+    assert all(max(1, int(lo * n_layers)) <= c["layer"] <= int(hi * n_layers) for c in b["candidates"])
+    assert set(b["n_means"]) == {"harmful", "benign"} and all(v > 0 for v in b["n_means"].values())
