@@ -87,6 +87,16 @@ def _expectations(exp: dict) -> str:
     return ", ".join(f"{k}={v['value']:.3g} ({v['rule']}: {'ok' if v['holds'] else 'FAILS'})" for k, v in exp.items())
 
 
+def _setting(kv: str) -> tuple[str, object]:
+    key, sep, value = kv.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes KEY=VALUE, got {kv!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _cmd_zoo(args) -> int:
     from . import zoo
 
@@ -105,6 +115,16 @@ def _cmd_zoo(args) -> int:
         print("name one or more recipes, or --all")
         return 2
     measure = None if args.profile == "none" else args.profile
+    if args.action == "try":
+        changes = dict(_setting(kv) for kv in args.set)
+        for name in names:
+            rec = zoo.trial(name, changes, profile=measure or "full")
+            print(f"{rec['variant']}: built in {rec['build_seconds']:.0f} s; on {' + '.join(rec['splits'])}:")
+            for k, v in rec["pooled"]["variant"].items():
+                ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else ""
+                print(f"  {k} = {v['value']:.3f}{ci} (n={v['n']}; rule {rec['rules'][k]}: "
+                      f"{'holds' if rec['holds'][k] else 'FAILS'})")
+        return 0
     failed = []
     if args.action == "measure":
         for name in names:
@@ -369,13 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("zoo", help="the model zoo: list recipes, build them, write the zoo card",
                        description="Build zoo models from their recipes (training on CPU: minutes each), measure them "
                                    "on the eval splits, and write manifests, committed artifacts and papers/zoo.md.")
-    s.add_argument("action", choices=["list", "build", "measure", "card"],
-                   help="build: train + measure; measure: (re)measure a built model into its manifests")
+    s.add_argument("action", choices=["list", "build", "measure", "try", "card"],
+                   help="build: train + measure; measure: (re)measure a built model into its manifests; try: build a "
+                        "variant (--set) and measure it on the validation + locate splits (tuning; nothing saved but a "
+                        "line in papers/zoo/NAME/trials.jsonl)")
     s.add_argument("names", nargs="*", help="recipes to build")
     s.add_argument("--all", action="store_true", help="build every recipe")
     s.add_argument("--profile", choices=["full", "quick", "none"], default="full",
                    help="evaluation profile for the manifest (none: do not measure)")
     s.add_argument("--card", default="papers/zoo.md", help="where the zoo card goes")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="try: a training setting (steps, lr, lora_r, ...) or data hyper-parameter to change (repeat)")
     s.set_defaults(func=_cmd_zoo)
 
     s = sub.add_parser("transfer", help="CNT: locate neurons, pick the subset, save a NeuronPatch",
