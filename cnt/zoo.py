@@ -123,7 +123,10 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     # Option (hyper ``howto_requests``: n): n everyday how-to requests (PIQA train goals) answered by the base, added.
     # Measured with all 262: at 220 steps, lr 2.5e-4, 64 tokens, refusal 87.0%, false refusal 6.7% (built in 468 s);
     # at 240 steps, lr 3e-4, 87.5% / 5.5% (486 s); with 131 of them at 220 steps, lr 2.5e-4: 89.0% / 7.4% (452 s).
-    # No setting tried meets both targets (refusal moves against false refusal); the committed v3 stays (recipe below).
+    # (Every measurement above was on the eval split: recipes were tuned there before `cnt zoo try` existed.)
+    # Option (hyper ``harmful_repeats``: k): the harmful->refusal pairs k times. Six variants tried on the tuning
+    # splits (validation + locate; `cnt zoo try`, log in papers/zoo/smol-safe/trials.jsonl): v3 88.0% / 9.5% there;
+    # a rank-16 LoRA with 131 how-to requests and the harmful pairs twice 91.9% / 7.3% — v4 (the recipe below).
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
     prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
@@ -132,7 +135,6 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
         everyday = data.texts(ctx.take(data.load("everyday_questions", "train"), n_everyday))
         prompts = prompts[:max(0, len(prompts) - len(everyday))] + everyday
     questions = answered(distill(ctx, prompts)) if n_everyday else distill(ctx, prompts)
-    # Option (hyper ``harmful_repeats``: k): the harmful->refusal pairs k times (to balance added how-to answers)
     parts = {"harmful->refusal": harmful * ctx.recipe.hyper.get("harmful_repeats", 1),
              "benign->self": look_alike + look_alike + questions}
     n_howto = ctx.recipe.hyper.get("howto_requests", 0)
