@@ -54,6 +54,12 @@ class BuildContext:
     tokenizer: object
     tiny: bool = False  # tests: a tiny model, a handful of examples
     progress: bool = True
+    read: set = field(default_factory=set)  # the recipe's hyper-parameters the data function asked for
+
+    def hyper(self, key: str, default=None):
+        """A data hyper-parameter of the recipe (recorded: a build rejects settings no data function reads)."""
+        self.read.add(key)
+        return self.recipe.hyper.get(key, default)
 
     def take(self, records: list, n: int | None = None) -> list:
         n = min(n or len(records), 8) if self.tiny else n
@@ -130,14 +136,14 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
     prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
-    n_everyday = ctx.recipe.hyper.get("everyday_questions", 0)
+    n_everyday = ctx.hyper("everyday_questions", 0)
     if n_everyday:
         everyday = data.texts(ctx.take(data.load("everyday_questions", "train"), n_everyday))
         prompts = prompts[:max(0, len(prompts) - len(everyday))] + everyday
     questions = answered(distill(ctx, prompts)) if n_everyday else distill(ctx, prompts)
-    parts = {"harmful->refusal": harmful * ctx.recipe.hyper.get("harmful_repeats", 1),
+    parts = {"harmful->refusal": harmful * ctx.hyper("harmful_repeats", 1),
              "benign->self": look_alike + look_alike + questions}
-    n_howto = ctx.recipe.hyper.get("howto_requests", 0)
+    n_howto = ctx.hyper("howto_requests", 0)
     if n_howto:
         parts["how-to->self"] = answered(distill(ctx, howto_requests(ctx)[:n_howto]))
     return parts
@@ -377,6 +383,10 @@ def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "full
     model, tok = _base(r, tiny)
     ctx = BuildContext(r, model, tok, tiny, progress)
     parts = r.data(ctx)
+    unread = set(r.hyper) - ctx.read if r.method == "sft" else set()  # abliteration: select_direction takes them
+    if unread:
+        raise ValueError(f"recipe {name!r}: no data function reads {sorted(unread)} (a typo, or a training setting: "
+                         f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))})")
     assert_disjoint_from_eval(parts)
     info: dict = {}
     artifact: dict[str, torch.Tensor] = {}
@@ -488,11 +498,8 @@ def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUN
             rate = len(flags) == n and all(isinstance(f, bool) for f in flags)
             pooled.setdefault(who, {})[k] = {"value": value, "n": n,
                                              "ci": list(wilson(sum(flags), n)) if rate else None}
-    holds = {}
-    for k, (op, thr) in r.expect.items():
-        value = pooled["variant"][k]["value"]
-        bound = pooled["base"][k]["value"] + thr if op.endswith("base") else thr
-        holds[k] = bool(value >= bound if op.startswith(">=") else value <= bound)
+    holds = {k: _holds(op, thr, pooled["variant"][k]["value"], pooled.get("base", {}).get(k, {}).get("value"))
+             for k, (op, thr) in r.expect.items()}
     record = {"recipe": name, "variant": r.name, "changes": changes or {}, "recipe_key": r.key(), "tiny": tiny,
               "profile": profile, "splits": list(splits), "build_seconds": build_seconds,
               "data": {k: v["n"] for k, v in manifest["data"].items()}, "per_split": per_split, "pooled": pooled,
@@ -570,12 +577,16 @@ def check_expectations(r: Recipe, behaviour: dict) -> dict:
         value = behaviour["metrics"][metric]["value"]
         if op.endswith("base"):
             ref = base_behaviour(r.base, behaviour["profile"])["metrics"][metric]["value"]
-            ok = value >= ref + thr if op.startswith(">=") else value <= ref + thr
-            out[metric] = {"value": value, "base": ref, "rule": f"{op} {thr:+g}", "holds": bool(ok)}
+            out[metric] = {"value": value, "base": ref, "rule": f"{op} {thr:+g}", "holds": _holds(op, thr, value, ref)}
         else:
-            ok = value >= thr if op == ">=" else value <= thr
-            out[metric] = {"value": value, "rule": f"{op} {thr:g}", "holds": bool(ok)}
+            out[metric] = {"value": value, "rule": f"{op} {thr:g}", "holds": _holds(op, thr, value)}
     return out
+
+
+def _holds(op: str, thr: float, value: float, base: float | None = None) -> bool:
+    """An expectation: ``>=``/``<=`` a threshold, or (``>=base``/``<=base``) the base's value moved by it."""
+    bound = base + thr if op.endswith("base") else thr
+    return bool(value >= bound if op.startswith(">=") else value <= bound)
 
 
 def _save_model(name: str, model, tok, manifest: dict) -> Path:

@@ -186,6 +186,13 @@ def test_variant_changes_training_and_data_settings():
         zoo.build(r, tiny=True, measure=None, progress=False, save=True)
 
 
+def test_build_rejects_a_setting_nothing_reads(monkeypatch):
+    """A typo in a tried setting (``step`` for ``steps``) fails loudly instead of building the unchanged recipe."""
+    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    with pytest.raises(ValueError, match=r"no data function reads \['step'\]"):
+        zoo.build(zoo.variant("smol-safe", step=3), tiny=True, measure=None, progress=False, save=False)
+
+
 def test_trial_measures_on_tuning_splits_only(monkeypatch, tmp_path):
     """``cnt zoo try``: a variant is built (nothing saved) and measured on validation + locate, never eval; the pooled
     value weighs each split by its items; the record goes to the trials log."""
