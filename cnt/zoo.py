@@ -503,7 +503,7 @@ def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUN
     record = {"recipe": name, "variant": r.name, "changes": changes or {}, "recipe_key": r.key(), "tiny": tiny,
               "profile": profile, "splits": list(splits), "build_seconds": build_seconds,
               "data": {k: v["n"] for k, v in manifest["data"].items()}, "per_split": per_split, "pooled": pooled,
-              "rules": {k: f"{op} {thr:g}" for k, (op, thr) in r.expect.items()}, "holds": holds,
+              "rules": {k: _rule(op, thr) for k, (op, thr) in r.expect.items()}, "holds": holds,
               "seconds": round(time.time() - t0, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if log:
         path = artifact_dir(name) / "trials.jsonl" if log == "default" else Path(log)
@@ -575,12 +575,14 @@ def check_expectations(r: Recipe, behaviour: dict) -> dict:
     out = {}
     for metric, (op, thr) in r.expect.items():
         value = behaviour["metrics"][metric]["value"]
-        if op.endswith("base"):
-            ref = base_behaviour(r.base, behaviour["profile"])["metrics"][metric]["value"]
-            out[metric] = {"value": value, "base": ref, "rule": f"{op} {thr:+g}", "holds": _holds(op, thr, value, ref)}
-        else:
-            out[metric] = {"value": value, "rule": f"{op} {thr:g}", "holds": _holds(op, thr, value)}
+        ref = base_behaviour(r.base, behaviour["profile"])["metrics"][metric]["value"] if op.endswith("base") else None
+        out[metric] = {"value": value, **({"base": ref} if ref is not None else {}), "rule": _rule(op, thr),
+                       "holds": _holds(op, thr, value, ref)}
     return out
+
+
+def _rule(op: str, thr: float) -> str:
+    return f"{op} {thr:+g}" if op.endswith("base") else f"{op} {thr:g}"
 
 
 def _holds(op: str, thr: float, value: float, base: float | None = None) -> bool:
