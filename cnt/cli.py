@@ -114,11 +114,11 @@ def _cmd_zoo(args) -> int:
     if not names:
         print("name one or more recipes, or --all")
         return 2
-    measure = None if args.profile == "none" else args.profile
+    measure = None if args.profile == "none" else args.profile or ("tune" if args.action == "try" else "full")
     if args.action == "try":
         changes = dict(_setting(kv) for kv in args.set)
         for name in names:
-            rec = zoo.trial(name, changes, profile=measure or "full")
+            rec = zoo.trial(name, changes, profile=measure or "tune")
             print(f"{rec['variant']}: built in {rec['build_seconds']:.0f} s; on {' + '.join(rec['splits'])}:")
             for k, v in rec["pooled"]["variant"].items():
                 ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else ""
@@ -395,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "line in papers/zoo/NAME/trials.jsonl)")
     s.add_argument("names", nargs="*", help="recipes to build")
     s.add_argument("--all", action="store_true", help="build every recipe")
-    s.add_argument("--profile", choices=["full", "quick", "none"], default="full",
-                   help="evaluation profile for the manifest (none: do not measure)")
+    s.add_argument("--profile", choices=["full", "quick", "tune", "none"], default=None,
+                   help="evaluation profile: build/measure write the manifest's (default full; none: do not measure); "
+                        "try measures the tuning splits (default tune: every safety prompt of each split)")
     s.add_argument("--card", default="papers/zoo.md", help="where the zoo card goes")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="try: a training setting (steps, lr, lora_r, ...) or data hyper-parameter to change (repeat)")

@@ -529,12 +529,13 @@ def lm_eval_tasks(model, tokenizer, tasks: dict[str, Sequence[dict]], *, batch_s
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes of each evaluation (records taken from the ``split`` of each dataset in fixed hash order)."""
+    """Sizes of each evaluation (records taken from the ``split`` of each dataset in fixed hash order; ``None``: every
+    record of the split)."""
 
     name: str
-    harmful: int
-    benign: int
-    overrefusal: int
+    harmful: int | None
+    benign: int | None
+    overrefusal: int | None
     mmlu: int
     nq_open: int
     piqa: int
@@ -557,6 +558,10 @@ PROFILES = {
                      nq_fewshot=3, batch_size=48),
     # the zoo card and headline numbers
     "full": Profile("full", harmful=200, benign=120, overrefusal=43, mmlu=700, nq_open=447, piqa=381, wiki=200,
+                    stereoset=507, crows_pairs=273, arithmetic=200),
+    # tuning a zoo recipe on the validation + locate splits (`cnt zoo try`): every safety prompt of the split — the
+    # full profile's 120 benign prompts leave a ±5-point CI on false refusal, too coarse to choose between recipes
+    "tune": Profile("tune", harmful=None, benign=None, overrefusal=None, mmlu=700, nq_open=447, piqa=381, wiki=200,
                     stereoset=507, crows_pairs=273, arithmetic=200),
     # a batch of sweeps on 2 CPU cores: the function metric at its quick size, perplexity as the only utility metric
     "sweep": Profile("sweep", harmful=48, benign=16, overrefusal=8, mmlu=0, nq_open=0, piqa=0, wiki=24,

@@ -142,7 +142,7 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
         prompts = prompts[:max(0, len(prompts) - len(everyday))] + everyday
     questions = answered(distill(ctx, prompts)) if n_everyday else distill(ctx, prompts)
     parts = {"harmful->refusal": harmful * ctx.hyper("harmful_repeats", 1),
-             "benign->self": look_alike + look_alike + questions}
+             "benign->self": look_alike * ctx.hyper("lookalike_repeats", 2) + questions}
     n_howto = ctx.hyper("howto_requests", 0)
     if n_howto:
         parts["how-to->self"] = answered(distill(ctx, howto_requests(ctx)[:n_howto]))
@@ -461,21 +461,42 @@ def variant(name: str, **changes) -> Recipe:
                                hyper={**r.hyper, **{k: v for k, v in changes.items() if k not in fields}})
 
 
-def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUNING_SPLITS, profile: str = "full",
+def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUNING_SPLITS, profile: str = "tune",
           tiny: bool = False, log: Path | str | None = "default", progress: bool = True) -> dict:
     """Build a :func:`variant` of recipe ``name`` (nothing cached or committed) and measure the metrics its recipe
     expects on the *tuning* splits (validation and locate: the eval split stays unseen until the card), at the
-    profile's sizes; relative rules compare with the base measured the same way. Returns a record with each split's
-    values, the item-weighted pooled value (Wilson CI for rates) and whether each rule holds on it; the record is also
-    appended to ``papers/zoo/<name>/trials.jsonl`` (``log``: another file, or None)."""
-    from .evaluate import get_profile, evaluate, wilson
-
+    profile's sizes (``tune``: every safety prompt of each split); relative rules compare with the base measured the
+    same way. Returns a record with each split's values, the item-weighted pooled value (Wilson CI for rates) and
+    whether each rule holds on it (:func:`measure_for_tuning`); the record is also appended to
+    ``papers/zoo/<name>/trials.jsonl`` (``log``: another file, or None)."""
     if "eval" in splits:
         raise ValueError("recipes are tuned on the validation and locate splits; the eval split is the card's")
     r = variant(name, **(changes or {}))
     t0 = time.time()
     model, tok, manifest = build(r, tiny=tiny, measure=None, save=False, progress=progress)
     build_seconds = round(time.time() - t0, 1)
+    record = {"recipe": name, "variant": r.name, "changes": changes or {}, "recipe_key": r.key(), "tiny": tiny,
+              "profile": profile, "splits": list(splits), "build_seconds": build_seconds,
+              "data": {k: v["n"] for k, v in manifest["data"].items()},
+              **measure_for_tuning(r, model, tok, splits=splits, profile=profile, tiny=tiny),
+              "seconds": round(time.time() - t0, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if log:
+        path = artifact_dir(name) / "trials.jsonl" if log == "default" else Path(log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_SPLITS, profile: str = "tune",
+                       tiny: bool = False) -> dict:
+    """The metrics recipe ``r`` expects, measured on ``model`` on the tuning splits: ``per_split``, ``pooled``
+    (item-weighted; Wilson CI for rates), ``rules`` and whether each ``holds`` on the pooled value. :func:`trial` calls
+    it on a fresh variant; call it on a built model (``load_model(name)``) to measure the incumbent the same way."""
+    from .evaluate import get_profile, evaluate, wilson
+
+    if "eval" in splits:
+        raise ValueError("recipes are tuned on the validation and locate splits; the eval split is the card's")
     groups = sorted({METRIC_GROUPS[m] for m in r.expect})
     relative = any(op.endswith("base") for op, _ in r.expect.values())
     models = {"variant": model, **({"base": _base(r, tiny)[0]} if relative else {})}
@@ -500,17 +521,8 @@ def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUN
                                              "ci": list(wilson(sum(flags), n)) if rate else None}
     holds = {k: _holds(op, thr, pooled["variant"][k]["value"], pooled.get("base", {}).get(k, {}).get("value"))
              for k, (op, thr) in r.expect.items()}
-    record = {"recipe": name, "variant": r.name, "changes": changes or {}, "recipe_key": r.key(), "tiny": tiny,
-              "profile": profile, "splits": list(splits), "build_seconds": build_seconds,
-              "data": {k: v["n"] for k, v in manifest["data"].items()}, "per_split": per_split, "pooled": pooled,
-              "rules": {k: _rule(op, thr) for k, (op, thr) in r.expect.items()}, "holds": holds,
-              "seconds": round(time.time() - t0, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if log:
-        path = artifact_dir(name) / "trials.jsonl" if log == "default" else Path(log)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-    return record
+    return {"per_split": per_split, "pooled": pooled, "rules": {k: _rule(op, thr) for k, (op, thr) in r.expect.items()},
+            "holds": holds}
 
 
 def compare_with_committed(name: str, artifact: dict[str, torch.Tensor], manifest: dict, tol: float = 0.05) -> dict:
