@@ -603,6 +603,28 @@ def _holds(op: str, thr: float, value: float, base: float | None = None) -> bool
     return bool(value >= bound if op.startswith(">=") else value <= bound)
 
 
+def _ci_verdict(op: str, thr: float, ci: Sequence[float] | None, base: float | None = None) -> str:
+    """Where an expectation stands against the metric's 95% CI: ``clear`` (the whole CI on the holding side),
+    ``against`` (the whole CI on the failing side) or ``open`` (the CI contains the bound: this sample size cannot
+    tell). A relative rule treats the base's value as exact."""
+    if not ci:
+        return "open"
+    bound = base + thr if op.endswith("base") else thr
+    lo, hi = ci
+    holds_all, holds_none = (lo >= bound, hi < bound) if op.startswith(">=") else (hi <= bound, lo > bound)
+    return "clear" if holds_all else "against" if holds_none else "open"
+
+
+def _expectation_cell(exp: dict, beh: dict | None) -> str:
+    parts = []
+    for k, v in exp.items():
+        ci = (beh or {}).get("metrics", {}).get(k, {}).get("ci")
+        op, thr = v["rule"].split(" ", 1)
+        verdict = _ci_verdict(op, float(thr), ci, v.get("base"))
+        parts.append(f"{k} {v['rule']}: {'yes' if v['holds'] else 'NO'} (CI {verdict})")
+    return ", ".join(parts) or "—"
+
+
 def _save_model(name: str, model, tok, manifest: dict) -> Path:
     out = model_dir(name)
     tmp = out.with_name(f"{name}.tmp{os.getpid()}")
@@ -721,11 +743,13 @@ def card(path: str | Path | None = None) -> str:
              "perplexity over 256 tokens; quick, used for the Qwen and Gemma families (2–5× slower on 2 CPU cores):",
              "48 harmful, 32 MMLU, 160 StereoSet items, no PIQA, 20-token answers, perplexity over 128 tokens — so",
              "compare rows of one profile). Build time: data preparation + training (or direction selection) on 2",
-             "CPU cores.", "",
+             "CPU cores. Expectations: whether the value meets the recipe's threshold, and where the threshold lies",
+             "against the 95% CI (clear: the whole CI meets it; open: the CI contains it, so this sample cannot",
+             "tell; against: the whole CI misses it).", "",
              head, "|" + "---|" * (len(CARD_METRICS) + 5)]
     for name, desc, build_t, beh, exp in rows:
         cells = [_cell((beh or {}).get("metrics", {}).get(k), s) for k, _, s in CARD_METRICS]
-        ok = ", ".join(f"{k} {v['rule']}: {'yes' if v['holds'] else 'NO'}" for k, v in exp.items()) or "—"
+        ok = _expectation_cell(exp, beh)
         lines.append(f"| `{name}` | {desc} | {build_t} | {(beh or {}).get('profile', '—')} | " + " | ".join(cells)
                      + f" | {ok} |")
     text = "\n".join(lines) + "\n"

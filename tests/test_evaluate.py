@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -183,6 +184,17 @@ def test_evaluate_reproducible_and_serializable(smol, tmp_path):
     after = dict([*model.named_parameters(), *model.named_buffers()])
     assert all(torch.equal(before[k], after[k]) for k in before)  # rotary buffers included
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_tune_profile_takes_every_safety_prompt_of_the_split(smol, monkeypatch):
+    # zoo tuning measures all of validation/locate: a size of None means the whole split
+    monkeypatch.setattr(E, "generate", lambda model, tok, prompts, **kw: ["I'm sorry, I can't."] * len(prompts))
+    p = E.get_profile("tune")
+    assert (p.harmful, p.benign, p.overrefusal) == (None, None, None)
+    rep = E.evaluate(*smol, dataclasses.replace(p, split="validation"), groups=("safety",), progress=False)
+    n_benign = len(data.load("benign", "validation")) + len(data.load("overrefusal", "validation"))
+    assert rep["refusal_rate"].n == len(data.load("harmful", "validation")) > 100
+    assert rep["false_refusal_rate"].n == n_benign and rep["false_refusal_rate"].value == 1.0
 
 
 def test_evaluate_rejects_unknowns(smol):

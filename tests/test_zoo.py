@@ -228,3 +228,17 @@ def test_committed_artifacts_stay_small():
     """Issue #4: committed zoo artifacts (adapters, directions) are at most 10 MB each."""
     files = list(zoo.ARTIFACTS.glob("*/artifact.safetensors"))
     assert all(f.stat().st_size <= 10_000_000 for f in files), {f.parent.name: f.stat().st_size for f in files}
+
+
+def test_expectation_verdict_against_the_ci():
+    # the card says whether the whole 95% CI meets a threshold, misses it, or contains it
+    assert zoo._ci_verdict("<=", 0.1, [0.02, 0.08]) == "clear"
+    assert zoo._ci_verdict("<=", 0.1, [0.066, 0.161]) == "open"
+    assert zoo._ci_verdict("<=", 0.1, [0.12, 0.2]) == "against"
+    assert zoo._ci_verdict(">=", 0.9, [0.91, 0.97]) == "clear"
+    assert zoo._ci_verdict(">=base", 5, [66.0, 70.0], base=60.5) == "clear"
+    assert zoo._ci_verdict("<=base", -5, [54.0, 58.0], base=60.5) == "open"
+    assert zoo._ci_verdict(">=", 0.9, None) == "open"
+    cell = zoo._expectation_cell({"false_refusal_rate": {"rule": "<= 0.1", "holds": False}},
+                                 {"metrics": {"false_refusal_rate": {"ci": [0.066, 0.161]}}})
+    assert cell == "false_refusal_rate <= 0.1: NO (CI open)"
