@@ -148,8 +148,10 @@ def _cmd_zoo(args) -> int:
         print(f"{name}: built in {manifest['build_seconds']:.0f} s; {_expectations(exp) or 'not measured'}")
         rc = manifest.get("rebuild_check")
         if rc:
-            print(f"  rebuild vs committed: identical weights: {rc['identical_weights']} (max |Δ| "
-                  f"{rc['max_abs_weight_diff']:.3g}); metrics within tolerance: {rc['all_within_tolerance']}")
+            weights = "weights not compared (no committed or cached weights)" if rc["max_abs_weight_diff"] is None \
+                else (f"identical weights ({rc['weights_compared_with']}): {rc['identical_weights']} "
+                      f"(max |Δ| {rc['max_abs_weight_diff']:.3g})")
+            print(f"  rebuild vs committed: {weights}; metrics within tolerance: {rc['all_within_tolerance']}")
         if exp and not all(v["holds"] for v in exp.values()):
             failed.append(name)
     if args.card:

@@ -429,8 +429,9 @@ def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "full
     if measure and not tiny:
         manifest["behaviour"] = measure_behaviour(model, tok, name, measure)
         manifest["meets_expectations"] = check_expectations(r, manifest["behaviour"])
-    if not tiny and r.artifact and _artifact_ok(name):
-        manifest["rebuild_check"] = compare_with_committed(name, artifact, manifest)
+    if not tiny and _manifest_ok(name):
+        manifest["rebuild_check"] = compare_with_committed(name, artifact if r.artifact else None, manifest,
+                                                           model=model)
     if save:
         _save_model(name, model, tok, manifest)
         if not tiny:  # a full fine-tune commits its manifest only (the card reads it; the weights are too large)
@@ -525,16 +526,30 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
             "holds": holds}
 
 
-def compare_with_committed(name: str, artifact: dict[str, torch.Tensor], manifest: dict, tol: float = 0.05) -> dict:
-    """A rebuild against the committed artifact: largest weight difference, and each measured metric's change
-    (within tolerance when |Δ| <= tol·max(1, |committed|) or the new value lies inside the committed 95% CI)."""
+def compare_with_committed(name: str, artifact: dict[str, torch.Tensor] | None, manifest: dict, tol: float = 0.05,
+                           model=None) -> dict:
+    """A rebuild against the committed build: largest weight difference — of the artifact against the committed one,
+    or (a full fine-tune commits no weights) of ``model`` against the cached build of the same recipe, when there is
+    one — and each measured metric's change against the committed manifest (within tolerance when
+    |Δ| <= tol·max(1, |committed|) or the new value lies inside the committed 95% CI)."""
     from safetensors.torch import load_file
 
-    old_t = load_file(str(artifact_dir(name) / "artifact.safetensors"))
     old = json.loads((artifact_dir(name) / "manifest.json").read_text())
-    diff = max(float((old_t[k].float() - artifact[k].float()).abs().max()) for k in old_t) \
-        if set(old_t) == set(artifact) else float("inf")
-    out = {"max_abs_weight_diff": diff, "identical_weights": diff == 0.0, "metrics": {}}
+    if artifact is not None and (artifact_dir(name) / "artifact.safetensors").is_file():
+        old_t, new_t, against = load_file(str(artifact_dir(name) / "artifact.safetensors")), artifact, "artifact"
+    elif model is not None and _cached_ok(name):
+        old_t = {k: v for f in sorted(model_dir(name).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        new_t, against = dict(model.state_dict()), "cached build"
+    else:
+        old_t, new_t, against = None, None, None
+    if old_t is None:
+        diff = None
+    elif old_t and set(old_t) <= set(new_t):  # a saved model may omit tied weights
+        diff = max(float((old_t[k].float() - new_t[k].float()).abs().max()) for k in old_t)
+    else:
+        diff = float("inf")
+    out = {"weights_compared_with": against, "max_abs_weight_diff": diff,
+           "identical_weights": None if diff is None else diff == 0.0, "metrics": {}}
     new_m = (manifest.get("behaviour") or {}).get("metrics", {})
     for k, m in (old.get("behaviour") or {}).get("metrics", {}).items():
         if k in new_m:
@@ -671,6 +686,11 @@ def reconstruct(name: str) -> Path:
 
 def _cached_ok(name: str) -> bool:
     f = model_dir(name) / "cnt_zoo.json"
+    return f.is_file() and json.loads(f.read_text()).get("recipe_key") == recipe(name).key()
+
+
+def _manifest_ok(name: str) -> bool:
+    f = artifact_dir(name) / "manifest.json"
     return f.is_file() and json.loads(f.read_text()).get("recipe_key") == recipe(name).key()
 
 

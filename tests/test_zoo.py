@@ -121,6 +121,31 @@ def test_compare_with_committed(monkeypatch, tmp_path):
     assert other["metrics"]["perplexity"]["within_tolerance"]
 
 
+def test_compare_full_fine_tune_with_its_cached_build(monkeypatch, tmp_path):
+    # a full fine-tune commits no weights: its rebuild is compared with the cached build, and with the manifest
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(zoo, "ARTIFACTS", tmp_path / "art")
+    beh = {"metrics": {"refusal_rate": {"value": 0.9, "ci": [0.85, 0.94]}}}
+    zoo._save_artifact("x", None, {"behaviour": beh})
+    cached = tmp_path / "cache" / "x"
+    cached.mkdir(parents=True)
+    save_file({"w": torch.ones(2, 2)}, str(cached / "model.safetensors"))  # lm_head tied: not in the file
+    monkeypatch.setattr(zoo, "model_dir", lambda name: cached)
+    monkeypatch.setattr(zoo, "_cached_ok", lambda name: True)
+    model = torch.nn.Module()
+    model.w, model.lm_head = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(3))
+    same = zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)
+    assert same["weights_compared_with"] == "cached build" and same["identical_weights"]
+    assert same["all_within_tolerance"]
+    with torch.no_grad():
+        model.w[0, 0] = 1.5
+    assert zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)["max_abs_weight_diff"] == 0.5
+    monkeypatch.setattr(zoo, "_cached_ok", lambda name: False)
+    unseen = zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)
+    assert unseen["identical_weights"] is None and unseen["all_within_tolerance"]
+
+
 def test_refusal_filter_keeps_refused_harmful_and_answered_benign(smol):
     """The difference of means is taken over harmful prompts the model refuses (proxy log-odds > 0) and benign ones it
     answers (≤ 0); a side left with fewer than ``min_prompts`` is kept whole."""
