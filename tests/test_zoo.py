@@ -267,3 +267,26 @@ def test_expectation_verdict_against_the_ci():
     cell = zoo._expectation_cell({"false_refusal_rate": {"rule": "<= 0.1", "holds": False}},
                                  {"metrics": {"false_refusal_rate": {"ci": [0.066, 0.161]}}})
     assert cell == "false_refusal_rate <= 0.1: NO (CI open)"
+
+
+def test_zoo_build_measures_each_recipe_in_its_card_profile(monkeypatch):
+    # `make zoo` measures SmolLM2 recipes in the full profile and the slower Qwen/Gemma ones in the quick one, as the
+    # card shows them; --profile overrides; `try` defaults to the tuning profile
+    from cnt import cli, models
+
+    seen = []
+    monkeypatch.setattr(models, "is_installed", lambda base: True)
+    monkeypatch.setattr(zoo, "base_behaviour", lambda base, profile: seen.append(("base", base, profile)))
+    monkeypatch.setattr(zoo, "build", lambda name, measure: (seen.append((name, measure)) or (None, None, {
+        "build_seconds": 1.0})))
+    monkeypatch.setattr(zoo, "trial", lambda name, changes, profile: seen.append(("try", name, profile)) or {
+        "variant": name, "build_seconds": 1.0, "splits": ["validation"], "pooled": {"variant": {}}})
+    assert cli.main(["zoo", "build", "smol-safe", "qwen-abliterated", "--card", ""]) == 0
+    assert ("smol-safe", "full") in seen and ("qwen-abliterated", "quick") in seen
+    assert ("base", zoo.QWEN, "quick") in seen
+    seen.clear()
+    assert cli.main(["zoo", "build", "qwen-abliterated", "--profile", "full", "--card", ""]) == 0
+    assert ("qwen-abliterated", "full") in seen
+    assert cli.main(["zoo", "try", "smol-safe", "--set", "steps=3", "--card", ""]) == 0
+    assert ("try", "smol-safe", "tune") in seen
+    assert zoo.card_profile("gemma-biased") == "quick" and zoo.card_profile(zoo.variant("smol-safe", steps=3)) == "full"
