@@ -329,8 +329,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 CARD_PROFILES = {QWEN: "quick", GEMMA: "quick"}
 
 
-def card_profile(name: str | Recipe) -> str:
-    """The evaluation profile of a recipe's card row (what ``cnt zoo build`` / ``make zoo`` measure)."""
+def card_profile(name: str | Recipe, profile: str = "card") -> str:
+    """The evaluation profile of a recipe's card row (what ``cnt zoo build`` / ``make zoo`` measure); another
+    ``profile`` named is returned as it is."""
+    if profile != "card":
+        return profile
     return CARD_PROFILES.get((recipe(name) if isinstance(name, str) else name).base, "full")
 
 
@@ -391,7 +394,7 @@ def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "card
 
     r = name if isinstance(name, Recipe) else recipe(name)
     name = r.name
-    measure = card_profile(r) if measure == "card" else measure
+    measure = measure and card_profile(r, measure)
     if save and r is not RECIPES.get(name):
         raise ValueError(f"{name!r} is not a registered recipe: build it with save=False (a variant is tried, "
                          "not cached; register it in zoo.RECIPES to adopt it)")
@@ -478,6 +481,11 @@ def variant(name: str, **changes) -> Recipe:
                                hyper={**r.hyper, **{k: v for k, v in changes.items() if k not in fields}})
 
 
+def _tuning_only(splits: Sequence[str]) -> None:
+    if "eval" in splits:
+        raise ValueError("recipes are tuned on the validation and locate splits; the eval split is the card's")
+
+
 def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUNING_SPLITS, profile: str = "tune",
           tiny: bool = False, log: Path | str | None = "default", progress: bool = True) -> dict:
     """Build a :func:`variant` of recipe ``name`` (nothing cached or committed) and measure the metrics its recipe
@@ -486,8 +494,7 @@ def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUN
     same way. Returns a record with each split's values, the item-weighted pooled value (Wilson CI for rates) and
     whether each rule holds on it (:func:`measure_for_tuning`); the record is also appended to
     ``papers/zoo/<name>/trials.jsonl`` (``log``: another file, or None)."""
-    if "eval" in splits:
-        raise ValueError("recipes are tuned on the validation and locate splits; the eval split is the card's")
+    _tuning_only(splits)  # before a build of minutes
     r = variant(name, **(changes or {}))
     t0 = time.time()
     model, tok, manifest = build(r, tiny=tiny, measure=None, save=False, progress=progress)
@@ -512,8 +519,7 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
     it on a fresh variant; call it on a built model (``load_model(name)``) to measure the incumbent the same way."""
     from .evaluate import get_profile, evaluate, wilson
 
-    if "eval" in splits:
-        raise ValueError("recipes are tuned on the validation and locate splits; the eval split is the card's")
+    _tuning_only(splits)
     groups = sorted({METRIC_GROUPS[m] for m in r.expect})
     relative = any(op.endswith("base") for op, _ in r.expect.values())
     models = {"variant": model, **({"base": _base(r, tiny)[0]} if relative else {})}
@@ -583,7 +589,7 @@ def measure(name: str, profile: str = "card") -> dict:
     r = recipe(name)
     folder = ensure(name)
     model, tok = load_model(str(folder), dtype="float32", device="cpu")
-    behaviour = measure_behaviour(model, tok, name, card_profile(r) if profile == "card" else profile)
+    behaviour = measure_behaviour(model, tok, name, card_profile(r, profile))
     expectations = check_expectations(r, behaviour)
     for f in (folder / "cnt_zoo.json", artifact_dir(name) / "manifest.json"):
         if f.is_file():
@@ -640,10 +646,8 @@ def _ci_verdict(op: str, thr: float, ci: Sequence[float] | None, base: float | N
     tell). A relative rule treats the base's value as exact."""
     if not ci:
         return "open"
-    bound = base + thr if op.endswith("base") else thr
-    lo, hi = ci
-    holds_all, holds_none = (lo >= bound, hi < bound) if op.startswith(">=") else (hi <= bound, lo > bound)
-    return "clear" if holds_all else "against" if holds_none else "open"
+    worst, best = ci if op.startswith(">=") else ci[::-1]  # the CI's ends least and most favourable to the rule
+    return "clear" if _holds(op, thr, worst, base) else "against" if not _holds(op, thr, best, base) else "open"
 
 
 def _expectation_cell(exp: dict, beh: dict | None) -> str:
@@ -700,20 +704,20 @@ def reconstruct(name: str) -> Path:
     return _save_model(name, model.eval(), tok, {**manifest, "reconstructed_from": str(folder)})
 
 
+def _of_current_recipe(manifest: Path, name: str) -> bool:
+    return manifest.is_file() and json.loads(manifest.read_text()).get("recipe_key") == recipe(name).key()
+
+
 def _cached_ok(name: str) -> bool:
-    f = model_dir(name) / "cnt_zoo.json"
-    return f.is_file() and json.loads(f.read_text()).get("recipe_key") == recipe(name).key()
+    return _of_current_recipe(model_dir(name) / "cnt_zoo.json", name)
 
 
 def _manifest_ok(name: str) -> bool:
-    f = artifact_dir(name) / "manifest.json"
-    return f.is_file() and json.loads(f.read_text()).get("recipe_key") == recipe(name).key()
+    return _of_current_recipe(artifact_dir(name) / "manifest.json", name)
 
 
 def _artifact_ok(name: str) -> bool:
-    f = artifact_dir(name) / "manifest.json"
-    return f.is_file() and (f.parent / "artifact.safetensors").is_file() and \
-        json.loads(f.read_text()).get("recipe_key") == recipe(name).key()
+    return _manifest_ok(name) and (artifact_dir(name) / "artifact.safetensors").is_file()
 
 
 def ensure(name: str) -> Path:
