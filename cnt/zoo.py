@@ -325,7 +325,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 
 
 # The profile each family's card rows are measured in: the full profile for SmolLM2; the quick one for the 2-5x slower
-# Qwen and Gemma bases on 2 CPU cores (full would take ~15 min per Qwen model)
+# Qwen and Gemma bases on 2 CPU cores (full: several times the SmolLM2 full profile per model; not measured)
 CARD_PROFILES = {QWEN: "quick", GEMMA: "quick"}
 
 
