@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -29,7 +30,6 @@ def test_recipe_training_data_disjoint_from_eval(name, monkeypatch):
 def test_safe_recipe_everyday_option(monkeypatch):
     """The ``everyday_questions`` option swaps NQ questions for everyday ones (same count), drops flagged answers,
     and stays disjoint from every eval split."""
-    import dataclasses
 
     monkeypatch.setattr(zoo, "distill", _fake_distill)
     r = dataclasses.replace(zoo.recipe("smol-safe"), hyper={"everyday_questions": 100})
@@ -76,7 +76,6 @@ def test_orthogonalize_removes_direction_from_residual_stream():
 
 
 def test_recipe_key_changes_with_hyperparameters():
-    import dataclasses
 
     r = zoo.recipe("smol-safe")
     assert r.key() == zoo.recipe("smol-safe").key()
@@ -188,9 +187,10 @@ def test_howto_requests_are_piqa_train_questions():
 
 def test_abliterate_build_follows_the_recipe_hyper_parameters():
     """A tiny abliteration build searches the grid its recipe names (positions, layer range) and records the means'
-    prompt counts after the refusal filter."""
-    r = zoo.recipe("qwen-abliterated")
-    model, _, manifest = zoo.build("qwen-abliterated", tiny=True, measure=None, progress=False, save=False)
+    prompt counts after the refusal filter. On the SmolLM2 tokenizer: the Qwen base is only installed by
+    `make setup-extra`, and the grid does not depend on the base."""
+    r = dataclasses.replace(zoo.recipe("qwen-abliterated"), base=zoo.SMOL)
+    model, _, manifest = zoo.build(r, tiny=True, measure=None, progress=False, save=False)
     b = manifest["build"]
     n_layers = MLPNeurons(model).n_layers
     lo, hi = r.hyper["layer_range"]
