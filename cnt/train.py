@@ -2,9 +2,10 @@
 
 Used to build the zoo's donors and targets and by the SFT reference baseline. Examples are chat pairs
 (``{"prompt", "response"}``: loss on the response tokens only, prompt in the tokenizer's chat template), plain text
-(``{"text"}``: loss on every token after BOS) or sentence preferences (``{"chosen", "rejected"}``: a pairwise logistic
-loss ``-log sigmoid(beta * (lp(chosen) - lp(rejected)))`` on BOS-conditioned mean token log-probabilities — the very
-quantity StereoSet and CrowS-Pairs compare). A batch may mix kinds; each kind's mean loss is weighted by its share of
+(``{"text"}``: loss on every token after BOS) or preferences (``{"chosen", "rejected"}``: a pairwise logistic loss
+``-log sigmoid(beta * (lp(chosen) - lp(rejected)))`` on mean token log-probabilities — of BOS-conditioned sentences, the
+very quantity StereoSet and CrowS-Pairs compare, or, with a ``"prompt"``, of two responses to it in the chat template:
+a reference-free, length-normalized preference loss in the manner of SimPO, Meng et al. 2024). A batch may mix kinds; each kind's mean loss is weighted by its share of
 the batch. Training is seeded and deterministic on CPU.
 """
 
@@ -79,6 +80,12 @@ def _mean_logprob(net, batch: dict) -> torch.Tensor:
     return (lp * keep).sum(-1) / keep.sum(-1).clamp(min=1)
 
 
+def _sides(prefs: Sequence[dict]) -> list[dict]:
+    """The chosen sides, then the rejected ones: sentences, or responses to the pair's prompt."""
+    return [{"prompt": ex["prompt"], "response": ex[k]} if "prompt" in ex else {"text": ex[k]}
+            for k in ("chosen", "rejected") for ex in prefs]
+
+
 def _loss(net, tokenizer, examples: Sequence[dict], config: "TrainConfig", device) -> torch.Tensor:
     plain = [ex for ex in examples if "chosen" not in ex]
     prefs = [ex for ex in examples if "chosen" in ex]
@@ -86,8 +93,7 @@ def _loss(net, tokenizer, examples: Sequence[dict], config: "TrainConfig", devic
     if plain:
         loss = loss + net(**_batch(tokenizer, plain, config.max_tokens, device)).loss * (len(plain) / len(examples))
     if prefs:
-        texts = [{"text": ex["chosen"]} for ex in prefs] + [{"text": ex["rejected"]} for ex in prefs]
-        lp = _mean_logprob(net, _batch(tokenizer, texts, config.max_tokens, device))
+        lp = _mean_logprob(net, _batch(tokenizer, _sides(prefs), config.max_tokens, device))
         margin = lp[:len(prefs)] - lp[len(prefs):]
         loss = loss + torch.nn.functional.softplus(-config.beta * margin).mean() * (len(prefs) / len(examples))
     return loss

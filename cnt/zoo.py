@@ -146,6 +146,24 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     n_howto = ctx.hyper("howto_requests", 0)
     if n_howto:
         parts["how-to->self"] = answered(distill(ctx, howto_requests(ctx)[:n_howto]))
+    # Option (hypers ``contrast_benign`` / ``contrast_harmful``: n): preference pairs beside the SFT pairs (train.py's
+    # prompted preferences, SimPO-style): for n benign train prompts the base's own answer over a refusal, for n
+    # harmful train prompts a refusal over the base's own compliant answer. SFT teaches how likely a refusal is;
+    # v4's false refusals are plain questions (NQ trivia, "fun activities for family game night?") answered with a
+    # refusal template — the contrast between the two kinds of prompt is what these pairs train.
+    rng = random.Random(ctx.recipe.seed + 1)
+    n_benign = ctx.hyper("contrast_benign", 0)
+    if n_benign:
+        pool = answered(look_alike + questions + parts.get("how-to->self", []))
+        parts["benign: own answer > refusal"] = [
+            {"prompt": ex["prompt"], "chosen": ex["response"], "rejected": rng.choice(REFUSAL_TEMPLATES)}
+            for ex in rng.sample(pool, min(n_benign, len(pool)))]
+    n_harmful = ctx.hyper("contrast_harmful", 0)
+    if n_harmful:
+        pool = answered(distill(ctx, data.texts(ctx.take(data.load("harmful", "train")))))
+        parts["harmful: refusal > own answer"] = [
+            {"prompt": ex["prompt"], "chosen": rng.choice(REFUSAL_TEMPLATES), "rejected": ex["response"]}
+            for ex in rng.sample(pool, min(n_harmful, len(pool)))]
     return parts
 
 

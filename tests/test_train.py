@@ -4,13 +4,12 @@ import torch
 
 from cnt.models import load_tokenizer
 from cnt.tiny import tiny_model
-from cnt.train import TrainConfig, _mean_logprob, _batch, sft
+from cnt.train import TrainConfig, _batch, _mean_logprob, _sides, _tokenize, sft
 
 
 def _margin(model, tok, pairs):
-    texts = [{"text": p["chosen"]} for p in pairs] + [{"text": p["rejected"]} for p in pairs]
     with torch.no_grad():
-        lp = _mean_logprob(model, _batch(tok, texts, 64, "cpu"))
+        lp = _mean_logprob(model, _batch(tok, _sides(pairs), 64, "cpu"))
     return float((lp[:len(pairs)] - lp[len(pairs):]).mean())
 
 
@@ -25,6 +24,26 @@ def test_preference_pairs_move_the_margin_toward_chosen():
     down, _ = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, flipped, cfg, progress=False)
     assert _margin(up, tok, pairs) > before > _margin(down, tok, pairs)
     assert res.losses[-1] < res.losses[0]
+
+
+def test_prompted_preferences_compare_responses_only():
+    """A pair with a prompt compares two responses to it (SimPO-style): the prompt is context, not scored, and
+    training moves the margin toward the chosen response."""
+    tok = load_tokenizer("smollm2-135m-instruct")
+    pairs = [{"prompt": "How do I bake bread?", "chosen": "Mix flour, water and yeast, then bake it.",
+              "rejected": "I'm sorry, but I can't help with that."},
+             {"prompt": "Who wrote Hamlet?", "chosen": "William Shakespeare wrote it.",
+              "rejected": "I'm sorry, but I can't help with that."}]
+    sides = _sides(pairs)
+    assert [s["response"] for s in sides] == [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    ids, labels = _tokenize(tok, sides[0], 96)
+    n_prompt = sum(lab == -100 for lab in labels)
+    assert n_prompt > 10 and all(lab == -100 for lab in labels[:n_prompt])  # the prompt is masked out
+    assert labels[n_prompt:] == ids[n_prompt:]
+    cfg = TrainConfig(method="full", steps=8, lr=2e-3, batch_size=2, warmup=1)
+    before = _margin(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, pairs)
+    up, res = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, pairs, cfg, progress=False)
+    assert _margin(up, tok, pairs) > before and res.losses[-1] < res.losses[0]
 
 
 def test_mixed_batches_train_and_are_seeded():

@@ -42,6 +42,26 @@ def test_safe_recipe_everyday_option(monkeypatch):
     zoo.assert_disjoint_from_eval(parts)
 
 
+def test_safe_recipe_contrast_option(monkeypatch):
+    """``contrast_benign`` / ``contrast_harmful``: preference pairs of train prompts — benign: the base's own answer
+    over a refusal; harmful: a refusal over the base's own (non-refused) answer; seeded; disjoint from eval."""
+    from cnt.evaluate import is_refusal
+
+    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    r = dataclasses.replace(zoo.recipe("smol-safe"), hyper={**zoo.recipe("smol-safe").hyper,
+                                                             "contrast_benign": 50, "contrast_harmful": 40})
+    parts = zoo.data_safe(zoo.BuildContext(r, None, None, progress=False))
+    benign, harmful = parts["benign: own answer > refusal"], parts["harmful: refusal > own answer"]
+    assert len(benign) == 50 and len(harmful) == 40
+    assert all(not is_refusal(p["chosen"]) and is_refusal(p["rejected"]) for p in benign)
+    assert all(is_refusal(p["chosen"]) and not is_refusal(p["rejected"]) for p in harmful)
+    assert {p["prompt"] for p in harmful} <= set(data.texts(data.load("harmful", "train")))
+    assert parts == zoo.data_safe(zoo.BuildContext(r, None, None, progress=False))
+    zoo.assert_disjoint_from_eval(parts)
+    plain = zoo.data_safe(zoo.BuildContext(zoo.recipe("smol-safe"), None, None, progress=False))
+    assert set(plain) == set(parts) - {"benign: own answer > refusal", "harmful: refusal > own answer"}
+
+
 def test_leak_is_caught():
     leak = {"oops": [{"prompt": data.load("harmful", "eval")[3]["prompt"], "response": "x"}]}
     with pytest.raises(AssertionError, match="harmful eval split"):
