@@ -81,6 +81,20 @@ def test_tiny_build_is_reproducible():
                                                     "up_proj", "v_proj"])
 
 
+def test_build_records_whether_it_generated_the_base_answers(monkeypatch, tmp_path):
+    """The manifest says how many of the base's answers (self-distillation data) the build generated and how many it
+    read from the cache, and the card's build cell says so: a rebuild with a warm cache skips the generation."""
+    monkeypatch.setenv("CNT_CACHE", str(tmp_path))
+    first = zoo.build("smol-arith", tiny=True, measure=None, progress=False, save=False)[2]["build"]
+    again = zoo.build("smol-arith", tiny=True, measure=None, progress=False, save=False)[2]["build"]
+    n = first["base_answers"]["generated"]
+    assert n > 0 and first["base_answers"]["cached"] == 0 and first["data_seconds"] >= 0
+    assert again["base_answers"] == {"generated": 0, "cached": n, "generate_seconds": 0.0}
+    assert "from scratch" in zoo._build_cell({"build_seconds": 600, "build": first})
+    assert zoo._build_cell({"build_seconds": 600, "build": again}) == "10.0 min (the base's answers cached)"
+    assert zoo._build_cell({"build_seconds": 90, "build": {}}) == "1.5 min"
+
+
 def test_orthogonalize_removes_direction_from_residual_stream():
     model = tiny_model("llama", seed=1)
     r = torch.randn(model.config.hidden_size)
