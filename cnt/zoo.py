@@ -827,7 +827,8 @@ def card(path: str | Path | None = None) -> str:
              "compare rows of one profile). Build time: data preparation + training (or direction selection) on 2",
              "CPU cores; self-distillation recipes also generate the base's own answers, once (cached, shared by",
              "recipes asking for the same prompts): the cell says whether this build generated them (from scratch)",
-             "or read them from the cache (no note: a manifest from before this was recorded). Expectations: whether the value meets the recipe's threshold, and where the threshold lies",
+             "or read them from the cache (no note: the build asked for none).",
+             "Expectations: whether the value meets the recipe's threshold, and where the threshold lies",
              "against the 95% CI (clear: the whole CI meets it; open: the CI contains it, so this sample cannot",
              "tell; against: the whole CI misses it).", "",
              head, "|" + "---|" * (len(CARD_METRICS) + 5)]
