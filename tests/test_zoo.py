@@ -283,6 +283,25 @@ def test_trial_measures_on_tuning_splits_only(monkeypatch, tmp_path):
         zoo.trial("smol-safe", splits=("validation", "eval"), tiny=True, log=None)
 
 
+def test_trial_measures_the_base_once(monkeypatch, tmp_path):
+    """A relative rule compares with the base measured the same way: once per split and profile (cached), not in
+    every trial; the cached values equal a fresh measurement."""
+    from cnt.models import load_tokenizer
+
+    monkeypatch.setattr(zoo, "cache_dir", lambda kind: (tmp_path / kind).mkdir(exist_ok=True) or tmp_path / kind)
+    calls = []
+    real = zoo._split_metrics
+    monkeypatch.setattr(zoo, "_split_metrics", lambda *a: calls.append(a[1]) or real(*a))
+    r = zoo.recipe("smol-arith")
+    tok = load_tokenizer(r.base)
+    model = tiny_model("llama", seed=0, vocab_size=len(tok))
+    first = zoo.measure_for_tuning(r, model, tok, profile="smoke")
+    assert len(calls) == 4  # the variant and the base, on validation and locate
+    again = zoo.measure_for_tuning(r, model, tok, profile="smoke")
+    assert len(calls) == 6 and all(c is model for c in calls[4:])  # the base came from the cache
+    assert again == first and set(first["pooled"]) == {"variant", "base"}
+
+
 def test_committed_artifacts_stay_small():
     """Issue #4: committed zoo artifacts (adapters, directions) are at most 10 MB each."""
     files = list(zoo.ARTIFACTS.glob("*/artifact.safetensors"))
