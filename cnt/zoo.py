@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -69,6 +69,16 @@ class BuildContext:
         return records[:n] if n else records
 
 
+def _cached_json(kind: str, ident: list, compute: Callable[[], Any]) -> Any:
+    """``compute()``, cached as JSON under the cache's ``kind`` folder by the hash of ``ident``."""
+    path = cache_dir(kind) / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = compute()
+    path.write_text(json.dumps(out))
+    return out
+
+
 def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48, prefill: str = "") -> list[dict]:
     """Self-distillation: the base model's own greedy answers (cached), to keep it helpful while it learns. With
     ``prefill`` the answer is forced to start with it (the assistant turn is pre-filled; the base continues)."""
@@ -79,12 +89,8 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
         from .arch import MLPNeurons
 
         ident.append(MLPNeurons(ctx.model).fingerprint().to_dict())
-    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()
-    path = cache_dir("distill") / f"{key[:24]}.json"
-    if path.is_file():
-        answers = json.loads(path.read_text())
-        ctx.answers["cached"] += len(prompts)
-    else:
+
+    def answer() -> list[str]:
         from .evaluate import inference_dtype
 
         t0 = time.time()
@@ -92,9 +98,14 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
         with inference_dtype(ctx.model, torch.bfloat16) as model:
             answers = generate(model, ctx.tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=32,
                                chat=not prefill, progress=ctx.progress)
-        path.write_text(json.dumps(answers))
         ctx.answers["generated"] += len(prompts)
         ctx.answers["generate_seconds"] = round(ctx.answers["generate_seconds"] + time.time() - t0, 1)
+        return answers
+
+    before = ctx.answers["generated"]
+    answers = _cached_json("distill", ident, answer)
+    if ctx.answers["generated"] == before:  # read from the cache
+        ctx.answers["cached"] += len(prompts)
     return [{"prompt": p, "response": f"{prefill} {a}" if prefill else a} for p, a in zip(prompts, answers)]
 
 
@@ -550,7 +561,7 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
     (item-weighted; Wilson CI for rates), ``rules`` and whether each ``holds`` on the pooled value. :func:`trial` calls
     it on a fresh variant; call it on a built model (``load_model(name)``) to measure the incumbent the same way."""
     from .arch import MLPNeurons
-    from .evaluate import wilson
+    from .evaluate import get_profile, wilson
 
     _tuning_only(splits)
     groups = sorted({METRIC_GROUPS[m] for m in r.expect})
@@ -560,12 +571,13 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
     pooled: dict = {}
     for who, m in models.items():
         items: dict[str, list] = {k: [] for k in r.expect}
+        # the base is the same model in every trial of its recipes: measured once per split and profile (cached)
+        cached = who == "base" and not tiny
+        ident = [r.base, MLPNeurons(m).fingerprint().to_dict(), dataclasses.asdict(get_profile(profile)), groups,
+                 sorted(r.expect)] if cached else None
         for split in splits:
             run = functools.partial(_split_metrics, r, m, tok, split, profile, groups)
-            # the base is the same model in every trial of its recipes: measured once per split and profile
-            mets = run() if who == "variant" or tiny else _cached_json(
-                "tuning_base", [r.base, MLPNeurons(m).fingerprint().to_dict(), profile, split, groups, sorted(r.expect)],
-                run)
+            mets = _cached_json("tuning_base", [*ident, split], run) if cached else run()
             for k, met in mets.items():
                 per_split.setdefault(who, {}).setdefault(split, {})[k] = {x: met[x] for x in ("value", "n", "ci")}
                 items[k].append((met["value"], met["n"], met["per_item"]))
@@ -590,16 +602,6 @@ def _split_metrics(r: Recipe, model, tok, split: str, profile: str, groups: Sequ
                    progress=False)
     return {k: {"value": rep[k].value, "n": rep[k].n, "ci": list(rep[k].ci) if rep[k].ci else None,
                 "per_item": rep[k].per_item} for k in r.expect}
-
-
-def _cached_json(kind: str, ident: list, compute: Callable[[], dict]) -> dict:
-    """``compute()``, cached as JSON under the cache's ``kind`` folder by the hash of ``ident``."""
-    path = cache_dir(kind) / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    out = compute()
-    path.write_text(json.dumps(out))
-    return out
 
 
 def compare_with_committed(name: str, artifact: dict[str, torch.Tensor] | None, manifest: dict, tol: float = 0.05,
