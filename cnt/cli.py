@@ -129,6 +129,10 @@ def _cmd_zoo(args) -> int:
                 ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else ""
                 print(f"  {k} = {v['value']:.3f}{ci} (n={v['n']}; rule {rec['rules'][k]}: "
                       f"{'holds' if rec['holds'][k] else 'FAILS'})")
+            for k, v in rec.get("card_weighted", {}).get("variant", {}).items():
+                if v["value"] is not None:
+                    print(f"  {k} weighted to the card's sources = {v['value']:.3f} [{v['ci'][0]:.3f}, "
+                          f"{v['ci'][1]:.3f}]")
         return 0
     failed = []
     if args.action == "measure":

@@ -584,6 +584,23 @@ def get_profile(profile: str | Profile) -> Profile:
         raise ValueError(f"unknown evaluation profile {profile!r}; profiles: {', '.join(PROFILES)}") from None
 
 
+# which datasets each generated safety metric reads, in the order of its per-item values
+_SAFETY_ITEMS = {"refusal_rate": ("harmful",), "false_refusal_benign": ("benign",),
+                 "false_refusal_overrefusal": ("overrefusal",), "false_refusal_rate": ("benign", "overrefusal")}
+
+
+def item_sources(profile: str | Profile, metric: str, *, seed: int = 0) -> list[str]:
+    """The source dataset of each item of ``metric``'s ``per_item`` list, in order, as :func:`evaluate` draws them
+    (e.g. ``refusal_rate``: advbench / harmbench / donotanswer; ``false_refusal_rate``: nq_questions / rho_benign /
+    overrefusal). Only the prompts' origin is read, no outcome: it lets a tuning measurement be re-weighted to another
+    split's composition."""
+    p = get_profile(profile)
+    if metric not in _SAFETY_ITEMS:
+        raise ValueError(f"no per-item sources for {metric!r}; known: {', '.join(_SAFETY_ITEMS)}")
+    return [r.get("source", ds) for ds in _SAFETY_ITEMS[metric]
+            for r in data.load(ds, p.split, seed=seed, limit=getattr(p, ds))]
+
+
 @contextlib.contextmanager
 def inference_dtype(model, dtype: torch.dtype | None):
     """A copy of ``model`` in ``dtype`` for inference (e.g. bf16 on CPU: ~2x faster); the model itself is untouched

