@@ -56,3 +56,29 @@ def test_mixed_batches_train_and_are_seeded():
     assert ra.losses == rb.losses and all(torch.isfinite(torch.tensor(ra.losses)))
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bf16_autocast_trains_in_fp32_weights_and_is_seeded():
+    """``autocast="bf16"``: forward passes in bfloat16, weights stay fp32; the loss falls, a rebuild with the same seed
+    gives identical weights, and the result differs from fp32 training (a different computation, named in the key)."""
+    import pytest
+    from cnt import zoo
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    chat = [{"prompt": "How do I bake bread?", "response": "Mix flour, water and yeast, then bake it."},
+            {"prompt": "Who wrote Hamlet?", "response": "William Shakespeare wrote it."},
+            {"prompt": "Who wrote Hamlet?", "chosen": "Shakespeare.", "rejected": "I'm sorry, I can't help."}]
+    cfg = TrainConfig(method="lora", steps=6, lr=3e-3, batch_size=3, warmup=1, autocast="bf16")
+    a, ra = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, chat, cfg, progress=False)
+    b, rb = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, chat, cfg, progress=False)
+    f, _ = sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, chat,
+               TrainConfig(**{**cfg.to_dict(), "autocast": None}), progress=False)
+    assert ra.losses == rb.losses and ra.losses[-1] < ra.losses[0]
+    sa, sb, sf = a.state_dict(), b.state_dict(), f.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and all(v.dtype == torch.float32 for v in sa.values())
+    assert any(not torch.equal(sa[k], sf[k]) for k in sa)
+    # the option is part of a recipe's key only when set: recipes written without it keep their keys
+    assert "autocast" not in TrainConfig().to_dict() and cfg.to_dict()["autocast"] == "bf16"
+    assert zoo.variant("smol-safe", autocast="bf16").key() != zoo.recipe("smol-safe").key()
+    with pytest.raises(ValueError, match="autocast"):
+        sft(tiny_model("llama", seed=0, vocab_size=len(tok)), tok, chat, TrainConfig(autocast="fp16"), progress=False)
