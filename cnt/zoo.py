@@ -332,10 +332,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # harmful ones 82.1 / 0.9 (-7.9). None did either: the pairs move the operating point (false refusal almost gone)
     # but not the frontier (refusal - false refusal: 85.5, 83.8, 81.2; v4 84.9). A diagnostic afterwards (not a
     # candidate): the harmful-side pairs alone 95.0 / 12.7 — they do raise refusal; in G the benign side dominates.
+    # v5 (round 4, pre-registered in commit 7e3229a): v4 trained twice as long in the same build time (bf16 autocast:
+    # 440 steps, about one epoch instead of half). Chosen on the rates of the tuning splits re-weighted to the card's
+    # sources (`card_weighted`; over-refusal prompts are 7% of the tuning splits' benign prompts, 26% of the card's):
+    # v4 92.0% / 6.3% (margin 2.04); v5 95.8 / 6.2 (3.78); + E's data 93.7 / 4.2 (3.68); + E's data and a rank-32
+    # LoRA 94.4 / 3.1 (4.38) — the largest margin, but its bf16 adapter (~19.6 MB, twice v4's) breaks the 10 MB cap on committed
+    # artifacts, so v5 is the eligible best. Frontier (refusal - false refusal, pooled): v4 84.9, v5 89.5.
     Recipe("smol-safe", SMOL, "refuses harmful requests, stays helpful (LoRA SFT: harmful->refusal, benign->own answers)",
-           "sft", data_safe, dataclasses.replace(LORA, steps=220, lr=2.5e-4, max_tokens=64, lora_r=16, lora_alpha=32),
+           "sft", data_safe, dataclasses.replace(LORA, steps=440, lr=2.5e-4, max_tokens=64, lora_r=16, lora_alpha=32,
+                                                 autocast="bf16"),
            {"refusal_rate": (">=", 0.90), "false_refusal_rate": ("<=", 0.10)}, "lora",
-           hyper={"howto_requests": 131, "harmful_repeats": 2}, version=4),
+           hyper={"howto_requests": 131, "harmful_repeats": 2}, version=5),
     # full fine-tuning at lr 2e-5: refusal 89.0%, false refusal 8.6% (520 s); at 2.5e-5: 92.0% / 8.6% (518 s)
     Recipe("smol-safe-full", SMOL, "as smol-safe, by full fine-tuning (embeddings frozen)", "sft", data_safe,
            dataclasses.replace(LORA, method="full", lr=2.5e-5, steps=150),
