@@ -336,8 +336,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # 440 steps, about one epoch instead of half). Chosen on the rates of the tuning splits re-weighted to the card's
     # sources (`card_weighted`; over-refusal prompts are 7% of the tuning splits' benign prompts, 26% of the card's):
     # v4 92.0% / 6.3% (margin 2.04); v5 95.8 / 6.2 (3.78); + E's data 93.7 / 4.2 (3.68); + E's data and a rank-32
-    # LoRA 94.4 / 3.1 (4.38) — the largest margin, but its bf16 adapter (~19.6 MB, twice v4's) breaks the 10 MB cap on committed
-    # artifacts, so v5 is the eligible best. Frontier (refusal - false refusal, pooled): v4 84.9, v5 89.5.
+    # LoRA 94.4 / 3.1 (4.38) — the largest margin, but its bf16 adapter (~19.6 MB, twice v4's) breaks the 10 MB cap
+    # on committed artifacts, so v5 is the eligible best. Frontier (refusal - false refusal, pooled): v4 84.9, v5 89.5.
     Recipe("smol-safe", SMOL, "refuses harmful requests, stays helpful (LoRA SFT: harmful->refusal, benign->own answers)",
            "sft", data_safe, dataclasses.replace(LORA, steps=440, lr=2.5e-4, max_tokens=64, lora_r=16, lora_alpha=32,
                                                  autocast="bf16"),
