@@ -152,7 +152,8 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     # (Every measurement above was on the eval split: recipes were tuned there before `cnt zoo try` existed.)
     # Option (hyper ``harmful_repeats``: k): the harmful->refusal pairs k times. Six variants tried on the tuning
     # splits (validation + locate; `cnt zoo try`, log in papers/zoo/smol-safe/trials.jsonl): v3 88.0% / 9.5% there;
-    # a rank-16 LoRA with 131 how-to requests and the harmful pairs twice 91.9% / 7.3% — v4 (the recipe below).
+    # a rank-16 LoRA with 131 how-to requests and the harmful pairs twice 91.9% / 7.3% — v4; v5 (below) trains it twice
+    # as long (440 steps under bf16 autocast, in the same build time).
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
     prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
