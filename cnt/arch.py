@@ -7,9 +7,24 @@ A *neuron* is one unit of an MLP's intermediate layer: neuron ``k`` of layer ``l
 * plain MLPs (GPT-2, GPT-J, GPT-NeoX): the ``k``-th output of the input projection (weight and bias) and the ``k``-th input
   of the output projection. GPT-2's ``Conv1D`` stores weights transposed relative to ``nn.Linear``.
 
-Everything architecture-specific is in this file. The rest of the kit sees a neuron as a dict of named slices
-(``{"gate": [k, hidden], "up": [k, hidden], "down": [k, hidden]}``), neuron axis first, and an
-:class:`ArchFingerprint` that says whether two models can exchange neurons at all.
+Attention is cut into two more kinds of unit (:class:`AttentionUnits`), read from each model's config:
+
+* ``head`` — query head ``h`` owns its ``head_dim`` rows of the query projection (and their bias) and its ``head_dim``
+  columns of the attention output projection: what it attends *with* and what it writes back.
+* ``kv`` — key/value group ``g`` owns its rows of the key and value projections (and their biases). With grouped-query
+  attention (Llama 3, Qwen2, Gemma 3, SmolLM2: ``num_key_value_heads < num_attention_heads``) one k/v group serves
+  ``n_heads / n_kv_heads`` query heads, so it is a unit of its own: transferring a query head keeps the target's keys
+  and values, and transferring a k/v group changes what *every* query head of the group reads. Without GQA (GPT-2,
+  GPT-J, GPT-NeoX) group ``h`` is head ``h``'s own keys and values.
+
+Parameters shared by all heads (Gemma 3's ``q_norm``/``k_norm`` over ``head_dim``, the output projection's bias) belong
+to no unit and always stay the target's. Fused projections are split here: Phi-3's ``qkv_proj`` (q, then k, then v),
+GPT-2's ``c_attn`` (``Conv1D``: q | k | v along its output axis), GPT-NeoX's ``query_key_value`` (per head q, k, v
+interleaved: head ``h`` is rows ``3·h·d … 3·(h+1)·d``).
+
+Everything architecture-specific is in this file. The rest of the kit sees a unit as a dict of named slices
+(``{"gate": [k, hidden], "up": [k, hidden], "down": [k, hidden]}``, or ``{"q": [k, head_dim, hidden], "o": ...}``),
+unit axis first, and an :class:`ArchFingerprint` that says whether two models can exchange units at all.
 """
 
 from __future__ import annotations
@@ -43,6 +58,45 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class HeadSlot:
+    """Unit ``u`` (a query head or a k/v group) of a layer owns ``head_dim`` consecutive entries of ``param`` along
+    ``dim``, starting at ``(base[0]·n_heads + base[1]·n_kv_heads + base[2] + stride·u)·head_dim``."""
+
+    key: str
+    unit: str  # "head" or "kv"
+    module: str
+    param: str
+    dim: int
+    base: tuple[int, int, int] = (0, 0, 0)
+    stride: int = 1
+
+
+def _separate_qkvo(q: str, k: str, v: str, o: str, *, biases: bool = True) -> tuple[HeadSlot, ...]:
+    slots = [HeadSlot("q", "head", q, "weight", 0), HeadSlot("o", "head", o, "weight", 1),
+             HeadSlot("k", "kv", k, "weight", 0), HeadSlot("v", "kv", v, "weight", 0)]
+    if biases:  # Qwen2 has q/k/v biases; absent biases are skipped when read
+        slots += [HeadSlot("q_bias", "head", q, "bias", 0), HeadSlot("k_bias", "kv", k, "bias", 0),
+                  HeadSlot("v_bias", "kv", v, "bias", 0)]
+    return tuple(slots)
+
+
+_LLAMA_ATTN = _separate_qkvo("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_PHI3_ATTN = (HeadSlot("q", "head", "self_attn.qkv_proj", "weight", 0), HeadSlot("o", "head", "self_attn.o_proj", "weight", 1),
+              HeadSlot("k", "kv", "self_attn.qkv_proj", "weight", 0, (1, 0, 0)),
+              HeadSlot("v", "kv", "self_attn.qkv_proj", "weight", 0, (1, 1, 0)))
+_GPT2_ATTN = (HeadSlot("q", "head", "attn.c_attn", "weight", 1), HeadSlot("q_bias", "head", "attn.c_attn", "bias", 0),
+              HeadSlot("o", "head", "attn.c_proj", "weight", 0),
+              HeadSlot("k", "kv", "attn.c_attn", "weight", 1, (1, 0, 0)),
+              HeadSlot("k_bias", "kv", "attn.c_attn", "bias", 0, (1, 0, 0)),
+              HeadSlot("v", "kv", "attn.c_attn", "weight", 1, (2, 0, 0)),
+              HeadSlot("v_bias", "kv", "attn.c_attn", "bias", 0, (2, 0, 0)))
+_NEOX_ATTN = tuple(HeadSlot(key, unit, "attention.query_key_value", param, 0, (0, 0, j), 3)
+                   for j, (key, unit) in enumerate((("q", "head"), ("k", "kv"), ("v", "kv")))
+                   for param in ("weight", "bias")) + (HeadSlot("o", "head", "attention.dense", "weight", 1),)
+_NEOX_ATTN = tuple(dataclasses.replace(s, key=s.key + "_bias") if s.param == "bias" else s for s in _NEOX_ATTN)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
@@ -52,6 +106,8 @@ class Family:
     attn_out: str  # the attention block's output projection (writes into the residual stream)
     embeddings: str  # the token embedding module, from the *CausalLM* object
     intermediate_blocks: int = 1  # fused gate_up: 2
+    attn_slots: tuple[HeadSlot, ...] = ()  # where query heads and k/v groups live (empty: no attention units)
+    attn_module: str = "self_attn"  # the attention block (its config numbers are read from the model's config)
 
 
 _GATED = (
@@ -62,24 +118,28 @@ _GATED = (
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"), "model.layers", _GATED,
-           "mlp.up_proj", "self_attn.o_proj", "model.embed_tokens"),
+           "mlp.up_proj", "self_attn.o_proj", "model.embed_tokens", attn_slots=_LLAMA_ATTN),
     Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _GATED, "mlp.up_proj", "self_attn.o_proj",
-           "model.embed_tokens"),
+           "model.embed_tokens", attn_slots=_LLAMA_ATTN),
     Family("phi3", ("phi3",), "model.layers",
            (Slot("gate", "mlp.gate_up_proj", "weight", 0, 0), Slot("up", "mlp.gate_up_proj", "weight", 0, 1),
             Slot("down", "mlp.down_proj", "weight", 1)), "mlp.gate_up_proj", "self_attn.o_proj", "model.embed_tokens",
-           intermediate_blocks=2),
+           intermediate_blocks=2, attn_slots=_PHI3_ATTN),
     Family("gpt2", ("gpt2",), "transformer.h",
            (Slot("in", "mlp.c_fc", "weight", 1), Slot("in_bias", "mlp.c_fc", "bias", 0),
-            Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc", "attn.c_proj", "transformer.wte"),
+            Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc", "attn.c_proj", "transformer.wte",
+           attn_slots=_GPT2_ATTN, attn_module="attn"),
     Family("gptj", ("gptj",), "transformer.h",
            (Slot("in", "mlp.fc_in", "weight", 0), Slot("in_bias", "mlp.fc_in", "bias", 0),
-            Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in", "attn.out_proj", "transformer.wte"),
+            Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in", "attn.out_proj", "transformer.wte",
+           attn_slots=_separate_qkvo("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", biases=False),
+           attn_module="attn"),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
            (Slot("in", "mlp.dense_h_to_4h", "weight", 0), Slot("in_bias", "mlp.dense_h_to_4h", "bias", 0),
             Slot("out", "mlp.dense_4h_to_h", "weight", 1)), "mlp.dense_h_to_4h", "attention.dense",
-           "gpt_neox.embed_in"),
+           "gpt_neox.embed_in", attn_slots=_NEOX_ATTN, attn_module="attention"),
 )
+UNIT_KINDS = ("mlp", "head", "kv")  # MLP neurons, query heads, key/value groups
 
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
@@ -102,28 +162,48 @@ def family_of(model) -> Family:
 
 @dataclass(frozen=True)
 class ArchFingerprint:
-    """What must match for two models to exchange MLP neurons (independent of dtype and device)."""
+    """What must match for two models to exchange units (independent of dtype and device)."""
 
     family: str  # the model_type (llama, qwen2, gemma3_text, gpt2, ...): same layout is not the same architecture
     n_layers: int
     hidden_size: int
     intermediate_sizes: tuple[int, ...]  # per layer
+    attention: tuple[int, int, int] | None = None  # (n_heads, n_kv_heads, head_dim); None: no attention units known
 
     @property
     def n_neurons(self) -> int:
         return sum(self.intermediate_sizes)
 
+    def n_units(self, kind: str) -> int:
+        """Units of one kind in the whole model (MLP neurons, query heads or k/v groups)."""
+        if kind == "mlp":
+            return self.n_neurons
+        if self.attention is None:
+            raise UnsupportedArchitectureError(f"{self.family}: no attention units are known for this architecture")
+        return self.n_layers * self.attention[0 if kind == "head" else 1]
+
+    def mlp_only(self) -> "ArchFingerprint":
+        """The fingerprint without its attention layout (what patches of format version 1 recorded)."""
+        return dataclasses.replace(self, attention=None)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.attention is None:
+            del d["attention"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ArchFingerprint":
-        return cls(d["family"], int(d["n_layers"]), int(d["hidden_size"]), tuple(int(x) for x in d["intermediate_sizes"]))
+        att = d.get("attention")
+        return cls(d["family"], int(d["n_layers"]), int(d["hidden_size"]), tuple(int(x) for x in d["intermediate_sizes"]),
+                   tuple(int(x) for x in att) if att is not None else None)
 
     def __str__(self) -> str:
         inter = set(self.intermediate_sizes)
         inter_s = str(inter.pop()) if len(inter) == 1 else "/".join(map(str, self.intermediate_sizes))
-        return f"{self.family}(layers={self.n_layers}, hidden={self.hidden_size}, intermediate={inter_s})"
+        att = "" if self.attention is None else \
+            f", heads={self.attention[0]}, kv_heads={self.attention[1]}, head_dim={self.attention[2]}"
+        return f"{self.family}(layers={self.n_layers}, hidden={self.hidden_size}, intermediate={inter_s}{att})"
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -155,8 +235,9 @@ class MLPNeurons:
 
     def fingerprint(self) -> ArchFingerprint:
         emb = self.model.get_input_embeddings().weight
+        layout = AttentionUnits(self.model, "head").layout if self.family.attn_slots else None
         return ArchFingerprint(self.model.config.model_type, self.n_layers, int(emb.shape[1]),
-                               tuple(self.intermediate_size(i) for i in range(self.n_layers)))
+                               tuple(self.intermediate_size(i) for i in range(self.n_layers)), layout)
 
     def slots(self) -> tuple[Slot, ...]:
         return self.family.slots
@@ -204,6 +285,10 @@ class MLPNeurons:
         """Number of scalar parameters one neuron of ``layer`` owns (e.g. 3·hidden for a gated MLP without biases)."""
         return sum(p.numel() // p.shape[slot.dim] for slot, p in self._active_slots(layer))
 
+    kind = "mlp"
+    n_units = intermediate_size  # the interface every kind of unit shares (see AttentionUnits)
+    params_per_unit = params_per_neuron
+
     def residual_writers(self) -> list[tuple[str, nn.Module, int]]:
         """Every module that writes into the residual stream, with the axis of its weight that is the hidden
         dimension: the token embeddings, then per layer the attention and MLP output projections.
@@ -221,6 +306,117 @@ class MLPNeurons:
     def mlp_output_module(self, layer: int) -> nn.Module:
         """The module whose *input* is the neuron activation vector (down_proj / c_proj / fc_out / dense_4h_to_h)."""
         return _getattr_path(self.layers[layer], self.family.slots[-1].module)
+
+
+class AttentionUnits:
+    """Read and write one kind of attention unit — query heads (``kind="head"``) or key/value groups (``"kv"``) — of
+    one model, addressed by ``(layer, indices)``, with the same interface as :class:`MLPNeurons`.
+
+    ``read(layer, idx)`` returns ``{"q": [k, head_dim, hidden], "o": [k, head_dim, hidden], ...}`` (unit axis first,
+    then the unit's ``head_dim`` rows or columns, each moved to the front of its parameter's axis); ``write`` is its
+    bit-exact inverse. The numbers of heads come from the config and are checked against every layer's projections,
+    so a layout this adapter does not know is refused before anything is read.
+    """
+
+    def __init__(self, model: nn.Module, kind: str = "head"):
+        if kind not in ("head", "kv"):
+            raise ValueError(f"attention unit kind must be 'head' or 'kv', got {kind!r}")
+        self.model, self.kind = model, kind
+        self.family = family_of(model)
+        if not self.family.attn_slots:
+            raise UnsupportedArchitectureError(
+                f"{self.family.name}: attention units are not mapped for this architecture; use MLP neurons only, or "
+                "add attn_slots to its Family in cnt/arch.py")
+        self.layers = _getattr_path(model, self.family.layers_path)
+        cfg = model.config
+        n_heads = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+        if n_heads % n_kv:
+            raise UnsupportedArchitectureError(f"{n_heads} query heads do not split into {n_kv} key/value groups")
+        self.layout = (n_heads, n_kv, head_dim)
+        self.slots = tuple(s for s in self.family.attn_slots if s.unit == kind)
+        for layer in range(len(self.layers)):  # the layout must tile every projection exactly, or nothing is read
+            owned: dict[tuple[str, str], int] = {}
+            for slot in self.family.attn_slots:
+                owned[(slot.module, slot.param)] = owned.get((slot.module, slot.param), 0) + \
+                    (n_heads if slot.unit == "head" else n_kv) * head_dim
+            for slot in self.family.attn_slots:
+                p = self._param(layer, slot)
+                if p is not None and p.shape[slot.dim] != owned[(slot.module, slot.param)]:
+                    raise UnsupportedArchitectureError(
+                        f"layer {layer}: {slot.module}.{slot.param} has {p.shape[slot.dim]} entries along axis "
+                        f"{slot.dim}, but the config's attention layout (heads={n_heads}, kv_heads={n_kv}, "
+                        f"head_dim={head_dim}) tiles {owned[(slot.module, slot.param)]}: this head layout is not "
+                        "supported (refused before anything is read)")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def n_units(self, layer: int = 0) -> int:
+        return self.layout[0] if self.kind == "head" else self.layout[1]
+
+    def group_of(self, head: int) -> int:
+        """The k/v group query head ``head`` reads (GQA: ``n_heads / n_kv_heads`` consecutive heads share one)."""
+        return head // (self.layout[0] // self.layout[1])
+
+    def _start(self, slot: HeadSlot) -> int:
+        n_heads, n_kv, d = self.layout
+        return (slot.base[0] * n_heads + slot.base[1] * n_kv + slot.base[2]) * d
+
+    def _param(self, layer: int, slot: HeadSlot) -> torch.Tensor | None:
+        return getattr(_getattr_path(self.layers[layer], slot.module), slot.param, None)
+
+    def _active_slots(self, layer: int) -> Iterator[tuple[HeadSlot, torch.Tensor]]:
+        for slot in self.slots:
+            p = self._param(layer, slot)
+            if p is not None:
+                yield slot, p
+
+    def _index(self, slot: HeadSlot, idx: torch.Tensor, device) -> torch.Tensor:
+        d = self.layout[2]
+        rows = self._start(slot) + slot.stride * d * idx.to(torch.long)[:, None] + torch.arange(d)[None, :]
+        return rows.flatten().to(device)
+
+    def read(self, layer: int, idx: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        d = self.layout[2]
+        out = {}
+        for slot, p in self._active_slots(layer):
+            sel = p.detach().index_select(slot.dim, self._index(slot, idx, p.device)).movedim(slot.dim, 0)
+            out[slot.key] = sel.reshape(len(idx), d, *sel.shape[1:]).clone()
+        return out
+
+    @torch.no_grad()
+    def write(self, layer: int, idx: torch.Tensor | Sequence[int], values: dict[str, torch.Tensor]) -> None:
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        active = {s.key: (s, p) for s, p in self._active_slots(layer)}
+        if set(values) != set(active):
+            raise ValueError(f"layer {layer}: expected {self.kind} slices {sorted(active)}, got {sorted(values)}")
+        for key, (slot, p) in active.items():
+            v = values[key].to(device=p.device, dtype=p.dtype)
+            v = v.reshape(v.shape[0] * v.shape[1], *v.shape[2:]).movedim(0, slot.dim)
+            p.index_copy_(slot.dim, self._index(slot, idx, p.device), v)
+
+    def param_names(self, layer: int) -> dict[str, str]:
+        return {s.key: f"{self.family.layers_path}.{layer}.{s.module}.{s.param}" for s, _ in self._active_slots(layer)}
+
+    def params_per_unit(self, layer: int) -> int:
+        d = self.layout[2]
+        return sum(d * (p.numel() // p.shape[slot.dim]) for slot, p in self._active_slots(layer))
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return _getattr_path(self.layers[layer], self.family.attn_module)
+
+
+def units(model: nn.Module, kind: str) -> "MLPNeurons | AttentionUnits":
+    """The reader/writer of one kind of unit (``"mlp"``, ``"head"`` or ``"kv"``; see :data:`UNIT_KINDS`)."""
+    if kind == "mlp":
+        return MLPNeurons(model)
+    if kind in ("head", "kv"):
+        return AttentionUnits(model, kind)
+    raise ValueError(f"unknown unit kind {kind!r}; kinds: {', '.join(UNIT_KINDS)}")
 
 
 def fingerprint(model: nn.Module) -> ArchFingerprint:

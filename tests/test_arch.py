@@ -107,7 +107,7 @@ def test_fingerprints():
 
 def test_fingerprint_real_model_differs_from_tiny(smol):
     fp = fingerprint(smol[0])
-    assert fp == ArchFingerprint("llama", 30, 576, (1536,) * 30)
+    assert fp == ArchFingerprint("llama", 30, 576, (1536,) * 30, (9, 3, 64))  # SmolLM2: GQA, 3 k/v groups
     with pytest.raises(IncompatibleModelsError, match="different architectures"):
         check_compatible(smol[0], tiny_model("llama"))
 

@@ -170,3 +170,95 @@ def test_other_families(model_type):
     assert not _same(before, target.state_dict())
     patch.revert(target)
     assert _same(before, target.state_dict())
+
+
+MIXED = {"mlp": {0: [1, 5], 1: [95]}, "head": {1: [0, 3]}, "kv": {0: [1]}}
+GAMMA = {"mlp": {0: [0.5, 2.0], 1: [3.0]}, "head": {1: [1.0, 0.25]}, "kv": {0: [1.5]}}
+
+
+def _gqa(seed):
+    return tiny_model("llama", seed=seed, num_key_value_heads=2)
+
+
+def test_mixed_neuron_head_patch_with_per_unit_gamma_round_trips(tmp_path):
+    from cnt.arch import units
+
+    donor, target = _gqa(1), _gqa(0)
+    before = _state(target)
+    patch = NeuronPatch.extract(donor, target, MIXED, gamma=GAMMA, alpha=1.0)
+    assert patch.n_units("head") == 2 and patch.n_units("kv") == 1 and patch.n_neurons == 3
+    per_head, per_kv = 2 * 16 * 64, 2 * 16 * 64
+    assert patch.n_params == 3 * 3 * 64 + 2 * per_head + per_kv
+    patch.apply(target)
+    for kind, per_layer in MIXED.items():  # each unit moved by its own gamma
+        for layer, idx in per_layer.items():
+            got = units(target, kind).read(layer, idx)
+            t0 = units(_gqa(0), kind).read(layer, idx)
+            d0 = units(donor, kind).read(layer, idx)
+            g = torch.tensor(GAMMA[kind][layer])
+            for k in got:
+                shape = (-1,) + (1,) * (got[k].dim() - 1)
+                assert torch.allclose(got[k], t0[k] + g.view(shape) * (d0[k] - t0[k])), (kind, layer, k)
+    direct = _state(target)
+    loaded = NeuronPatch.load(patch.save(tmp_path / "p"))
+    assert torch.equal(loaded.gamma["head"][1], torch.tensor([1.0, 0.25]))
+    with pytest.raises(PatchError, match="already applied"):
+        loaded.apply(target)
+    loaded.revert(target)
+    assert _same(before, _state(target))  # revert bit-exact
+    loaded.apply(target)
+    assert _same(direct, _state(target))  # save -> load -> apply equals direct apply
+    meta = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert meta["units"] == {"mlp": 3, "head": 2, "kv": 1} and meta["per_unit_gamma"] is True
+    assert meta["param_fraction"] == pytest.approx(patch.n_params / sum(p.numel() for p in target.parameters()))
+
+
+def test_global_alpha_is_the_special_case_of_per_unit_gamma():
+    donor, target = _gqa(1), _gqa(0)
+    a = NeuronPatch.extract(donor, target, MIXED, alpha=2.0)
+    gam = {k: {layer: [1.0] * len(i) for layer, i in v.items()} for k, v in MIXED.items()}
+    b = NeuronPatch.extract(donor, target, MIXED, alpha=2.0, gamma=gam)
+    t2 = _gqa(0)
+    a.apply(target)
+    b.apply(t2)
+    assert _same(_state(target), _state(t2))
+
+
+def test_gamma_is_checked_and_follows_unsorted_indices():
+    donor, target = _gqa(1), _gqa(0)
+    with pytest.raises(PatchError, match="finite and >= 0"):
+        NeuronPatch.extract(donor, target, {0: [1]}, gamma={0: [float("nan")]})
+    with pytest.raises(PatchError, match="2 amplitudes for 1 units"):
+        NeuronPatch.extract(donor, target, {0: [1]}, gamma={0: [1.0, 2.0]})
+    with pytest.raises(PatchError, match=r"head layer 0: unit indices must lie in \[0, 4\)"):
+        NeuronPatch.extract(donor, target, {"head": {0: [4]}})
+    p = NeuronPatch.extract(donor, target, {0: [9, 2]}, gamma={0: [3.0, 0.5]})
+    assert p.indices[0].tolist() == [2, 9] and p.gamma["mlp"][0].tolist() == [0.5, 3.0]
+
+
+def test_a_version_1_patch_file_still_loads_and_applies(pair, tmp_path):
+    """Format version 1 (PR before per-unit gamma and heads): tensors ``layers.{l}.*``, a fingerprint without heads."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    donor, target = pair
+    patch = NeuronPatch.extract(donor, target, IDX, alpha=1.5)
+    d = tmp_path / "v1"
+    d.mkdir()
+    tensors = {name.replace("mlp.", "layers.", 1): t for name, t in patch._tensors().items()}
+    save_file(tensors, str(d / "patch.safetensors"))
+    fp = patch.fingerprint.mlp_only().to_dict()
+    assert "attention" not in fp
+    meta = {"format": "cnt.NeuronPatch", "format_version": 1, "fingerprint": fp, "donor": "d", "target": "t",
+            "alpha": 1.5, "provenance": {}, "target_total_params": patch.target_total_params,
+            "sha256": hashlib.sha256((d / "patch.safetensors").read_bytes()).hexdigest()}
+    (d / "patch.json").write_text(json.dumps(meta))
+    old = NeuronPatch.load(d)
+    assert old.fingerprint.attention is None and old.n_neurons == 5
+    direct = tiny_model("llama", seed=0)
+    patch.apply(direct)
+    old.apply(target)
+    assert _same(_state(direct), _state(target))
+    old.revert(target)
+    assert _same(_state(tiny_model("llama", seed=0)), _state(target))
