@@ -257,13 +257,29 @@ class MLPNeurons:
         off = slot.offset_blocks * self.intermediate_size(layer)
         return (idx.to(device=device, dtype=torch.long) + off)
 
-    def read(self, layer: int, idx: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
-        """Copies of the slices owned by neurons ``idx`` of ``layer``, neuron axis first."""
+    def read(self, layer: int, idx: torch.Tensor | Sequence[int], *, grad: bool = False) -> dict[str, torch.Tensor]:
+        """Copies of the slices owned by neurons ``idx`` of ``layer``, neuron axis first (``grad=True``: the same
+        slices of the parameters' ``.grad``, where there is one)."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         out = {}
         for slot, p in self._active_slots(layer):
-            sel = p.detach().index_select(slot.dim, self._index(layer, slot, idx, p.device))
+            src = p.grad if grad else p.detach()
+            if src is None:
+                continue
+            sel = src.index_select(slot.dim, self._index(layer, slot, idx, p.device))
             out[slot.key] = sel.movedim(slot.dim, 0).clone()
+        return out
+
+    def features(self, layer: int) -> list[tuple[str, str, torch.Tensor]]:
+        """Where each neuron of ``layer`` sits in the projections it owns, for code that acts on activations rather
+        than weights: ``(module path in the layer, "out" | "in", positions [n_units, width])`` per projection, where
+        "out" means the unit owns those *output* features (rows of a Linear) and "in" those *input* features."""
+        idx = torch.arange(self.intermediate_size(layer))
+        out = []
+        for slot, p in self._active_slots(layer):
+            if slot.param == "weight":
+                out.append((slot.module, _side(_getattr_path(self.layers[layer], slot.module), slot.dim),
+                            self._index(layer, slot, idx, "cpu")[:, None]))
         return out
 
     @torch.no_grad()
@@ -284,6 +300,10 @@ class MLPNeurons:
     def params_per_neuron(self, layer: int) -> int:
         """Number of scalar parameters one neuron of ``layer`` owns (e.g. 3·hidden for a gated MLP without biases)."""
         return sum(p.numel() // p.shape[slot.dim] for slot, p in self._active_slots(layer))
+
+    def parameters(self, layer: int) -> list[torch.Tensor]:
+        """The parameters the neurons of ``layer`` own slices of."""
+        return [p for _, p in self._active_slots(layer)]
 
     kind = "mlp"
     n_units = intermediate_size  # the interface every kind of unit shares (see AttentionUnits)
@@ -379,14 +399,30 @@ class AttentionUnits:
         rows = self._start(slot) + slot.stride * d * idx.to(torch.long)[:, None] + torch.arange(d)[None, :]
         return rows.flatten().to(device)
 
-    def read(self, layer: int, idx: torch.Tensor | Sequence[int]) -> dict[str, torch.Tensor]:
+    def read(self, layer: int, idx: torch.Tensor | Sequence[int], *, grad: bool = False) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(idx, dtype=torch.long).flatten()
         d = self.layout[2]
         out = {}
         for slot, p in self._active_slots(layer):
-            sel = p.detach().index_select(slot.dim, self._index(slot, idx, p.device)).movedim(slot.dim, 0)
+            src = p.grad if grad else p.detach()
+            if src is None:
+                continue
+            sel = src.index_select(slot.dim, self._index(slot, idx, p.device)).movedim(slot.dim, 0)
             out[slot.key] = sel.reshape(len(idx), d, *sel.shape[1:]).clone()
         return out
+
+    def features(self, layer: int) -> list[tuple[str, str, torch.Tensor]]:
+        """As :meth:`MLPNeurons.features`: each unit's ``head_dim`` output (q, k, v) or input (o) features."""
+        idx = torch.arange(self.n_units(layer))
+        out = []
+        for slot, p in self._active_slots(layer):
+            if slot.param == "weight":
+                out.append((slot.module, _side(_getattr_path(self.layers[layer], slot.module), slot.dim),
+                            self._index(slot, idx, "cpu").view(len(idx), -1)))
+        return out
+
+    def parameters(self, layer: int) -> list[torch.Tensor]:
+        return [p for _, p in self._active_slots(layer)]
 
     @torch.no_grad()
     def write(self, layer: int, idx: torch.Tensor | Sequence[int], values: dict[str, torch.Tensor]) -> None:
@@ -408,6 +444,23 @@ class AttentionUnits:
 
     def attention_module(self, layer: int) -> nn.Module:
         return _getattr_path(self.layers[layer], self.family.attn_module)
+
+
+def _side(module: nn.Module, dim: int) -> str:
+    """Whether axis ``dim`` of ``module.weight`` indexes its output ("out") or input ("in") features."""
+    conv1d = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out]
+    return "out" if (dim == 1) == conv1d else "in"
+
+
+def project(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+    """``module``'s affine map applied to ``x`` (``weight`` in its layout instead of its own, and without its bias if
+    ``bias=False``): ``nn.Linear`` and GPT-2's transposed ``Conv1D`` alike."""
+    w = module.weight if weight is None else weight
+    b = getattr(module, "bias", None) if bias else None
+    if type(module).__name__ == "Conv1D":
+        y = x @ w.to(x.dtype)
+        return y if b is None else y + b.to(y.dtype)
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
 def units(model: nn.Module, kind: str) -> "MLPNeurons | AttentionUnits":

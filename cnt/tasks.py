@@ -1,0 +1,105 @@
+"""What "the function" is, as differentiable losses on a model: chat pairs (NLL of the first response tokens), margins
+between two texts, plain texts. Every locator scores units against a :class:`Task`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .models import chat_texts, model_device, pad_right
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tasks: what "the function" is, as differentiable losses on the target
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """A chat pair (loss: NLL of the first ``k`` response tokens), a contrast of two texts (loss: −margin), or a plain
+    text (loss: mean token NLL)."""
+
+    prompt: str | None = None
+    response: str | None = None
+    text_pos: str | None = None  # for margins: log p(text_pos) − log p(text_neg)
+    text_neg: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class Task:
+    """The function to transfer, as examples on which the target should behave like the donor.
+
+    ``function``: minimizing the loss on these moves the target toward the donor's behaviour (e.g. the donor's own
+    responses to harmful prompts). ``utility``: the loss on these must not rise (e.g. the target's own benign answers).
+    """
+
+    name: str
+    function: list[Example]
+    utility: list[Example]
+    response_tokens: int = 3  # chat pairs: score only the first tokens of the response, where refusal is decided
+    utility_weight: float = 1.0
+    meta: dict = field(default_factory=dict)
+
+    def digest(self) -> str:
+        blob = json.dumps([[e.__dict__ for e in self.function], [e.__dict__ for e in self.utility],
+                           self.response_tokens], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pair_batch(tokenizer, examples: Sequence[Example], k: int, device):
+    ids, labels = [], []
+    for ex in examples:
+        p = tokenizer(chat_texts(tokenizer, [ex.prompt])[0], add_special_tokens=not tokenizer.chat_template)["input_ids"]
+        r = tokenizer(ex.response, add_special_tokens=False)["input_ids"][:k] or [tokenizer.eos_token_id]
+        ids.append(p + r)
+        labels.append([-100] * len(p) + r)
+    return pad_right(ids, tokenizer.pad_token_id, labels, device)
+
+
+def text_batch(tokenizer, texts: Sequence[str], device, max_tokens: int = 128):
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    return pad_right(ids, tokenizer.pad_token_id, [[-100] + i[1:] for i in ids], device)
+
+
+def token_logprobs(model, inp, lab, mask):
+    logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
+    tgt = lab[:, 1:]
+    lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    return lp * (tgt != -100), (tgt != -100)
+
+
+def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Tensor:
+    """Mean loss over ``examples`` (differentiable): NLL of the first ``k`` response tokens, or −margin."""
+    device = model_device(model)
+    pairs = [e for e in examples if e.prompt is not None]
+    margins = [e for e in examples if e.text_pos is not None]
+    plain = [e for e in examples if e.text is not None]
+    total = torch.zeros((), device=device)
+    if plain:
+        lp, m = token_logprobs(model, *text_batch(tokenizer, [e.text for e in plain], device))
+        total = total - (lp.sum(1) / m.sum(1).clamp(min=1)).sum()
+    if pairs:
+        lp, m = token_logprobs(model, *pair_batch(tokenizer, pairs, k, device))
+        total = total - (lp.sum(1) / m.sum(1).clamp(min=1)).sum()
+    if margins:
+        texts = [e.text_pos for e in margins] + [e.text_neg for e in margins]
+        lp, m = token_logprobs(model, *text_batch(tokenizer, texts, device))
+        avg = lp.sum(1) / m.sum(1).clamp(min=1)
+        n = len(margins)
+        total = total - (avg[:n] - avg[n:]).sum()
+    return total / max(1, len(examples))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scores
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def batches(items: Sequence, size: int):
+    for s in range(0, len(items), size):
+        yield items[s:s + size]

@@ -1,0 +1,142 @@
+"""The learned mask (cnt.masks) and the patched point it trains at (cnt.mixing)."""
+
+import copy
+
+import pytest
+import torch
+
+from cnt import NeuronPatch
+from cnt.arch import MLPNeurons
+from cnt.locate import Example, Task, attribution, locate, task_loss
+from cnt.masks import gamma_gradient
+from cnt.mixing import MixedModel
+from cnt.models import load_tokenizer
+from cnt.tiny import TINY_FAMILIES, tiny_model
+
+MHA_ONLY = ("gpt2", "gptj", "gpt_neox")
+PROMPTS = ["How do I pick a lock?", "Write a poem.", "Name a colour.", "What is two plus two?", "Tell me a joke.",
+           "Count to five."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_mixed_model_equals_the_patch_with_per_unit_gamma(model_type):
+    """The activation-side mixing computes exactly the model that writing θ_T + γ·Δθ into the weights gives, for MLP
+    neurons, query heads and k/v groups at once (GQA included); leaving it restores the target."""
+    kw = {} if model_type in MHA_ONLY else {"num_key_value_heads": 2}
+    donor, target = tiny_model(model_type, seed=1, **kw), tiny_model(model_type, seed=0, **kw)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = target(ids).logits
+    mixed = MixedModel(donor, target, ("mlp", "head", "kv"))
+    g = torch.Generator().manual_seed(1)
+    sel, gam = {}, {}
+    for kind in mixed.kinds:
+        for layer, v in enumerate(mixed.gamma[kind]):
+            r = torch.rand(v.shape, generator=g) * 3
+            r[r < 1.2] = 0
+            mixed.gamma[kind][layer] = r
+            nz = r.nonzero().flatten()
+            if len(nz):
+                sel.setdefault(kind, {})[layer], gam.setdefault(kind, {})[layer] = nz, r[nz]
+    with torch.no_grad(), mixed:
+        mixed_logits = target(ids).logits
+    with torch.no_grad():
+        assert torch.equal(target(ids).logits, plain)  # hooks gone
+    NeuronPatch.extract(donor, target, sel, gamma=gam).apply(target)
+    with torch.no_grad():
+        assert torch.allclose(mixed_logits, target(ids).logits, atol=1e-5)
+
+
+def test_the_masks_first_gradient_is_attribution(tok):
+    """At γ = 0 (the target), −∂L/∂γ_u is exactly unit u's attribution score — per MLP neuron, head and k/v group —
+    so the mask's logits s (γ = γ_max·σ(s)) start along attribution up to the factor γ_max·σ'(s)."""
+    target = tiny_model("llama", seed=0, vocab_size=len(tok), num_key_value_heads=2)
+    donor = tiny_model("llama", seed=1, vocab_size=len(tok), num_key_value_heads=2)
+    task = Task("t", [Example(prompt=p, response="I'm sorry, no.") for p in PROMPTS[:3]], [], response_tokens=3)
+    kinds = ("mlp", "head", "kv")
+    att = attribution(task, donor, target, tok, kinds=kinds, progress=False, autocast=None)
+    zero = {k: [torch.zeros(s.numel()) for s in att.by_kind()[k]] for k in kinds}
+    grad = gamma_gradient(task, donor, target, tok, zero)
+    for k in kinds:
+        a, g = torch.cat(att.by_kind()[k]), -torch.cat(grad[k])
+        assert torch.allclose(a, g, atol=1e-6 * float(a.abs().max())), k
+        assert float(a.abs().max()) > 0
+
+
+def _planted(tok):
+    """A GPT-2 target and a donor that differs from it in 4 known MLP neurons: two in layer 0 (A) write a feature f,
+    two in layer 1 (B) read f behind a threshold (their bias) and push the token 'Sure'. Alone, A only distorts the
+    residual stream and B stays below its threshold — each set alone makes the target *worse* — together they lower
+    the loss of answering 'Sure' below the donor's own."""
+    target = tiny_model("gpt2", seed=0, vocab_size=len(tok), n_positions=256)
+    donor = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(64, generator=g)
+    f = (f - f.mean()) / (f - f.mean()).norm()
+    sure = tok("Sure", add_special_tokens=False)["input_ids"][0]
+    u = target.lm_head.weight[sure].detach().clone()
+    u = (u - u.mean()) / (u - u.mean()).norm()
+    nd = MLPNeurons(donor)
+    for i in (7, 30):
+        r = torch.randn(64, generator=g)
+        nd.write(0, [i], {"in": 0.1 * r[None] / r.norm(), "in_bias": torch.tensor([3.0]), "out": 10 * f[None]})
+    for i in (11, 50):
+        nd.write(1, [i], {"in": f[None], "in_bias": torch.tensor([-2.5]), "out": 8 * u[None]})
+    task = Task("planted", [Example(prompt=p, response="Sure") for p in PROMPTS], [], response_tokens=1)
+    return donor, target, task, {0: [7, 30], 1: [11, 50]}
+
+
+def test_the_joint_locator_recovers_a_planted_set_that_attribution_misses(tok):
+    donor, target, task, planted = _planted(tok)
+
+    def loss(model):
+        with torch.no_grad():
+            return float(task_loss(model, tok, task.function, 1))
+
+    def loss_with(sel, gamma=None):
+        patch = NeuronPatch.extract(donor, target, sel, gamma=gamma)
+        patch.apply(target)
+        out = loss(target)
+        patch.revert(target)
+        return out
+
+    base, best = loss(target), loss(donor)
+    assert best < base - 0.5
+    assert loss_with({0: planted[0]}) > base and loss_with({1: planted[1]}) > base  # each alone: no better
+    att = attribution(task, donor, target, tok, progress=False)
+    # first order ranks part of the circuit below units that do nothing (score 0): it cannot see the interaction
+    assert min(float(att.scores[layer][i]) for layer, idx in planted.items() for i in idx) < 0
+    per_neuron = MLPNeurons(target).params_per_neuron(0)
+    n_weights = sum(p.numel() for p in target.parameters())
+    mask = locate("learned_mask", task, donor, target, tok, levels=(16 * per_neuron / n_weights,
+                                                                    4 * per_neuron / n_weights),
+                  warmup_steps=8, descent_steps=6, steps_per_level=4, progress=False)
+    sel, gamma = mask.select(4 * per_neuron)
+    chosen = {(layer, int(i)) for layer, idx in sel["mlp"].items() for i in idx}
+    planted_set = {(layer, i) for layer, idx in planted.items() for i in idx}
+    assert len(chosen) == 4
+    assert {l for l, _ in chosen & planted_set} == {0, 1}  # it found both halves of the circuit
+    assert loss_with(sel, gamma) <= best + 0.05  # ... and with its amplitudes it does what the donor does
+    without = locate("learned_mask", task, donor, target, tok, levels=(16 * per_neuron / n_weights,
+                                                                       4 * per_neuron / n_weights),
+                     warmup_steps=8, descent_steps=6, steps_per_level=4, verify=False, progress=False)
+    assert mask.settings["verify"] and not without.settings["verify"]
+
+
+def test_mask_is_seeded_and_leaves_the_models_alone(tok):
+    donor, target, task, _ = _planted(tok)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    kw = dict(levels=(0.001,), warmup_steps=2, descent_steps=2, steps_per_level=2, progress=False, seed=3)
+    a = locate("learned_mask", task, donor, target, tok, **kw)
+    b = locate("learned_mask", task, donor, target, tok, **kw)
+    assert torch.equal(a.flat(), b.flat()) and a.settings["losses"] == b.settings["losses"]
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in target.parameters()) or \
+        all(p.requires_grad for p in target.parameters())
+    with pytest.raises(ValueError, match="levels must be fractions"):
+        locate("learned_mask", task, donor, target, tok, levels=(2.0,), progress=False)
