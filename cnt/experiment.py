@@ -32,7 +32,7 @@ from .arch import check_compatible, total_params
 from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
 from .locate import locate
 from .models import load_model, load_tokenizer
-from .search import Proxy, build_task, choose, judge, minimal_subset
+from .search import Proxy, build_task, choose, judge, minimal_subset, pick
 from .transfer import NeuronPatch, transfer_all
 
 APPLICATIONS = {
@@ -352,7 +352,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
             k = max(1, round(b * fp.n_neurons))
             candidates = []
             for a in config.alphas:
-                patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=a)
+                sel, gamma = pick(scores, k)
+                patch = NeuronPatch.extract(donor, target, sel, alpha=a, gamma=gamma)
                 patch.apply(target)
                 candidates.append((patch, val.assess(target)))
                 patch.revert(target)
@@ -373,7 +374,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         timings["search"] = res.seconds
         methods["cnt_minimal"] = []
         if res.reached:
-            patch = NeuronPatch.extract(donor, target, ranked[best.removeprefix("cnt_")].top(res.k), alpha=res.alpha)
+            sel, gamma = pick(ranked[best.removeprefix("cnt_")], res.k)
+            patch = NeuronPatch.extract(donor, target, sel, alpha=res.alpha, gamma=gamma)
             patch.apply(target)
             rep = ev(target, "cnt-minimal")
             patch.revert(target)

@@ -121,7 +121,7 @@ class Proxy:
 
 @dataclass
 class SearchStep:
-    k: int
+    k: int  # the budget, in MLP neurons (or their weight, in units of every kind)
     alpha: float
     score: float
     share: float
@@ -129,6 +129,7 @@ class SearchStep:
     drift: float | None
     ok: bool
     utility_ok: bool = True
+    param_fraction: float | None = None  # the patch's share of the model's weights
 
 
 @dataclass
@@ -146,6 +147,15 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "steps": [asdict(s) for s in self.steps]}
+
+
+def pick(scores: NeuronScores, k: int) -> tuple[dict, dict | None]:
+    """The units a budget of ``k`` MLP neurons buys: the top ``k`` neurons, or — when the scores also cover heads and
+    k/v groups, or carry learned amplitudes — the best units of every kind within the weights of ``k`` neurons.
+    Returns ``(selection, gamma)`` for :meth:`NeuronPatch.extract` (``gamma`` ``None``: one global α)."""
+    if not scores.units and not scores.gamma:
+        return scores.top(k), None
+    return scores.select(k * scores.costs["mlp"][0])
 
 
 def _share(score: float, t: float, d: float) -> float:
@@ -206,13 +216,15 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     bar = tqdm(desc="minimal subset", disable=not progress, leave=False)
 
     def trial(k: int, alpha: float) -> SearchStep:
-        patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=alpha)
+        sel, gamma = pick(scores, k)
+        patch = NeuronPatch.extract(donor, target, sel, alpha=alpha, gamma=gamma)
         patch.apply(work)
         m = proxy.measure(work, tokenizer)
         patch.revert(work)
         v = judge(m, base, don, proxy.function, goal=goal, max_ppl_increase=max_ppl_increase,
                   max_drift_share=max_drift_share)
-        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"])
+        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"],
+                          patch.param_fraction)
         steps.append(step)
         bar.update()
         return step
@@ -291,7 +303,8 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
         chosen_alpha = alphas[0]
     provenance = {"scorer": scorer, "function": function, "task_digest": task.digest(), "seed": seed,
                   "budget": budget, "split": "locate"}
-    patch = NeuronPatch.extract(donor, target, scores.top(k), alpha=chosen_alpha, donor_name=donor_name,
+    sel, gamma = pick(scores, k)
+    patch = NeuronPatch.extract(donor, target, sel, alpha=chosen_alpha, gamma=gamma, donor_name=donor_name,
                                 target_name=target_name, provenance=provenance)
     info["seconds"] = round(time.time() - t0, 1)
     return patch, info

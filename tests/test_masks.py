@@ -115,23 +115,21 @@ def test_the_joint_locator_recovers_a_planted_set_that_attribution_misses(tok):
     n_weights = sum(p.numel() for p in target.parameters())
     mask = locate("learned_mask", task, donor, target, tok, levels=(16 * per_neuron / n_weights,
                                                                     4 * per_neuron / n_weights),
-                  warmup_steps=8, descent_steps=6, steps_per_level=4, progress=False)
+                  warmup_steps=6, descent_steps=4, steps_per_level=3, progress=False)
     sel, gamma = mask.select(4 * per_neuron)
     chosen = {(layer, int(i)) for layer, idx in sel["mlp"].items() for i in idx}
     planted_set = {(layer, i) for layer, idx in planted.items() for i in idx}
     assert len(chosen) == 4
     assert {l for l, _ in chosen & planted_set} == {0, 1}  # it found both halves of the circuit
     assert loss_with(sel, gamma) <= best + 0.05  # ... and with its amplitudes it does what the donor does
-    without = locate("learned_mask", task, donor, target, tok, levels=(16 * per_neuron / n_weights,
-                                                                       4 * per_neuron / n_weights),
-                     warmup_steps=8, descent_steps=6, steps_per_level=4, verify=False, progress=False)
-    assert mask.settings["verify"] and not without.settings["verify"]
 
 
 def test_mask_is_seeded_and_leaves_the_models_alone(tok):
     donor, target, task, _ = _planted(tok)
+    task = Task("planted", task.function[:2], [], response_tokens=1)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    kw = dict(levels=(0.001,), warmup_steps=2, descent_steps=2, steps_per_level=2, progress=False, seed=3)
+    kw = dict(levels=(0.001,), warmup_steps=1, descent_steps=1, steps_per_level=1, progress=False, seed=3,
+              check_examples=2)
     a = locate("learned_mask", task, donor, target, tok, **kw)
     b = locate("learned_mask", task, donor, target, tok, **kw)
     assert torch.equal(a.flat(), b.flat()) and a.settings["losses"] == b.settings["losses"]
