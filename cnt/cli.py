@@ -184,6 +184,22 @@ def _budget(value: str):
     return b
 
 
+def _scorers() -> list[str]:
+    from .locate import SCORERS
+
+    return list(SCORERS)
+
+
+def _units(value: str) -> tuple[str, ...]:
+    from .arch import UNIT_KINDS
+
+    kinds = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown unit kinds {bad or [value]}; kinds: {', '.join(UNIT_KINDS)}")
+    return kinds
+
+
 def _cmd_transfer(args) -> int:
     from .arch import check_compatible
     from .models import load_model, load_tokenizer
@@ -194,7 +210,7 @@ def _cmd_transfer(args) -> int:
     check_compatible(donor, target)  # refused before any compute
     tok = load_tokenizer(args.target)
     patch, info = transfer(donor, target, tok, args.function, budget=args.budget, scorer=args.scorer,
-                           alpha=args.alpha if len(args.alpha) > 1 else args.alpha[0], seed=args.seed,
+                           kinds=args.units, alpha=args.alpha if len(args.alpha) > 1 else args.alpha[0], seed=args.seed,
                            donor_name=args.donor, target_name=args.target)
     out = patch.save(args.out)
     (out / "transfer.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
@@ -218,8 +234,11 @@ def _cmd_locate(args) -> int:
     tok = load_tokenizer(args.target)
     task = build_task(args.function, donor, target, tok, seed=args.seed)
     extra = {"budget": args.iterative_budget} if args.scorer == "iterative" else {}
+    if args.units != ("mlp",):
+        extra["kinds"] = args.units
     scores = locate(args.scorer, task, donor, target, tok, **extra)
-    torch.save({"scorer": scores.scorer, "scores": scores.scores, "settings": scores.settings}, args.out)
+    torch.save({"scorer": scores.scorer, "scores": scores.scores, "units": scores.units, "costs": scores.costs,
+                "gamma": scores.gamma, "settings": scores.settings}, args.out)
     top = scores.top(args.show)
     print(f"{scores.scorer} scores for {sum(s.numel() for s in scores.scores)} neurons in {scores.seconds:.0f} s; "
           f"saved {args.out}")
@@ -426,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="model to change")
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
-    s.add_argument("--scorer", default="attribution", choices=["attribution", "activation_contrast", "iterative"])
+    s.add_argument("--scorer", default="attribution", choices=_scorers())
+    s.add_argument("--units", type=_units, default=("mlp",),
+                   help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
     s.add_argument("--alpha", type=float, nargs="+", default=[1.0],
                    help="amplification; several values: chosen on validation by the search")
     s.add_argument("--seed", type=int, default=0)
@@ -438,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--donor", required=True)
     s.add_argument("--target", required=True)
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
-    s.add_argument("--scorer", default="attribution", choices=["attribution", "activation_contrast", "iterative"])
+    s.add_argument("--scorer", default="attribution", choices=_scorers())
+    s.add_argument("--units", type=_units, default=("mlp",),
+                   help="kinds of unit, comma-separated: mlp, head, kv (attribution and learned_mask)")
     s.add_argument("--iterative-budget", type=int, default=256, help="neurons chosen by the iterative scorer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show", type=int, default=20, help="print the top N neurons")

@@ -34,6 +34,7 @@ from .models import generate
 from .transfer import NeuronPatch, PatchError
 
 FUNCTIONS = ("refusal", "compliance", "bias")
+KIND_SCORERS = ("attribution", "learned_mask")  # the scorers that also score attention heads and k/v groups
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,12 +274,19 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
 # ---------------------------------------------------------------------------------------------------------------------
 
 def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str = "attribution",
-             alpha: float | Sequence[float] = 1.0, seed: int = 0, donor_name: str = "donor",
+             kinds: Sequence[str] = ("mlp",), alpha: float | Sequence[float] = 1.0, seed: int = 0,
+             donor_name: str = "donor",
              target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,
              progress: bool = True) -> tuple[NeuronPatch, dict]:
-    """CNT for one pair: build the task, score neurons, pick the subset (``budget`` fraction of MLP neurons, or
-    ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. The target is not modified."""
+    """CNT for one pair: build the task, score units (``kinds``: MLP neurons, and ``"head"``/``"kv"`` for attention
+    heads and k/v groups), pick the subset (``budget``: a fraction of MLP neurons — with other kinds, the weight of
+    that many neurons — or ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. The target is not
+    modified."""
     fp = check_compatible(donor, target)
+    kinds = tuple(kinds)
+    if kinds != ("mlp",) and scorer not in KIND_SCORERS:
+        raise PatchError(f"scorer {scorer!r} scores MLP neurons only; for units {', '.join(kinds)} use one of "
+                         f"{', '.join(KIND_SCORERS)}")
     if budget != "auto":
         try:
             budget = float(budget)
@@ -289,8 +297,11 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
     t0 = time.time()
     task = build_task(function, donor, target, tokenizer, seed=seed, **(task_kwargs or {}))
     extra = {"budget": max(1, int(0.01 * fp.n_neurons))} if scorer == "iterative" else {}
+    if scorer in KIND_SCORERS:
+        extra["kinds"] = kinds
     scores = locate(scorer, task, donor, target, tokenizer, progress=progress, **extra)
-    info: dict = {"function": function, "scorer": scorer, "locate_seconds": scores.seconds, "task": task.meta}
+    info: dict = {"function": function, "scorer": scorer, "kinds": list(kinds), "locate_seconds": scores.seconds,
+                  "task": task.meta}
     alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
     if budget == "auto":
         res = minimal_subset(scores, donor, target, tokenizer, Proxy.for_function(function, seed), alphas=alphas,
@@ -301,7 +312,7 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
     else:
         k = max(1, round(budget * fp.n_neurons))
         chosen_alpha = alphas[0]
-    provenance = {"scorer": scorer, "function": function, "task_digest": task.digest(), "seed": seed,
+    provenance = {"scorer": scorer, "kinds": list(kinds), "function": function, "task_digest": task.digest(), "seed": seed,
                   "budget": budget, "split": "locate"}
     sel, gamma = pick(scores, k)
     patch = NeuronPatch.extract(donor, target, sel, alpha=chosen_alpha, gamma=gamma, donor_name=donor_name,
