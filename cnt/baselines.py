@@ -212,6 +212,7 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     bias of that block's attention output (baked into the weights)."""
     from . import data
     from .evaluate import inference_dtype
+    from .models import fast_dtype, model_device
     from .refusal_direction import mean_activations, orthogonalize, select_direction
 
     t0 = time.time()
@@ -229,7 +230,7 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
                         changed, round(time.time() - t0, 2), model=model, info={"candidates": choice.candidates})
     if function != "refusal":
         raise ValueError("refusal_direction applies to the refusal and compliance functions only")
-    with inference_dtype(donor, torch.bfloat16) as fast:  # bf16 forward passes (float32 means), as evaluation runs
+    with inference_dtype(donor, fast_dtype(model_device(donor))) as fast:  # as evaluation runs (float32 means)
         mu = mean_activations(fast, tokenizer, h_tr) - mean_activations(fast, tokenizer, b_tr)  # [L+1, P, H]
     neurons = MLPNeurons(model)
     layer = neurons.n_layers // 2 if layer is None else layer

@@ -361,6 +361,22 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _cmd_frontier(args) -> int:
+    from .experiment import run_frontier
+
+    if any(not 0 < b < 1 for b in args.budgets):
+        print(f"error: --budgets must be fractions of the weights in (0, 1), got {args.budgets}", file=sys.stderr)
+        return 2
+    locators = [(name, tuple(k for k in kinds.split("+"))) for spec in args.locators
+                for name, _, kinds in [spec.partition(":")]]
+    res = run_frontier(args.application, Path(args.out) / "results", family=args.family, donor=args.donor,
+                       target=args.target, tag=args.tag, budgets=tuple(args.budgets), locators=locators,
+                       profile=args.profile, seed=args.seed)
+    print(f"{res['name']}: {len(res['points'])} points in {res['seconds']:.0f} s -> "
+          f"{args.out}/results/{res['name']}.frontier.json")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from . import experiment, plots
 
@@ -491,6 +507,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="any ApplicationConfig field (JSON values)")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("frontier", help="the sparsity frontier of an application: share of the gap vs % of weights",
+                       description="For each locator (and kind of unit) at each budget in weights, beside random "
+                                   "neurons, weight-delta and the ceilings (every MLP neuron, attention only, every "
+                                   "unit): alpha chosen on validation, the share of the gap measured on eval. Writes "
+                                   "<out>/results/<name>.frontier.json and <out>/figures/<name>_frontier.png.")
+    s.add_argument("application", choices=["disalignment", "alignment_enhancement", "bias_removal"])
+    s.add_argument("--family", default="smollm2")
+    s.add_argument("--donor")
+    s.add_argument("--target")
+    s.add_argument("--tag")
+    s.add_argument("--budgets", type=float, nargs="+", default=[0.001, 0.0025, 0.01],
+                   help="fractions of the model's weights")
+    s.add_argument("--locators", nargs="+", default=["learned_mask:mlp", "learned_mask:mlp+head+kv",
+                                                     "attribution:mlp", "attribution:mlp+head+kv"],
+                   help="SCORER:KINDS, kinds joined by '+'")
+    s.add_argument("--profile", default="sweep")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="papers")
+    s.set_defaults(func=_cmd_frontier)
 
     s = sub.add_parser("report", help="regenerate papers/REPORT.md and results/summary.json from results/*.json")
     s.add_argument("--results", default="papers/results")

@@ -34,7 +34,7 @@ import torch
 
 from . import data
 from .cache import cache_dir
-from .models import chat_texts, encode, generate, model_device, pad_right
+from .models import chat_texts, encode, fast_dtype, generate, model_device, pad_right
 
 Z95 = 1.959963984540054
 
@@ -616,21 +616,22 @@ def inference_dtype(model, dtype: torch.dtype | None):
 
 
 def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequence[str] = GROUPS,
-             name: str = "model", seed: int = 0, dtype: torch.dtype | str | None = "bfloat16",
+             name: str = "model", seed: int = 0, dtype: torch.dtype | str | None = "auto",
              progress: bool = True) -> EvalReport:
     """Run the suite on the ``eval`` split (or the profile's split) and return an :class:`EvalReport`.
 
     ``groups``: any of ``safety`` (refusal and false refusal by generation), ``proxy`` (first-token refusal score and
     its agreement with the judge), ``utility`` (lm-eval MMLU, NQ-Open, PIQA), ``perplexity``, ``bias`` (StereoSet,
-    CrowS-Pairs), ``skill`` (three-digit addition). ``dtype``: inference precision (bf16 default; ``None`` keeps the
-    model's own).
+    CrowS-Pairs), ``skill`` (three-digit addition). ``dtype``: inference precision (``"auto"``: bf16 where the
+    hardware has it natively, else float32 — :func:`cnt.models.fast_dtype`; ``None`` keeps the model's own).
     """
     p = get_profile(profile)
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown metric groups {sorted(unknown)}; groups: {', '.join(GROUPS)}")
     if isinstance(dtype, str):
-        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+        dtype = fast_dtype(model_device(model)) if dtype == "auto" else \
+            {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     t0 = time.time()
     load = lambda ds, n: data.load(ds, p.split, seed=seed, limit=n)  # noqa: E731
     st = {"split": p.split, "seed": seed}

@@ -31,7 +31,7 @@ from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
 from .locate import locate
-from .models import load_model, load_tokenizer
+from .models import fast_dtype, load_model, load_tokenizer, model_device
 from .search import Proxy, build_task, choose, judge, minimal_subset, pick
 from .transfer import NeuronPatch, transfer_all
 
@@ -254,7 +254,7 @@ class _Validation:
 
     @torch.no_grad()
     def measure(self, model) -> dict:
-        with inference_dtype(model, torch.bfloat16) as fast:
+        with inference_dtype(model, fast_dtype(model_device(model))) as fast:
             return self.proxy.measure(fast, self.tok)
 
     def assess(self, model) -> dict:
@@ -473,4 +473,37 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         json.dump(result, f, indent=1, default=str)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; results are shared artifacts
     shutil.move(tmp, final)
+    return result
+
+
+def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
+                 target: str | None = None, tag: str | None = None, progress: bool = True, **kwargs) -> dict:
+    """The sparsity frontier of an application (:func:`cnt.frontier.measure`) for its zoo pair (or ``donor`` /
+    ``target``), written atomically to ``<out_dir>/<name>.frontier.json`` with its figure in
+    ``<out_dir>/../figures/<name>_frontier.png`` when ``out_dir`` is a ``results`` folder. Returns the result."""
+    from . import frontier, plots
+
+    if application not in APPLICATIONS:
+        raise ValueError(f"unknown application {application!r}; applications: {', '.join(APPLICATIONS)}")
+    pair = FAMILIES.get(family, {}).get(application)
+    if pair is None and not (donor and target):
+        raise ValueError(f"family {family!r} has no zoo pair for {application}; pass donor and target")
+    donor, target = donor or pair[0], target or pair[1]
+    name = result_name(application, family, tag)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d, _ = load_model(donor)
+    t, _ = load_model(target)
+    tok = load_tokenizer(target)
+    result = frontier.measure(APPLICATIONS[application]["function"], d, t, tok, progress=progress, **kwargs)
+    result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
+                   "torch_threads": torch.get_num_threads()})
+    final = out_dir / f"{name}.frontier.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.chmod(tmp, 0o644)
+    shutil.move(tmp, final)
+    figures = out_dir.parent / "figures" if out_dir.name == "results" else out_dir
+    plots.save(plots.frontier(result), figures / f"{name}_frontier.png")
     return result

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .arch import MLPNeurons, check_compatible, units
-from .models import model_device
+from .models import fast_dtype, model_device
 from .masks import learned_mask
 from .scores import NeuronScores, unit_costs
 from .tasks import Example, Task, batches, pair_batch, task_loss, text_batch
@@ -46,13 +46,17 @@ def _delta_dot(target_units, donor_units, layer: int) -> torch.Tensor:
 
 
 def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 8,
-                progress: bool = True, autocast: torch.dtype | None = torch.bfloat16) -> NeuronScores:
+                progress: bool = True, autocast: torch.dtype | str | None = "auto") -> NeuronScores:
     """First-order gain of transferring each unit, minus a penalty for first-order utility harm (see module doc).
     ``kinds``: the units scored (MLP neurons, and with ``"head"``/``"kv"`` attention heads and k/v groups).
-    ``autocast``: the precision of the forward/backward matmuls (``None``: the model's own)."""
+    ``autocast``: the precision of the forward/backward matmuls (``"auto"``: :func:`cnt.models.fast_dtype`, bf16 where
+    native; ``None``: the model's own)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
+    if autocast == "auto":
+        autocast = fast_dtype(model_device(target))
+        autocast = None if autocast == torch.float32 else autocast
     check_compatible(donor, target)
     readers = {kind: (units(target, kind), units(donor, kind)) for kind in kinds}
     n_layers = readers[kinds[0]][0].n_layers

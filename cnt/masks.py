@@ -17,8 +17,9 @@ would need tuning per model: the mask is *pruned* to an explicit schedule of siz
    path from the target to the current patch: over the steps this is a Monte Carlo estimate of integrated gradients,
    whose importances add up to ``L(0) − L(γ)`` — what the patch as a whole achieves — so a unit that matters only
    together with another (it feeds it, past a threshold) is credited where both are strong, whereas the gradient at
-   the full patch alone (``integrated=False``) can even call its removal a gain, and at ``t = 0`` it is attribution. Each step makes one such pass and
-   one at the clean patch, which trains the amplitudes. At ``γ = 0`` the gradient is exactly the attribution score
+   the full patch alone (``integrated=False``) can even call its removal a gain, and at ``t = 0`` it is attribution. During warm-up and descent the
+   amplitudes stay at ``init_gamma``; at each level every step also makes a pass at the clean patch, which trains
+   them (``losses`` records those). At ``γ = 0`` the gradient is exactly the attribution score
    (:func:`gamma_gradient`).
 
 4. with ``verify=True`` (default) every removal is re-measured: the loss on a fixed batch with the chunk removed;
@@ -40,7 +41,7 @@ import torch
 
 from .arch import check_compatible, total_params
 from .mixing import MixedModel
-from .models import model_device
+from .models import fast_dtype, model_device
 from .scores import NeuronScores, unit_costs
 from .tasks import Task, task_loss
 
@@ -73,14 +74,17 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                  steps_per_level: int = 8,
                  gamma_max: float = 4.0, init_gamma: float = 1.0, lr: float = 0.05, ema: float = 0.8,
                  batch_size: int = 16, utility_batch: int = 8, seed: int = 0, integrated: bool = True,
-                 verify: bool = True, tolerance: float = 1.0, max_checks: int = 24, check_examples: int = 16,
-                 autocast: torch.dtype | None = torch.bfloat16, progress: bool = True) -> NeuronScores:
+                 verify: bool = True, tolerance: float = 1.0, max_checks: int = 12, check_examples: int = 8,
+                 autocast: torch.dtype | str | None = "auto", progress: bool = True) -> NeuronScores:
     """Train and prune per-unit amplitudes down the budgets ``levels`` (fractions of the target's weights, largest
     first); see the module doc. The target's weights are never written."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     check_compatible(donor, target)
+    if autocast == "auto":  # bf16 where the hardware has it natively (cnt.models.fast_dtype)
+        autocast = fast_dtype(model_device(target))
+        autocast = None if autocast == torch.float32 else autocast
     if not 0 < init_gamma < gamma_max:
         raise ValueError(f"init_gamma must lie in (0, gamma_max={gamma_max}), got {init_gamma}")
     levels = sorted({float(x) for x in levels}, reverse=True)
@@ -207,21 +211,21 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                     importance.add_(sample / warmup_steps)
                 else:
                     importance.mul_(ema).add_((1 - ema) * sample)
-                # the amplitudes, at the clean patched point
-                g = amplitudes()
-                mixed.gamma = split(g)
-                loss = _loss(task, target, tokenizer, fb, ub, autocast)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                if step >= descent_steps:  # at the levels: train the amplitudes, at the clean patched point
+                    g = amplitudes()
+                    mixed.gamma = split(g)
+                    loss = _loss(task, target, tokenizer, fb, ub, autocast)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    losses.append(round(loss.item(), 4))
                 prune_to(budget, step)
-                losses.append(round(loss.item(), 4))
                 level_end = step + 1 == len(schedule) or (step >= descent_steps and schedule[step + 1] < budget)
                 if level_end:
                     snapshots.append({"n_params": int(cost[active].sum()), "level": budget / n_weights,
                                       "gamma": split(amplitudes().detach().clone())})
                 bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", units=int(active.sum()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "-", units=int(active.sum()))
     finally:
         bar.close()
         for p, r in zip(list(target.parameters()) + list(donor.parameters()), req):

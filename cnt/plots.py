@@ -188,6 +188,49 @@ def best_entry(result: dict, name: str) -> dict | None:
     return max(entries, key=lambda e: sign * e["score"])
 
 
+FRONTIER_STYLE = {"learned_mask": ("C3", "o"), "attribution": ("C1", "s"), "random": ("0.5", "x"),
+                  "weight_delta": ("C0", "^")}
+CEILING_STYLE = {"every MLP neuron": ("C3", "P"), "attention only": ("C4", "D"), "every unit": ("k", "*")}
+
+
+def frontier(result: dict, title: str | None = None):
+    """Share of the donor–target gap on the eval split (95% CI) against the % of the model's weights moved, one line
+    per locator and kind of unit, beside random neurons and weight-delta; the ceilings as single markers at their
+    weights; the donor (share 1) and the 90% goal as lines. Drawn from a frontier result (:mod:`cnt.frontier`)."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    groups: dict[tuple, list] = {}
+    for pt in result["points"]:
+        if pt["budget"] is None:
+            continue
+        groups.setdefault((pt["method"], tuple(pt["kinds"])), []).append(pt)
+    for (method, kinds), pts in groups.items():
+        pts = sorted(pts, key=lambda p: p["param_fraction"])
+        c, m = FRONTIER_STYLE.get(method, ("C7", "o"))
+        heads = len(kinds) > 1
+        xs = [100 * p["param_fraction"] for p in pts]
+        ys = [p["share"] for p in pts]
+        err = [[p["share"] - p["share_ci"][0] for p in pts], [p["share_ci"][1] - p["share"] for p in pts]]
+        label = method.replace("_", " ") + (" (MLP + heads + k/v)" if heads else " (MLP neurons)" if method in
+                                            ("learned_mask", "attribution") else "")
+        ax.errorbar(xs, ys, yerr=err, color=c, marker=m, ls="--" if heads else "-", capsize=3, label=label,
+                    mfc="white" if heads else c)
+    for pt in result["points"]:
+        if pt["budget"] is None:
+            c, m = CEILING_STYLE.get(pt["method"], ("C7", "o"))
+            ax.errorbar([100 * pt["param_fraction"]], [pt["share"]],
+                        yerr=[[pt["share"] - pt["share_ci"][0]], [pt["share_ci"][1] - pt["share"]]], color=c,
+                        marker=m, ms=10, capsize=3, ls="", label=f"{pt['method']} (α={pt['alpha']:g})")
+    ax.axhline(1.0, color="C2", ls=":", lw=1, label="donor")
+    ax.axhline(0.9, color="k", ls="--", lw=0.7, label="90% of the gap")
+    ax.axhline(0.0, color="k", ls=":", lw=1, label="target")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of the model's weights moved (log)")
+    ax.set_ylabel(f"share of the target→donor gap ({result['metric']}, eval)")
+    ax.set_title(title or f"sparsity frontier: {result.get('name', result['function'])}")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 def save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import torch
 
 from .arch import MLPNeurons
 from .evaluate import position_ids, refusal_logodds
-from .models import chat_texts, encode, model_device
+from .models import chat_texts, encode, fast_dtype, model_device
 
 
 @torch.no_grad()
@@ -136,7 +136,7 @@ def select_direction(model, tokenizer, harmful_train: Sequence[str], benign_trai
                      harmful_val: Sequence[str], benign_val: Sequence[str], positions: Sequence[int] = (-1, -2, -3, -4,
                                                                                                           -5),
                      layer_range: tuple[float, float] = (0.2, 0.8), layer_stride: int = 1, max_kl: float = 0.1,
-                     dtype: torch.dtype | None = torch.bfloat16, filter_refusals: bool = True,
+                     dtype: torch.dtype | str | None = "auto", filter_refusals: bool = True,
                      min_prompts: int = 8, progress: bool = True) -> DirectionChoice:
     """Difference-of-means candidates on the train prompts; pick one on the validation prompts (see module doc).
     ``filter_refusals``: keep only the harmful train prompts with refusal log-odds > 0 and the benign ones with ≤ 0
@@ -144,6 +144,8 @@ def select_direction(model, tokenizer, harmful_train: Sequence[str], benign_trai
     a copy; bf16 is ~2x faster on CPU, as the evaluation suite runs); the direction is returned in float32."""
     from .evaluate import inference_dtype
 
+    if dtype == "auto":
+        dtype = fast_dtype(model_device(model))
     with inference_dtype(model, dtype) as fast:
         return _select_direction(fast, tokenizer, harmful_train, benign_train, harmful_val, benign_val, positions,
                                  layer_range, layer_stride, max_kl, filter_refusals, min_prompts, progress)

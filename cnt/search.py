@@ -30,7 +30,7 @@ from . import data
 from .arch import check_compatible
 from .evaluate import perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
 from .locate import Example, NeuronScores, Task, locate
-from .models import generate
+from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError
 
 FUNCTIONS = ("refusal", "compliance", "bias")
@@ -55,9 +55,9 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     if function in ("refusal", "compliance"):
         harmful = data.texts(data.load("harmful", split, seed=seed, limit=n_function))
         benign = data.texts(data.load("benign", split, seed=seed, limit=n_utility))
-        with inference_dtype(donor, torch.bfloat16) as d:
+        with inference_dtype(donor, fast_dtype(model_device(donor))) as d:
             d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)
-        with inference_dtype(target, torch.bfloat16) as t:
+        with inference_dtype(target, fast_dtype(model_device(target))) as t:
             t_resp = generate(t, tokenizer, benign, max_new_tokens=16, progress=progress)
         return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
                     [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)], response_tokens, utility_weight,
@@ -203,9 +203,10 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    work = deepcopy(target).to(torch.bfloat16)  # proxies in bf16 on a copy; the patch carries fp32 slices
+    fast = fast_dtype(model_device(target))
+    work = deepcopy(target).to(fast)  # proxies in bf16 (where native) on a copy; the patch carries fp32 slices
     if measured is None:
-        dwork = deepcopy(donor).to(torch.bfloat16)
+        dwork = deepcopy(donor).to(fast)
         base, don = proxy.measure(work, tokenizer), proxy.measure(dwork, tokenizer)
         del dwork
     else:

@@ -1,0 +1,141 @@
+"""The sparsity frontier of one donor/target pair: the share of the donor–target gap reached on the eval split against
+the share of the model's weights moved, for each locator (with and without attention units), beside random neurons
+and weight-delta, and the ceilings — every MLP neuron, attention only, every unit, each at its best amplitude — and
+the donor itself.
+
+Protocol (nothing tuned on eval): each point's amplitude (α; a learned mask also brings its own per-unit γ, scaled by
+α) is chosen on the validation proxies by the kit's rule (:func:`cnt.search.choose`: the furthest toward the donor
+with utility held, else the furthest), then that one setting is evaluated on the eval split. The share of the gap and
+its 95% interval come from the metric and its Wilson / bootstrap interval mapped through the same affine map.
+Results are plain records written as JSON; :func:`cnt.plots.frontier` draws them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import baselines as B
+from .arch import check_compatible, total_params
+from .evaluate import evaluate
+from .locate import locate
+from .search import Proxy, build_task, choose, judge
+from .transfer import NeuronPatch, transfer_all
+
+BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
+LOCATORS = (("attribution", ("mlp",)), ("attribution", ("mlp", "head", "kv")),
+            ("learned_mask", ("mlp",)), ("learned_mask", ("mlp", "head", "kv")))
+CEILINGS = {"every MLP neuron": ("mlp",), "attention only": ("head", "kv"), "every unit": ("mlp", "head", "kv")}
+METRICS = {"compliance": ("refusal_rate", ("safety", "perplexity")), "refusal": ("refusal_rate", ("safety", "perplexity")),
+           "bias": ("stereoset_ss", ("bias", "perplexity"))}
+
+
+@dataclass
+class FrontierPoint:
+    method: str  # "learned_mask", "attribution", "random", "weight_delta", a ceiling's name, "donor"
+    kinds: list[str]
+    budget: float | None  # the requested fraction of weights (None: a ceiling or the donor)
+    param_fraction: float  # what the patch moves
+    units: dict[str, int]
+    alpha: float
+    validation_share: float
+    utility_ok: bool
+    score: float
+    ci: list[float]
+    share: float
+    share_ci: list[float]
+    perplexity: float | None
+    extra: dict = field(default_factory=dict)
+
+
+def _share(v: float, t: float, d: float) -> float:
+    return (v - t) / (d - t) if d != t else float("nan")
+
+
+def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float] = BUDGETS,
+            locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = (1.0, 2.0),
+            random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype=None,
+            locator_kwargs: dict | None = None, progress: bool = True) -> dict:
+    """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
+    ``dtype``: the evaluation precision (``None``: the models' own)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    check_compatible(donor, target)
+    metric, groups = METRICS[function]
+    n_weights = total_params(target)
+    proxy = Proxy.for_function(function, seed)
+    with torch.no_grad():
+        v_target, v_donor = proxy.measure(target, tokenizer), proxy.measure(donor, tokenizer)
+    bar = tqdm(desc=f"frontier ({function})", unit="eval", disable=not progress)
+
+    def ev(model):
+        rep = evaluate(model, tokenizer, profile, groups=groups, seed=seed, dtype=dtype, progress=False)
+        bar.update()
+        return rep
+
+    r_target, r_donor = ev(target), ev(donor)
+    t_score, d_score = r_target[metric].value, r_donor[metric].value
+    points: list[FrontierPoint] = []
+
+    def add(method, kinds, budget, candidates):
+        """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval."""
+        assessed = []
+        for patch, _ in candidates:
+            patch.apply(target)
+            with torch.no_grad():
+                m = proxy.measure(target, tokenizer)
+            patch.revert(target)
+            assessed.append({**judge(m, v_target, v_donor, function), "proxy": m})
+        i = choose(assessed)
+        patch, alpha = candidates[i]
+        patch.apply(target)
+        rep = ev(target)
+        patch.revert(target)
+        m = rep[metric]
+        lo, hi = sorted((_share(m.ci[0], t_score, d_score), _share(m.ci[1], t_score, d_score)))
+        points.append(FrontierPoint(method, list(kinds), budget, patch.param_fraction,
+                                    {k: patch.n_units(k) for k in patch.units}, alpha, assessed[i]["share"],
+                                    assessed[i]["utility_ok"], m.value, list(m.ci),
+                                    _share(m.value, t_score, d_score), [lo, hi],
+                                    rep["perplexity"].value if "perplexity" in rep.metrics else None,
+                                    {"candidates": [{"alpha": a, "validation_share": x["share"],
+                                                     "utility_ok": x["utility_ok"]}
+                                                    for (_, a), x in zip(candidates, assessed)]}))
+
+    t_task = time.time()
+    task = build_task(function, donor, target, tokenizer, seed=seed)
+    timings = {"task": round(time.time() - t_task, 1)}
+    for name, kinds in locators:
+        kw = dict(locator_kwargs or {}).get(name, {})
+        scores = locate(name, task, donor, target, tokenizer, kinds=tuple(kinds), progress=progress, **kw)
+        timings[f"{name}:{'+'.join(kinds)}"] = scores.seconds
+        for b in budgets:
+            sel, gamma = scores.select(int(b * n_weights))
+            add(name, kinds, b, [(NeuronPatch.extract(donor, target, sel, alpha=a, gamma=gamma), a) for a in alphas])
+    per_neuron = NeuronPatch.extract(donor, target, {0: [0]}).n_params  # weights of one MLP neuron
+    for b in budgets:  # neuron-level baselines at the same weights
+        k = max(1, int(b * n_weights) // per_neuron)
+        for s in random_seeds:
+            mod = B.run("random", donor, target, tokenizer, function, k=k, seed=s)
+            add("random", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
+                                       for a in alphas])
+            points[-1].extra["seed"] = s
+        mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
+        add("weight_delta", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
+                                         for a in alphas])
+    for name, kinds in CEILINGS.items():
+        whole = transfer_all(donor, target, kinds)
+        add(name, kinds, None, [(NeuronPatch.extract(donor, target, whole.units, alpha=a), a) for a in alphas])
+        del whole
+    bar.close()
+    return {"function": function, "metric": metric, "target_score": t_score, "target_ci": list(r_target[metric].ci),
+            "donor_score": d_score, "donor_ci": list(r_donor[metric].ci),
+            "target_perplexity": r_target["perplexity"].value, "donor_perplexity": r_donor["perplexity"].value,
+            "validation": {"target": v_target, "donor": v_donor}, "points": [asdict(p) for p in points],
+            "budgets": list(budgets), "alphas": list(alphas), "profile": profile, "seed": seed,
+            "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
