@@ -58,16 +58,17 @@ def _share(v: float, t: float, d: float) -> float:
 def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float] = BUDGETS,
             locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = (1.0, 2.0),
             random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype=None,
-            locator_kwargs: dict | None = None, progress: bool = True) -> dict:
+            locator_kwargs: dict | None = None, proxy_size: int = 48, progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
-    ``dtype``: the evaluation precision (``None``: the models' own)."""
+    ``dtype``: the evaluation precision (``None``: the models' own); ``proxy_size``: validation prompts per proxy.
+    ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     check_compatible(donor, target)
     metric, groups = METRICS[function]
     n_weights = total_params(target)
-    proxy = Proxy.for_function(function, seed)
+    proxy = Proxy.for_function(function, seed, n=proxy_size, n_wiki=min(16, proxy_size))
     with torch.no_grad():
         v_target, v_donor = proxy.measure(target, tokenizer), proxy.measure(donor, tokenizer)
     bar = tqdm(desc=f"frontier ({function})", unit="eval", disable=not progress)

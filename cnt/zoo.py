@@ -90,7 +90,7 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
     if ctx.tiny:  # small runs may use a tiny random model or the real base: tell them apart
         from .arch import MLPNeurons
 
-        ident.append(MLPNeurons(ctx.model).fingerprint().to_dict())
+        ident.append(MLPNeurons(ctx.model).fingerprint().mlp_only().to_dict())  # the key it always had
 
     def answer() -> list[str]:
         from .evaluate import inference_dtype
@@ -586,7 +586,7 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
         items: dict[str, list] = {k: [] for k in r.expect}
         # the base is the same model in every trial of its recipes: measured once per split and profile (cached)
         cached = who == "base" and not tiny
-        ident = [r.base, MLPNeurons(m).fingerprint().to_dict(), dataclasses.asdict(get_profile(profile)), groups,
+        ident = [r.base, MLPNeurons(m).fingerprint().mlp_only().to_dict(), dataclasses.asdict(get_profile(profile)), groups,
                  sorted(r.expect)] if cached else None
         for split in splits:
             run = functools.partial(_split_metrics, r, m, tok, split, profile, groups)

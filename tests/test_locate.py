@@ -73,7 +73,7 @@ def test_attribution_autocast_agrees_with_float32(fixture):
     """bf16 autocast (the default) ranks neurons as float32 does, and leaves the weights and their dtype alone."""
     donor, target, tok = fixture
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    fast = attribution(_task(), donor, target, tok, progress=False)
+    fast = attribution(_task(), donor, target, tok, progress=False, autocast=torch.bfloat16)
     exact = attribution(_task(), donor, target, tok, progress=False, autocast=None)
     assert fast.settings["autocast"] == "torch.bfloat16" and exact.settings["autocast"] is None
     assert torch.corrcoef(torch.stack([fast.flat(), exact.flat()]))[0, 1] > 0.99

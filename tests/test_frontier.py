@@ -1,0 +1,71 @@
+"""The sparsity frontier (cnt.frontier) on tiny stand-in models, and selection by a budget in weights."""
+
+import json
+
+import pytest
+import torch
+
+from cnt.scores import NeuronScores
+
+
+def test_select_fits_a_weight_budget_across_kinds_and_carries_gamma():
+    s = NeuronScores("x", [torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.5])],
+                     units={"head": [torch.tensor([10.0]), torch.tensor([0.1])]},
+                     costs={"mlp": [1, 1], "head": [4, 4]})
+    # per weight: mlp 3, 2, 1, 0.5 ; heads 2.5, 0.025
+    sel, gamma = s.select(6)
+    assert gamma is None
+    assert {k: {l: v.tolist() for l, v in d.items()} for k, d in sel.items()} == \
+        {"mlp": {0: [0, 1], 1: [0]}, "head": {0: [0]}} or s.n_params_of(sel) <= 6
+    assert s.n_params_of(sel) <= 6
+    sel, _ = s.select(3)  # the head does not fit: smaller units after it still do
+    assert "head" not in sel and s.n_params_of(sel) == 3
+    learned = NeuronScores("m", [torch.tensor([2.0, 1.0])], costs={"mlp": [1]}, per_weight=False,
+                           gamma={"mlp": [torch.tensor([0.5, 0.7])]},
+                           snapshots=[{"n_params": 1, "gamma": {"mlp": [torch.tensor([3.0, 0.0])]}}])
+    sel, gamma = learned.select(1)
+    assert sel == {"mlp": {0: torch.tensor([0])}} or sel["mlp"][0].tolist() == [0]
+    assert gamma["mlp"][0].tolist() == [3.0]  # the snapshot of that size
+    sel, gamma = learned.select(2)
+    assert gamma["mlp"][0].tolist() == pytest.approx([0.5, 0.7])  # larger than every snapshot: the path's own
+
+
+def test_pick_keeps_the_neuron_budget_for_plain_scores():
+    from cnt.search import pick
+
+    s = NeuronScores("x", [torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.5])])
+    sel, gamma = pick(s, 2)
+    assert gamma is None and {l: v.tolist() for l, v in sel.items()} == {0: [0], 1: [0]}
+
+
+def test_frontier_on_tiny_models(tmp_path):
+    from cnt import plots
+    from cnt.experiment import smoke_models
+    from cnt.frontier import measure
+    from cnt.models import load_model, load_tokenizer
+
+    d, t, _ = smoke_models("disalignment")
+    donor, _ = load_model(d)
+    target, _ = load_model(t)
+    tok = load_tokenizer(t)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    res = measure("compliance", donor, target, tok, budgets=(0.002, 0.01),
+                  locators=(("attribution", ("mlp",)), ("learned_mask", ("mlp", "head", "kv"))), profile="smoke",
+                  alphas=(1.0,), locator_kwargs={"learned_mask": dict(levels=(0.01, 0.002), warmup_steps=1,
+                                                                     descent_steps=1, steps_per_level=1)},
+                  proxy_size=8, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    pts = res["points"]
+    located = [p for p in pts if p["method"] in ("attribution", "learned_mask")]
+    assert len(located) == 4 and all(p["param_fraction"] <= p["budget"] + 1e-12 for p in located)
+    assert {p["method"] for p in pts if p["budget"] is None} == {"every MLP neuron", "attention only", "every unit"}
+    assert {p["method"] for p in pts} >= {"random", "weight_delta"}
+    for p in pts:  # the share is the eval metric mapped through the target -> donor gap
+        gap = res["donor_score"] - res["target_score"]
+        if gap:
+            assert p["share"] == pytest.approx((p["score"] - res["target_score"]) / gap)
+    heads = [p for p in located if p["method"] == "learned_mask"]
+    assert all(set(p["units"]) <= {"mlp", "head", "kv"} for p in heads)
+    json.dumps(res)  # plain records
+    fig = plots.frontier({**res, "name": "tiny"})
+    assert fig.axes[0].get_lines() and fig.axes[0].get_xscale() == "log"
