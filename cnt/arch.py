@@ -235,7 +235,10 @@ class MLPNeurons:
 
     def fingerprint(self) -> ArchFingerprint:
         emb = self.model.get_input_embeddings().weight
-        layout = AttentionUnits(self.model, "head").layout if self.family.attn_slots else None
+        try:  # MLP neurons stay usable on a model whose attention layout this adapter does not know
+            layout = AttentionUnits(self.model, "head").layout if self.family.attn_slots else None
+        except UnsupportedArchitectureError:
+            layout = None
         return ArchFingerprint(self.model.config.model_type, self.n_layers, int(emb.shape[1]),
                                tuple(self.intermediate_size(i) for i in range(self.n_layers)), layout)
 

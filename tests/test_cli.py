@@ -70,6 +70,34 @@ def test_transfer_refuses_bad_budget(capsys):
     assert "(0, 1]" in capsys.readouterr().err
 
 
+def test_transfer_and_locate_refuse_unknown_units_and_scorers(capsys):
+    for cmd in ("transfer", "locate"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--donor", "a", "--target", "b", "--function", "refusal", "--units", "mlp,neuron", "--out", "x"])
+        assert "unknown unit kinds ['neuron']; kinds: mlp, head, kv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["transfer", "--donor", "a", "--target", "b", "--function", "refusal", "--scorer", "magic", "--out", "x"])
+    assert "learned_mask" in capsys.readouterr().err  # the choices come from the scorer registry
+
+
+def test_a_mixed_patch_with_gamma_applies_through_the_cli(tmp_path, capsys):
+    from cnt import NeuronPatch
+    from cnt.models import load_model, load_tokenizer
+    from cnt.tiny import tiny_model
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    kw = dict(vocab_size=len(tok), num_key_value_heads=2)
+    target, donor = tiny_model("llama", seed=0, **kw), tiny_model("llama", seed=1, **kw)
+    target.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    NeuronPatch.extract(donor, target, {"mlp": {0: [1]}, "head": {1: [2]}, "kv": {0: [0]}},
+                        gamma={"mlp": {0: [2.0]}, "head": {1: [0.5]}, "kv": {0: [1.0]}}).save(tmp_path / "p")
+    assert main(["apply", "--patch", str(tmp_path / "p"), "--model", str(tmp_path / "t"),
+                 "--out", str(tmp_path / "patched")]) == 0
+    patched, _ = load_model(str(tmp_path / "patched"), device="cpu")
+    assert NeuronPatch.load(tmp_path / "p").is_applied(patched)
+
+
 def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
     """`cnt reproduce -p family=...` writes its executed notebook under its own name; the default run's stays, and the
     recorded total counts the default runs only."""
