@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any ApplicationConfig field (JSON values)")
     s.set_defaults(func=_cmd_run)
 
-    s = sub.add_parser("frontier", help="the sparsity frontier of an application: share of the gap vs % of weights",
+    s = sub.add_parser("frontier", help="the sparsity frontier of an application: share of the gap vs %% of weights",
                        description="For each locator (and kind of unit) at each budget in weights, beside random "
                                    "neurons, weight-delta and the ceilings (every MLP neuron, attention only, every "
                                    "unit): alpha chosen on validation, the share of the gap measured on eval. Writes "

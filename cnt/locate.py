@@ -138,12 +138,12 @@ def activation_contrast(task: Task, donor, target, tokenizer, *, batch_size: int
                 pairs = [e for e in chunk if e.prompt is not None]
                 texts = [t for e in chunk if e.text_pos is not None for t in (e.text_pos, e.text_neg)]
                 texts += [e.text for e in chunk if e.text is not None]
-                batches = []
+                inputs = []
                 if pairs:
-                    batches.append(pair_batch(tokenizer, pairs, task.response_tokens, device))
+                    inputs.append(pair_batch(tokenizer, pairs, task.response_tokens, device))
                 if texts:
-                    batches.append(text_batch(tokenizer, texts, device))
-                for inp, _, mask in batches:
+                    inputs.append(text_batch(tokenizer, texts, device))
+                for inp, _, mask in inputs:
                     donor(input_ids=inp.to(model_device(donor)), attention_mask=mask.to(model_device(donor)))
                     target(input_ids=inp, attention_mask=mask)
                     m = mask.bool()

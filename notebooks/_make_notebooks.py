@@ -53,7 +53,7 @@ def application_notebook(app: str, title: str, story: str):
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
                     "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
-                    'scorers = ["attribution"]  # also: activation_contrast, iterative (each adds a locate and evaluations)\n'
+                    'scorers = ["attribution"]  # also: activation_contrast, iterative, learned_mask (each adds a locate and evaluations)\n'
                     'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
                     '"refusal_direction", "sft"]\n'
                     'profile = "sweep"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
