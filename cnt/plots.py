@@ -227,7 +227,7 @@ def frontier(result: dict, title: str | None = None):
     ax.set_xlabel("% of the model's weights moved (log)")
     ax.set_ylabel(f"share of the target→donor gap ({result['metric']}, eval)")
     ax.set_title(title or f"sparsity frontier: {result.get('name', result['function'])}")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the ceilings sit at the right
     return fig
 
 
