@@ -107,7 +107,6 @@ class Family:
     embeddings: str  # the token embedding module, from the *CausalLM* object
     intermediate_blocks: int = 1  # fused gate_up: 2
     attn_slots: tuple[HeadSlot, ...] = ()  # where query heads and k/v groups live (empty: no attention units)
-    attn_module: str = "self_attn"  # the attention block (its config numbers are read from the model's config)
 
 
 _GATED = (
@@ -128,16 +127,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("gpt2",), "transformer.h",
            (Slot("in", "mlp.c_fc", "weight", 1), Slot("in_bias", "mlp.c_fc", "bias", 0),
             Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc", "attn.c_proj", "transformer.wte",
-           attn_slots=_GPT2_ATTN, attn_module="attn"),
+           attn_slots=_GPT2_ATTN),
     Family("gptj", ("gptj",), "transformer.h",
            (Slot("in", "mlp.fc_in", "weight", 0), Slot("in_bias", "mlp.fc_in", "bias", 0),
             Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in", "attn.out_proj", "transformer.wte",
-           attn_slots=_separate_qkvo("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", biases=False),
-           attn_module="attn"),
+           attn_slots=_separate_qkvo("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", biases=False)),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
            (Slot("in", "mlp.dense_h_to_4h", "weight", 0), Slot("in_bias", "mlp.dense_h_to_4h", "bias", 0),
             Slot("out", "mlp.dense_4h_to_h", "weight", 1)), "mlp.dense_h_to_4h", "attention.dense",
-           "gpt_neox.embed_in", attn_slots=_NEOX_ATTN, attn_module="attention"),
+           "gpt_neox.embed_in", attn_slots=_NEOX_ATTN),
 )
 UNIT_KINDS = ("mlp", "head", "kv")  # MLP neurons, query heads, key/value groups
 
@@ -359,11 +357,11 @@ class AttentionUnits:
             raise UnsupportedArchitectureError(f"{n_heads} query heads do not split into {n_kv} key/value groups")
         self.layout = (n_heads, n_kv, head_dim)
         self.slots = tuple(s for s in self.family.attn_slots if s.unit == kind)
+        owned: dict[tuple[str, str], int] = {}  # entries each projection's units tile, by the config
+        for slot in self.family.attn_slots:
+            owned[(slot.module, slot.param)] = owned.get((slot.module, slot.param), 0) + \
+                (n_heads if slot.unit == "head" else n_kv) * head_dim
         for layer in range(len(self.layers)):  # the layout must tile every projection exactly, or nothing is read
-            owned: dict[tuple[str, str], int] = {}
-            for slot in self.family.attn_slots:
-                owned[(slot.module, slot.param)] = owned.get((slot.module, slot.param), 0) + \
-                    (n_heads if slot.unit == "head" else n_kv) * head_dim
             for slot in self.family.attn_slots:
                 p = self._param(layer, slot)
                 if p is not None and p.shape[slot.dim] != owned[(slot.module, slot.param)]:
@@ -445,9 +443,6 @@ class AttentionUnits:
         d = self.layout[2]
         return sum(d * (p.numel() // p.shape[slot.dim]) for slot, p in self._active_slots(layer))
 
-    def attention_module(self, layer: int) -> nn.Module:
-        return _getattr_path(self.layers[layer], self.family.attn_module)
-
 
 def _side(module: nn.Module, dim: int) -> str:
     """Whether axis ``dim`` of ``module.weight`` indexes its output ("out") or input ("in") features."""
@@ -455,10 +450,10 @@ def _side(module: nn.Module, dim: int) -> str:
     return "out" if (dim == 1) == conv1d else "in"
 
 
-def project(module: nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
-    """``module``'s affine map applied to ``x`` (``weight`` in its layout instead of its own, and without its bias if
-    ``bias=False``): ``nn.Linear`` and GPT-2's transposed ``Conv1D`` alike."""
-    w = module.weight if weight is None else weight
+def project(module: nn.Module, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """``module``'s affine map applied to ``x`` (without its bias if ``bias=False``): ``nn.Linear`` and GPT-2's
+    transposed ``Conv1D`` alike."""
+    w = module.weight
     b = getattr(module, "bias", None) if bias else None
     if type(module).__name__ == "Conv1D":
         y = x @ w.to(x.dtype)

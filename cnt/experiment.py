@@ -467,13 +467,17 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         "n_params": n_params, "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch_threads": torch.get_num_threads(),  # wall times above were measured with this many
     }
-    final = out_dir / f"{config.result_name}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    _write_json(out_dir / f"{config.result_name}.json", result)
+    return result
+
+
+def _write_json(final: Path, obj: dict) -> None:
+    """Atomically: a temporary file beside ``final``, then one move (a failed run never replaces a good result)."""
+    fd, tmp = tempfile.mkstemp(dir=final.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+        json.dump(obj, f, indent=1, default=str)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; results are shared artifacts
     shutil.move(tmp, final)
-    return result
 
 
 def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
@@ -498,12 +502,7 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     result = frontier.measure(APPLICATIONS[application]["function"], d, t, tok, progress=progress, **kwargs)
     result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
                    "torch_threads": torch.get_num_threads()})
-    final = out_dir / f"{name}.frontier.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.chmod(tmp, 0o644)
-    shutil.move(tmp, final)
+    _write_json(out_dir / f"{name}.frontier.json", result)
     figures = out_dir.parent / "figures" if out_dir.name == "results" else out_dir
     plots.save(plots.frontier(result), figures / f"{name}_frontier.png")
     return result

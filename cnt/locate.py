@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .arch import MLPNeurons, check_compatible, units
-from .models import fast_dtype, model_device
+from .models import autocast_dtype, model_device
 from .masks import learned_mask
 from .scores import NeuronScores, unit_costs
 from .tasks import Example, Task, batches, pair_batch, task_loss, text_batch
@@ -54,9 +54,7 @@ def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = 
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    if autocast == "auto":
-        autocast = fast_dtype(model_device(target))
-        autocast = None if autocast == torch.float32 else autocast
+    autocast = autocast_dtype(autocast, model_device(target))
     check_compatible(donor, target)
     readers = {kind: (units(target, kind), units(donor, kind)) for kind in kinds}
     n_layers = readers[kinds[0]][0].n_layers

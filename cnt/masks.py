@@ -41,7 +41,7 @@ import torch
 
 from .arch import check_compatible, total_params
 from .mixing import MixedModel
-from .models import fast_dtype, model_device
+from .models import autocast_dtype, model_device
 from .scores import NeuronScores, unit_costs
 from .tasks import Task, task_loss
 
@@ -82,9 +82,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
 
     t0 = time.time()
     check_compatible(donor, target)
-    if autocast == "auto":  # bf16 where the hardware has it natively (cnt.models.fast_dtype)
-        autocast = fast_dtype(model_device(target))
-        autocast = None if autocast == torch.float32 else autocast
+    autocast = autocast_dtype(autocast, model_device(target))  # bf16 only where the hardware has it natively
     if not 0 < init_gamma < gamma_max:
         raise ValueError(f"init_gamma must lie in (0, gamma_max={gamma_max}), got {init_gamma}")
     levels = sorted({float(x) for x in levels}, reverse=True)

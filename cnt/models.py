@@ -225,6 +225,13 @@ def fast_dtype(device=None) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+def autocast_dtype(autocast, device=None) -> torch.dtype | None:
+    """An ``autocast=`` argument resolved: ``"auto"`` -> :func:`fast_dtype`, and float32 -> ``None`` (no autocast)."""
+    if autocast == "auto":
+        autocast = fast_dtype(device)
+    return None if autocast == torch.float32 else autocast
+
+
 def _resolve_dtype(dtype, device: str) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
