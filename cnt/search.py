@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from . import data
-from .arch import check_compatible
+from .arch import IncompatibleModelsError, check_compatible, check_distinct
 from .evaluate import perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
 from .locate import Example, NeuronScores, Task, locate
 from .models import fast_dtype, generate, model_device
-from .transfer import NeuronPatch, PatchError
+from .transfer import NeuronPatch, PatchError, check_alpha
 
 FUNCTIONS = ("refusal", "compliance", "bias")
 KIND_SCORERS = ("attribution", "learned_mask")  # the scorers that also score attention heads and k/v groups
@@ -289,12 +289,18 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
         raise PatchError(f"scorer {scorer!r} scores MLP neurons only; for units {', '.join(kinds)} use one of "
                          f"{', '.join(KIND_SCORERS)}")
     if budget != "auto":
-        try:
-            budget = float(budget)
-        except (TypeError, ValueError):
-            raise PatchError(f"budget must be a fraction in (0, 1] or 'auto', got {budget!r}") from None
-        if not 0 < budget <= 1:
-            raise PatchError(f"budget must be a fraction in (0, 1] or 'auto', got {budget}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+            raise PatchError(f"budget must be a fraction of MLP neurons in (0, 1] or 'auto', got {budget!r}")
+        budget = float(budget)
+    alphas = [alpha] if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else list(alpha)
+    alphas = [check_alpha(a) for a in alphas]
+    if not alphas or (budget != "auto" and len(alphas) > 1):
+        raise PatchError(f"alpha: a fixed budget takes one alpha, got {alphas}; several are chosen among only by the "
+                         "search (budget='auto')")
+    try:
+        check_distinct(donor, target)
+    except IncompatibleModelsError as e:
+        raise PatchError(str(e)) from None
     t0 = time.time()
     task = build_task(function, donor, target, tokenizer, seed=seed, **(task_kwargs or {}))
     extra = {"budget": max(1, int(0.01 * fp.n_neurons))} if scorer == "iterative" else {}
@@ -303,7 +309,6 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
     scores = locate(scorer, task, donor, target, tokenizer, progress=progress, **extra)
     info: dict = {"function": function, "scorer": scorer, "kinds": list(kinds), "locate_seconds": scores.seconds,
                   "task": task.meta}
-    alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
     if budget == "auto":
         res = minimal_subset(scores, donor, target, tokenizer, Proxy.for_function(function, seed), alphas=alphas,
                              progress=progress, **(search_kwargs or {}))

@@ -4,17 +4,23 @@ A patch holds, for each kind of unit (``cnt.arch.UNIT_KINDS``) and layer, the tr
 slices of those units and the target's original slices, a per-unit amplitude ``γ`` (optional) and one global ``alpha``,
 plus provenance. Applying it writes ``θ_T,i + α·γ_i·(θ_D,i − θ_T,i)`` into each chosen unit ``i`` (exactly ``θ_D,i``
 where ``α·γ_i = 1``; without per-unit amplitudes ``γ_i = 1``: one global α is the special case); reverting writes the
-originals back, bit for bit. ``apply`` refuses a model whose architecture fingerprint or current slices do not match
-(a wrong model, or the patch already applied). On disk (``save``/``load``, peft-like): ``patch.safetensors`` and
-``patch.json`` (metadata and the tensors' sha256, so truncated or edited files are refused). Files of format version 1
-(MLP neurons and one α) still load.
+originals back, bit for bit. ``apply`` refuses a model whose architecture fingerprint, dtype or current slices do not
+match (a wrong model, or the patch already applied).
+
+On disk (``save``/``load``, peft-like): a folder with ``patch.safetensors`` and ``patch.json`` (metadata, the tensors'
+sha256 and a checksum over the metadata and that sha256 together), written atomically (``cnt.atomic.folder``: an
+interrupted save leaves the previous patch whole). ``load`` repeats every check ``extract`` makes — indices in range,
+amplitudes finite, slices finite and shaped as the fingerprint says — and validates each metadata field against the
+tensors, so an edited or damaged file is refused naming the field. Files of format versions 1 (MLP neurons and one α)
+and 2 (no metadata checksum) still load, with the same field checks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +28,14 @@ from typing import Mapping, Sequence
 
 import torch
 
+from . import atomic
 from .arch import UNIT_KINDS, ArchFingerprint, IncompatibleModelsError, check_compatible, total_params, units
 from .arch import fingerprint as fingerprint_of
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+ALPHA_MAX = 16.0  # the largest global amplification a patch may carry (searches use 1-4)
+GAMMA_MAX = 16.0  # the largest per-unit amplitude
 
 Selection = Mapping[str, Mapping[int, "Sequence[int] | torch.Tensor"]]  # kind -> layer -> unit indices
 
@@ -45,6 +54,14 @@ def by_kind(indices) -> dict[str, dict]:
             raise PatchError(f"unknown unit kinds {sorted(unknown)}; kinds: {', '.join(UNIT_KINDS)}")
         return {k: dict(v) for k, v in indices.items()}
     return {"mlp": dict(indices)}
+
+
+def check_alpha(alpha, where: str = "alpha") -> float:
+    """A global amplification: a finite number in (0, ALPHA_MAX] (not a bool, not a string)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or not 0 < alpha <= ALPHA_MAX:
+        raise PatchError(f"{where} must be a finite number in (0, {ALPHA_MAX:g}], got {alpha!r}")
+    return float(alpha)
 
 
 def _n_units(fp: ArchFingerprint, kind: str, layer: int) -> int:
@@ -74,8 +91,9 @@ def _as_indices(kind: str, indices: Mapping, fp: ArchFingerprint, gamma: Mapping
             g = torch.as_tensor(gamma[layer], dtype=torch.float32).flatten()
             if g.shape != t.shape:
                 raise PatchError(f"{kind} layer {layer}: {g.numel()} amplitudes for {t.numel()} units")
-            if not torch.isfinite(g).all() or (g < 0).any():
-                raise PatchError(f"{kind} layer {layer}: per-unit amplitudes must be finite and >= 0")
+            if not torch.isfinite(g).all() or (g < 0).any() or (g > GAMMA_MAX).any():
+                raise PatchError(f"{kind} layer {layer}: per-unit amplitudes (gamma) must be finite and in "
+                                 f"[0, {GAMMA_MAX:g}]")
         order = torch.argsort(t)
         t = t[order]
         n = _n_units(fp, kind, layer)
@@ -87,6 +105,43 @@ def _as_indices(kind: str, indices: Mapping, fp: ArchFingerprint, gamma: Mapping
         if g is not None:
             gam[layer] = g[order]
     return dict(sorted(out.items())), gam
+
+
+def _unit_shape(fp: ArchFingerprint, kind: str) -> tuple[int, ...] | None:
+    """The trailing shape of one unit's weight slices (``None``: not known from the fingerprint alone)."""
+    if kind == "mlp":
+        return (fp.hidden_size,)
+    return (fp.attention[2], fp.hidden_size) if fp.attention is not None else None
+
+
+def _check_values(kind: str, layer: int, n: int, fp: ArchFingerprint, donor: dict, target: dict) -> None:
+    """The slices of one layer's units: the same names and shapes on both sides, ``n`` units, the fingerprint's
+    widths, one dtype, every value finite (a NaN original could never be restored: NaN != NaN)."""
+    where = f"{kind} layer {layer}"
+    if not donor or set(donor) != set(target):
+        raise PatchError(f"{where}: donor slices {sorted(donor)} and target slices {sorted(target)} differ")
+    width = _unit_shape(fp, kind)
+    dtypes = set()
+    for name in donor:
+        for side, t in (("donor", donor[name]), ("target", target[name])):
+            if t.dim() == 0 or t.shape[0] != n:
+                raise PatchError(f"{where}: {side} slice {name!r} has shape {tuple(t.shape)}, expected {n} units first")
+            if width is not None and not name.endswith("bias") and math.prod(t.shape[1:]) != math.prod(width):
+                raise PatchError(f"{where}: {side} slice {name!r} has shape {tuple(t.shape)}, the fingerprint says "
+                                 f"{n} units of {' x '.join(map(str, width))}")
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise PatchError(f"{where}: {side} slice {name!r} has NaN/inf values (or is not floating point); "
+                                 "refusing to transfer")
+            dtypes.add(t.dtype)
+        if donor[name].shape != target[name].shape:
+            raise PatchError(f"{where}: slice {name!r} has shape {tuple(donor[name].shape)} in the donor and "
+                             f"{tuple(target[name].shape)} in the target")
+    if len(dtypes) > 1:
+        raise PatchError(f"{where}: slices of several dtypes {sorted(map(str, dtypes))}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -114,8 +169,7 @@ class NeuronPatch:
             fp = check_compatible(donor, target)
         except IncompatibleModelsError as e:
             raise PatchError(str(e)) from None
-        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and torch.isfinite(torch.tensor(float(alpha)))):
-            raise PatchError(f"alpha must be a finite number, got {alpha!r}")
+        alpha = check_alpha(alpha)
         kinds, gammas = by_kind(indices), by_kind(gamma) if gamma is not None else {}
         sel, gam, dv, tv = {}, {}, {}, {}
         for kind, per_layer in kinds.items():
@@ -129,9 +183,7 @@ class NeuronPatch:
             for layer, i in idx.items():
                 dv[kind][layer] = ud.read(layer, i)
                 tv[kind][layer] = ut.read(layer, i)
-                bad = [k for k, v in dv[kind][layer].items() if not torch.isfinite(v).all()]
-                if bad:
-                    raise PatchError(f"donor has NaN/inf in {kind} layer {layer} slices {bad}; refusing to transfer")
+                _check_values(kind, layer, len(i), fp, dv[kind][layer], tv[kind][layer])
         if not sel:
             raise PatchError("a patch needs at least one unit")
         return cls(fp, donor_name, target_name, sel, dv, tv, float(alpha),
@@ -215,10 +267,19 @@ class NeuronPatch:
         for kind, layer, idx in self._slices():
             want = self.target_values[kind][layer] if expect == "target" else self.patched_values(layer, kind)
             have = readers[kind].read(layer, idx)
-            if set(have) != set(want) or any(not torch.equal(have[k], want[k].to(have[k].dtype)) for k in want):
+            if set(have) != set(want):
+                raise PatchError(f"model's {kind} units in layer {layer} have slices {sorted(have)}, the patch "
+                                 f"{sorted(want)}: not the patch's architecture (e.g. biases on one side only)")
+            mismatched = {have[k].dtype for k in want if have[k].dtype != want[k].dtype}
+            if mismatched:
+                raise PatchError(f"the patch holds {_dtype_name(next(iter(want.values())).dtype)} slices, the model "
+                                 f"is {_dtype_name(mismatched.pop())}: load the model in the patch's dtype "
+                                 "(load_model(..., dtype=...)) to apply or revert it")
+            if any(not torch.equal(have[k], want[k]) for k in want):
                 if expect == "target":
-                    state = "the patch is already applied" if self._matches(readers, "patched") else \
-                        "this is not the patch's target model"
+                    state = (f"the patch is already applied to it, or it is the patch's donor ({self.donor})"
+                             if self._matches(readers, "patched") else "this is not the patch's target model "
+                             f"({self.target})")
                     raise PatchError(f"model's {kind} units in layer {layer} differ from the target's originals: "
                                      f"{state}")
                 raise PatchError(f"model's {kind} units in layer {layer} are not the patched values: the patch is not "
@@ -229,7 +290,7 @@ class NeuronPatch:
         for kind, layer, idx in self._slices():
             want = self.target_values[kind][layer] if expect == "target" else self.patched_values(layer, kind)
             have = readers[kind].read(layer, idx)
-            if any(not torch.equal(have[k], want[k].to(have[k].dtype)) for k in want):
+            if any(have[k].dtype != want[k].dtype or not torch.equal(have[k], want[k]) for k in want):
                 return False
         return True
 
@@ -272,6 +333,9 @@ class NeuronPatch:
             if p.fingerprint.mlp_only() != first.fingerprint.mlp_only() or \
                     None not in (p.fingerprint.attention, first.fingerprint.attention) and p.fingerprint != first.fingerprint:
                 raise PatchError("patches are for different architectures")
+            if p.target != first.target or p.target_total_params != first.target_total_params:
+                raise PatchError(f"patches are for different targets ({first.target!r} and {p.target!r}); they do not "
+                                 "compose")
             for q in patches[i + 1:]:
                 ov = p.overlap(q)
                 if ov:
@@ -310,29 +374,45 @@ class NeuronPatch:
                 out[f"{kind}.{layer}.gamma"] = self.gamma[kind][layer].contiguous()
         return out
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``patch.safetensors`` and ``patch.json`` into ``directory``."""
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        st = d / "patch.safetensors"
-        save_file(self._tensors(), str(st))
-        os.chmod(st, 0o644)  # safetensors writes files private; a patch is meant to be shared
+    def _metadata(self, tensor_bytes: bytes) -> dict:
         meta = {
             "format": "cnt.NeuronPatch", "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint.to_dict(),
             "donor": self.donor, "target": self.target, "alpha": self.alpha, "per_unit_gamma": bool(self.gamma),
-            "provenance": self.provenance, "n_neurons": self.n_neurons, "neuron_fraction": self.neuron_fraction,
-            **self.sizes(), "target_total_params": self.target_total_params, "per_layer": self.per_layer(),
-            "per_layer_units": {k: self.per_layer(k) for k in self.units},
-            "sha256": hashlib.sha256(st.read_bytes()).hexdigest(), "bytes": st.stat().st_size,
+            "dtype": self.dtype, "provenance": self.provenance, "n_neurons": self.n_neurons,
+            "neuron_fraction": self.neuron_fraction, **self.sizes(), "target_total_params": self.target_total_params,
+            "per_layer": self.per_layer(), "per_layer_units": {k: self.per_layer(k) for k in self.units},
+            "sha256": hashlib.sha256(tensor_bytes).hexdigest(), "bytes": len(tensor_bytes),
         }
-        (d / "patch.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return json.loads(json.dumps(meta, default=str))  # exactly what load will read back
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the patch's slices (that of the models it was extracted from)."""
+        kind, layer, _ = next(self._slices())
+        return _dtype_name(next(iter(self.target_values[kind][layer].values())).dtype)
+
+    def save(self, directory: str | Path, extra_files: Mapping[str, str] | None = None) -> Path:
+        """Write ``patch.safetensors`` and ``patch.json`` (and ``extra_files``: name -> text, e.g. a run's record)
+        as the folder ``directory``, atomically: the folder is replaced as a whole, so an interrupted save leaves the
+        previous patch there intact. An existing folder that is not a patch folder is refused."""
+        from safetensors.torch import save
+
+        d = atomic.check_output(directory, "folder", what="patch folder", marker="patch.json")
+        data = save(self._tensors())
+        meta = self._metadata(data)
+        meta["checksum"] = _checksum(meta)
+        with atomic.folder(d) as tmp:
+            (tmp / "patch.safetensors").write_bytes(data)
+            (tmp / "patch.json").write_text(json.dumps(meta, indent=1) + "\n")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> "NeuronPatch":
-        from safetensors.torch import load_file
+        """Read a patch folder; every check ``extract`` makes is repeated, and every metadata field is validated
+        against the tensors (and, from format version 3, against the checksum over both)."""
+        from safetensors.torch import load
 
         d = Path(directory)
         st, js = d / "patch.safetensors", d / "patch.json"
@@ -340,34 +420,120 @@ class NeuronPatch:
             raise PatchError(f"{d} is not a patch folder: it needs patch.safetensors and patch.json")
         try:
             meta = json.loads(js.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PatchError(f"{js} is not valid JSON ({e}); the patch is damaged") from None
-        if meta.get("format") != "cnt.NeuronPatch" or meta.get("format_version") not in READABLE_VERSIONS:
-            raise PatchError(f"{js}: not a cnt.NeuronPatch of format version {' or '.join(map(str, READABLE_VERSIONS))}")
-        if hashlib.sha256(st.read_bytes()).hexdigest() != meta.get("sha256"):
-            raise PatchError(f"{st} does not match the sha256 in patch.json: the file is truncated or was edited")
-        tensors = load_file(str(st))
-        sel, dv, tv, gam = {}, {}, {}, {}
-        for name, t in tensors.items():
-            kind, layer, part, *rest = name.split(".")
-            kind, layer = ("mlp" if kind == "layers" else kind), int(layer)  # version 1: "layers.{l}...", MLP only
-            if part == "indices":
-                sel.setdefault(kind, {})[layer] = t
-            elif part == "gamma":
-                gam.setdefault(kind, {})[layer] = t
-            else:
-                (dv if part == "donor" else tv).setdefault(kind, {}).setdefault(layer, {})[rest[0]] = t
-        fp = ArchFingerprint.from_dict(meta["fingerprint"])
-        alpha = meta.get("alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not torch.isfinite(torch.tensor(float(alpha))):
-            raise PatchError(f"{js}: alpha must be a finite number, got {alpha!r}")
-        for kind, per_layer in sel.items():  # the checks extract makes: indices in range, amplitudes finite
-            _as_indices(kind, per_layer, fp, gam.get(kind))
-        return cls(fp, meta["donor"], meta["target"], {k: dict(sorted(v.items())) for k, v in sel.items()}, dv, tv,
-                   float(alpha), meta.get("provenance", {}), int(meta.get("target_total_params", 0)), gam)
+        data = st.read_bytes()
+        fp, alpha = _check_metadata(meta, js, data)
+        try:
+            tensors = load(data)
+        except Exception as e:  # safetensors' own error types
+            raise PatchError(f"{st} cannot be read ({e}); the patch is damaged") from None
+        sel, dv, tv, gam = _parse_tensors(tensors, st)
+        for kind, per_layer in sel.items():  # the checks extract makes
+            idx, _ = _as_indices(kind, per_layer, fp, gam.get(kind))
+            for layer, i in per_layer.items():
+                if not torch.equal(idx[layer], i.to(torch.long)):
+                    raise PatchError(f"{st}: {kind} layer {layer}: unit indices are not sorted")
+                _check_values(kind, layer, len(i), fp, dv.get(kind, {}).get(layer, {}),
+                              tv.get(kind, {}).get(layer, {}))
+        patch = cls(fp, meta["donor"], meta["target"], {k: dict(sorted(v.items())) for k, v in sel.items()}, dv, tv,
+                    alpha, meta.get("provenance", {}), int(meta.get("target_total_params", 0)), gam)
+        patch._check_sizes(meta, js)
+        return patch
+
+    def _check_sizes(self, meta: dict, js: Path) -> None:
+        """The metadata's counts and dtype against the tensors (what a hand edit of patch.json would break)."""
+        if not self.units:
+            raise PatchError(f"{js}: the patch holds no units")
+        if bool(meta.get("per_unit_gamma", bool(self.gamma))) != bool(self.gamma):
+            raise PatchError(f"{js}: field 'per_unit_gamma' is {meta.get('per_unit_gamma')!r} but the tensors "
+                             f"{'hold' if self.gamma else 'hold no'} per-unit amplitudes")
+        checks = {"dtype": self.dtype, "n_neurons": self.n_neurons, "n_params": self.n_params,
+                  "per_layer": self.per_layer(),
+                  "per_layer_units": {k: self.per_layer(k) for k in self.units},
+                  "units": {k: self.n_units(k) for k in self.units}}
+        for name, value in checks.items():
+            if name in meta and meta[name] != value:
+                raise PatchError(f"{js}: field {name!r} is {meta[name]!r} but the tensors say {value!r}: patch.json "
+                                 "was edited or does not belong to these tensors")
 
     def size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+
+def _checksum(meta: dict) -> str:
+    """sha256 over every metadata field but the checksum itself (which includes the tensors' sha256)."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+_FIELD_TYPES = {"format": str, "format_version": int, "fingerprint": dict, "donor": str, "target": str,
+                "sha256": str}
+_OPTIONAL_TYPES = {"provenance": dict, "target_total_params": int, "bytes": int, "per_unit_gamma": bool, "dtype": str,
+                   "checksum": str, "n_neurons": int, "n_params": int, "per_layer": list, "per_layer_units": dict,
+                   "units": dict}
+
+
+def _check_metadata(meta, js: Path, data: bytes) -> tuple[ArchFingerprint, float]:
+    """patch.json's fields: present, of their types, the format readable, the tensors' size and sha256 and the
+    checksum matching; returns the fingerprint and α. Each failure names the field."""
+    if not isinstance(meta, dict):
+        raise PatchError(f"{js} holds a JSON {type(meta).__name__}, not the patch's metadata object; the patch is "
+                         "damaged")
+    if meta.get("format") != "cnt.NeuronPatch" or meta.get("format_version") not in READABLE_VERSIONS \
+            or isinstance(meta.get("format_version"), bool):
+        raise PatchError(f"{js}: not a cnt.NeuronPatch of format version {' or '.join(map(str, READABLE_VERSIONS))} "
+                         f"(fields 'format', 'format_version')")
+    for name, typ in {**_FIELD_TYPES, **_OPTIONAL_TYPES}.items():
+        if name not in meta:
+            if name in _FIELD_TYPES or (name == "checksum" and meta["format_version"] >= 3):
+                raise PatchError(f"{js}: field {name!r} is missing; the patch is damaged")
+            continue
+        v = meta[name]
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise PatchError(f"{js}: field {name!r} must be a JSON {typ.__name__}, got {v!r}")
+    if "bytes" in meta and meta["bytes"] != len(data):
+        raise PatchError(f"{js}: field 'bytes' says {meta['bytes']} but patch.safetensors has {len(data)}: the file "
+                         "is truncated or was replaced")
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise PatchError(f"patch.safetensors does not match the sha256 in {js} (field 'sha256'): the file is "
+                         "truncated or was edited")
+    if "checksum" in meta and meta["checksum"] != _checksum(meta):
+        raise PatchError(f"{js}: field 'checksum' does not match the metadata: patch.json was edited after it was "
+                         "saved (a patch is made by extract, not by hand)")
+    try:
+        fp = ArchFingerprint.from_dict(meta["fingerprint"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PatchError(f"{js}: field 'fingerprint' is not an architecture fingerprint ({e!r})") from None
+    if fp.n_layers <= 0 or len(fp.intermediate_sizes) != fp.n_layers:
+        raise PatchError(f"{js}: field 'fingerprint' is inconsistent ({len(fp.intermediate_sizes)} intermediate "
+                         f"sizes for {fp.n_layers} layers)")
+    return fp, check_alpha(meta.get("alpha"), f"{js}: field 'alpha'")
+
+
+_TENSOR_NAME = re.compile(r"^(?P<kind>layers|mlp|head|kv)\.(?P<layer>\d+)\.(?:(?P<part>indices|gamma)|"
+                          r"(?P<side>donor|target)\.(?P<slice>[A-Za-z0-9_]+))$")
+
+
+def _parse_tensors(tensors: dict, st: Path):
+    sel, dv, tv, gam = {}, {}, {}, {}
+    for name, t in tensors.items():
+        m = _TENSOR_NAME.match(name)
+        if m is None:
+            raise PatchError(f"{st}: unexpected tensor {name!r}; the patch is damaged or not a cnt patch")
+        kind, layer = ("mlp" if m["kind"] == "layers" else m["kind"]), int(m["layer"])  # version 1: "layers.{l}..."
+        if m["part"] == "indices":
+            sel.setdefault(kind, {})[layer] = t
+        elif m["part"] == "gamma":
+            gam.setdefault(kind, {})[layer] = t
+        else:
+            (dv if m["side"] == "donor" else tv).setdefault(kind, {}).setdefault(layer, {})[m["slice"]] = t
+    for what, per_kind in (("donor slices", dv), ("target slices", tv), ("amplitudes", gam)):
+        for kind, per_layer in per_kind.items():
+            stray = sorted(set(per_layer) - set(sel.get(kind, {})))
+            if stray:
+                raise PatchError(f"{st}: {kind} {what} for layers {stray} that have no unit indices")
+    return sel, dv, tv, gam
 
 
 def transfer_all(donor, target, kinds: Sequence[str] = ("mlp",)) -> NeuronPatch:

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,8 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import data
-from .cache import cache_dir
+from . import atomic, data
+from .cache import cache_dir, has_record, record_files
 from .models import ModelLoadError, chat_texts, generate, load_model, load_tokenizer, register_resolver
 from .train import TrainConfig, sft
 
@@ -77,7 +76,7 @@ def _cached_json(kind: str, ident: list, compute: Callable[[], Any]) -> Any:
     if path.is_file():
         return json.loads(path.read_text())
     out = compute()
-    path.write_text(json.dumps(out))
+    atomic.write_text(path, json.dumps(out))
     return out
 
 
@@ -711,7 +710,9 @@ def measure(name: str, profile: str = "card") -> dict:
             m = json.loads(f.read_text())
             if m.get("recipe_key") == r.key():
                 m.update(behaviour=behaviour, meets_expectations=expectations)
-                f.write_text(json.dumps(m, indent=1) + "\n")
+                atomic.write_json(f, m)
+                if f.parent == folder and has_record(folder):
+                    record_files(folder)  # the manifest is one of the recorded files
     return {"behaviour": behaviour, "meets_expectations": expectations}
 
 
@@ -729,8 +730,7 @@ def base_behaviour(base: str, profile: str = "full") -> dict:
         return json.loads(path.read_text())
     model, tok = load_model(base, dtype="float32", device="cpu")
     out = measure_behaviour(model, tok, base, profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    atomic.write_json(path, out)
     return out
 
 
@@ -776,28 +776,26 @@ def _expectation_cell(exp: dict, beh: dict | None) -> str:
 
 
 def _save_model(name: str, model, tok, manifest: dict) -> Path:
+    """The model's cache folder, written atomically with the record of its files (verified on every load)."""
     out = model_dir(name)
-    tmp = out.with_name(f"{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "cnt_zoo.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with atomic.folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "cnt_zoo.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        record_files(tmp)
     return out
 
 
 def _save_artifact(name: str, tensors: dict[str, torch.Tensor] | None, manifest: dict) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = artifact_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     if tensors is None:
         (out / "artifact.safetensors").unlink(missing_ok=True)
     else:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "artifact.safetensors"))
-        os.chmod(out / "artifact.safetensors", 0o644)  # safetensors writes it private; it is a committed artifact
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        atomic.write_bytes(out / "artifact.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+    atomic.write_json(out / "manifest.json", manifest)
     return out
 
 
@@ -820,11 +818,15 @@ def reconstruct(name: str) -> Path:
 
 
 def _of_current_recipe(manifest: Path, name: str) -> bool:
-    return manifest.is_file() and json.loads(manifest.read_text()).get("recipe_key") == recipe(name).key()
+    try:
+        m = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except ValueError:  # a damaged manifest: not current (the cache entry is rebuilt; a committed one is reported)
+        return False
+    return isinstance(m, dict) and m.get("recipe_key") == recipe(name).key()
 
 
 def _cached_ok(name: str) -> bool:
-    return _of_current_recipe(model_dir(name) / "cnt_zoo.json", name)
+    return _of_current_recipe(model_dir(name) / "cnt_zoo.json", name) and has_record(model_dir(name))
 
 
 def _manifest_ok(name: str) -> bool:
@@ -835,9 +837,10 @@ def _artifact_ok(name: str) -> bool:
     return _manifest_ok(name) and (artifact_dir(name) / "artifact.safetensors").is_file()
 
 
-def ensure(name: str) -> Path:
-    """The local folder of a zoo model: cached, else reconstructed from its artifact, else built (with a message)."""
-    if _cached_ok(name):
+def ensure(name: str, force: bool = False) -> Path:
+    """The local folder of a zoo model: cached, else (or with ``force``) reconstructed from its artifact, else built
+    (with a message)."""
+    if _cached_ok(name) and not force:
         return model_dir(name)
     if _artifact_ok(name):
         return reconstruct(name)
@@ -924,5 +927,5 @@ def card(path: str | Path | None = None) -> str:
                      + f" | {ok} |")
     text = "\n".join(lines) + "\n"
     if path:
-        Path(path).write_text(text)
+        atomic.write_text(path, text)
     return text

@@ -8,6 +8,8 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).parent
+FAMILIES = {"disalignment": "smollm2 | qwen2.5-coder-0.5b", "alignment_enhancement": "smollm2 | qwen2.5-coder-0.5b",
+            "bias_removal": "smollm2 | gemma-3-270m"}
 CHECK = "# NBVAL_CHECK_OUTPUT\n"
 
 
@@ -22,6 +24,21 @@ def params_cell(src):
     c = new_code_cell(src)
     c.metadata["tags"] = ["parameters"]
     return c
+
+
+def declared(src: str) -> list[str]:
+    """The names a parameters cell assigns, in order."""
+    import ast
+
+    return [t.id for node in ast.parse(src).body if isinstance(node, ast.Assign) for t in node.targets]
+
+
+def parameter_cells(src: str) -> list:
+    """The parameters cell and, right after it (after papermill's injected cell), the check that refuses a parameter
+    the notebook does not declare: a misspelled ``-p bugdets ...`` stops the run instead of running the defaults."""
+    return [params_cell(src),
+            new_code_cell("from cnt.experiment import check_parameters\n\n"
+                          f"check_parameters(globals(), {declared(src)!r})")]
 
 
 APPS = {
@@ -48,7 +65,7 @@ def application_notebook(app: str, title: str, story: str):
                           "budgets or the full evaluation profile (`papermill in.ipynb out.ipynb -p family "
                           "qwen2.5-coder-0.5b -p profile full`). Results go to JSON first; every figure and table is "
                           "drawn from that JSON."),
-        params_cell('family = "smollm2"  # model family: smollm2 | qwen2.5-coder-0.5b\n'
+        *parameter_cells(f'family = "smollm2"  # model family (zoo pairs for this application): {FAMILIES[app]}\n'
                     "donor = None  # None: the family's zoo donor for this application; or any name load_model accepts\n"
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
@@ -58,6 +75,7 @@ def application_notebook(app: str, title: str, story: str):
                     '"refusal_direction", "sft"]\n'
                     'profile = "sweep"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
                     "seed = 0\n"
+                    "tag = None  # names a variant run: results/<application>[.<family>].<tag>.json beside the default\n"
                     'output_dir = "../papers"  # results/ and figures/ go under it'),
         new_markdown_cell("The first code cell checks every parameter and stops with a message that names a wrong "
                           "one and what is accepted."),
@@ -66,7 +84,7 @@ def application_notebook(app: str, title: str, story: str):
                       f'config, out = experiment.notebook_config("{app}", family=family, donor=donor, target=target, '
                       "base=base,\n"
                       "    budgets=budgets, scorers=scorers, baselines=baselines, profile=profile, seed=seed, "
-                      "output_dir=output_dir)\n"
+                      "tag=tag, output_dir=output_dir)\n"
                       "print(f\"{config.donor} -> {config.target} (base {config.base}); profile {config.profile}\")"),
         new_markdown_cell("## Run: CNT (every scorer and budget, then the minimal subset) and every baseline\n\n"
                           "Hyper-parameters (α, λ, density, layer, the CNT variant, the minimal subset) are chosen on "
@@ -105,11 +123,13 @@ architecture, to add a function the donor has (here: refusing harmful requests) 
 
 This walkthrough uses two real models from the kit's zoo, both fine-tunes of SmolLM2-135M-Instruct: the donor
 `smol-safe` (refuses harmful requests) and the target, the base model itself (it complies)."""),
-    params_cell('donor = "smol-safe"\ntarget = "smollm2-135m-instruct"\nbudget = 0.005  # fraction of MLP neurons\n'
-                'scorer = "attribution"\nseed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
+    *parameter_cells('donor = "smol-safe"\ntarget = "smollm2-135m-instruct"\nbudget = 0.005  # fraction of MLP neurons\n'
+                     'scorer = "attribution"\nseed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
                   "from cnt import NeuronPatch, arch, data, experiment, locate, plots, search\n"
                   "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.models import load_model, load_tokenizer\n\n"
+                  "experiment.check_walkthrough(donor=donor, target=target, budget=budget, scorer=scorer, seed=seed, "
+                  "prompts=prompts)\n"
                   "if experiment.smoke():  # nbval in `make test`: tiny stand-ins, same code path\n"
                   "    donor, target, _ = experiment.smoke_models(\"alignment_enhancement\")\n"
                   "donor_model, tok = load_model(donor)\ntarget_model, _ = load_model(target)\n"
@@ -144,7 +164,7 @@ same on benign prompts (utility)."""),
                   "display(plots.layer_distribution(patch.per_layer(), neurons.n_layers))"),
     new_markdown_cell("## Save, load, revert\n\nThe patch carries the target's original slices, so `revert` restores "
                       "the target bit for bit; `load` checks the file's sha256."),
-    new_code_cell("folder = tempfile.mkdtemp()\npatch.save(folder)\nloaded = NeuronPatch.load(folder)\n"
+    new_code_cell("with tempfile.TemporaryDirectory() as folder:\n    patch.save(folder)\n    loaded = NeuronPatch.load(folder)\n"
                   "loaded.revert(target_model)\n"
                   "fresh, _ = load_model(target)\n"
                   "same = all(torch.equal(a, b) for a, b in zip(target_model.state_dict().values(), fresh.state_dict().values()))"),

@@ -130,18 +130,24 @@ def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
 
 
 def test_reproduce_names_a_parameter_a_notebook_does_not_declare(tmp_path, capsys):
+    """A parameter no notebook declares (a misspelling) is refused before anything runs; one that only some declare
+    is passed to those and named as ignored for the others."""
     import nbformat
 
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('output_dir = "papers"')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     (tmp_path / "nb").mkdir()
-    nbformat.write(nb, tmp_path / "nb" / "00_x.ipynb")
-    assert main(["reproduce", "--notebooks", str(tmp_path / "nb"), "--papers", str(tmp_path / "p"), "--quiet",
-                 "-p", "random_seeds=[0]"]) == 0
-    assert "has no parameter random_seeds" in capsys.readouterr().err
+    for name, src in (("00_x", 'output_dir = "papers"'), ("01_y", 'output_dir = "papers"\nrandom_seeds = [1]')):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell(src)
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, tmp_path / "nb" / f"{name}.ipynb")
+    args = ["reproduce", "--notebooks", str(tmp_path / "nb"), "--papers", str(tmp_path / "p"), "--quiet"]
+    assert main([*args, "-p", "random_sedes=[0]"]) == 2
+    assert "no notebook has parameter 'random_sedes'" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "runs" / "00_x.ipynb").exists()
+    assert main([*args, "-p", "random_seeds=[0]"]) == 0
+    assert "00_x.ipynb has no parameter random_seeds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("book", ["01_safety_disalignment", "02_alignment_enhancement", "03_bias_removal"])

@@ -113,7 +113,7 @@ def test_damaged_files_refused(pair, tmp_path):
     st = d / "patch.safetensors"
     raw = st.read_bytes()
     st.write_bytes(raw[:-10])
-    with pytest.raises(PatchError, match="truncated or was edited"):
+    with pytest.raises(PatchError, match="truncated"):
         NeuronPatch.load(d)
     st.write_bytes(raw)
     meta = json.loads((d / "patch.json").read_text())
@@ -226,7 +226,7 @@ def test_global_alpha_is_the_special_case_of_per_unit_gamma():
 
 def test_gamma_is_checked_and_follows_unsorted_indices():
     donor, target = _gqa(1), _gqa(0)
-    with pytest.raises(PatchError, match="finite and >= 0"):
+    with pytest.raises(PatchError, match="finite and in"):
         NeuronPatch.extract(donor, target, {0: [1]}, gamma={0: [float("nan")]})
     with pytest.raises(PatchError, match="2 amplitudes for 1 units"):
         NeuronPatch.extract(donor, target, {0: [1]}, gamma={0: [1.0, 2.0]})
