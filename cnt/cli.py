@@ -492,8 +492,15 @@ def _cmd_report(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """One error line (and where to look), exit status 2 — not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the arguments)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cnt", description="Cross-Model Neuron Transfer research kit.")
+    p = _Parser(prog="cnt", description="Cross-Model Neuron Transfer research kit.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list the embedded models and whether they are installed/converted")

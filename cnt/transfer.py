@@ -277,9 +277,13 @@ class NeuronPatch:
                                  "(load_model(..., dtype=...)) to apply or revert it")
             if any(not torch.equal(have[k], want[k]) for k in want):
                 if expect == "target":
-                    state = (f"the patch is already applied to it, or it is the patch's donor ({self.donor})"
-                             if self._matches(readers, "patched") else "this is not the patch's target model "
-                             f"({self.target})")
+                    if self._matches(readers, "patched"):
+                        state = "the patch is already applied to it" + (
+                            f", or it is the patch's donor ({self.donor})" if self._matches(readers, "donor") else "")
+                    elif self._matches(readers, "donor"):
+                        state = f"it is the patch's donor ({self.donor}), not its target ({self.target})"
+                    else:
+                        state = f"this is not the patch's target model ({self.target})"
                     raise PatchError(f"model's {kind} units in layer {layer} differ from the target's originals: "
                                      f"{state}")
                 raise PatchError(f"model's {kind} units in layer {layer} are not the patched values: the patch is not "
@@ -288,7 +292,8 @@ class NeuronPatch:
 
     def _matches(self, readers: dict, expect: str) -> bool:
         for kind, layer, idx in self._slices():
-            want = self.target_values[kind][layer] if expect == "target" else self.patched_values(layer, kind)
+            want = {"target": self.target_values, "donor": self.donor_values}[expect][kind][layer] \
+                if expect != "patched" else self.patched_values(layer, kind)
             have = readers[kind].read(layer, idx)
             if any(have[k].dtype != want[k].dtype or not torch.equal(have[k], want[k]) for k in want):
                 return False
@@ -498,9 +503,6 @@ def _check_metadata(meta, js: Path, data: bytes) -> tuple[ArchFingerprint, float
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise PatchError(f"patch.safetensors does not match the sha256 in {js} (field 'sha256'): the file is "
                          "truncated or was edited")
-    if "checksum" in meta and meta["checksum"] != _checksum(meta):
-        raise PatchError(f"{js}: field 'checksum' does not match the metadata: patch.json was edited after it was "
-                         "saved (a patch is made by extract, not by hand)")
     try:
         fp = ArchFingerprint.from_dict(meta["fingerprint"])
     except (KeyError, TypeError, ValueError) as e:
@@ -508,7 +510,11 @@ def _check_metadata(meta, js: Path, data: bytes) -> tuple[ArchFingerprint, float
     if fp.n_layers <= 0 or len(fp.intermediate_sizes) != fp.n_layers:
         raise PatchError(f"{js}: field 'fingerprint' is inconsistent ({len(fp.intermediate_sizes)} intermediate "
                          f"sizes for {fp.n_layers} layers)")
-    return fp, check_alpha(meta.get("alpha"), f"{js}: field 'alpha'")
+    alpha = check_alpha(meta.get("alpha"), f"{js}: field 'alpha'")
+    if "checksum" in meta and meta["checksum"] != _checksum(meta):
+        raise PatchError(f"{js}: field 'checksum' does not match the metadata: patch.json was edited after it was "
+                         "saved (a patch is made by extract, not by hand)")
+    return fp, alpha
 
 
 _TENSOR_NAME = re.compile(r"^(?P<kind>layers|mlp|head|kv)\.(?P<layer>\d+)\.(?:(?P<part>indices|gamma)|"
