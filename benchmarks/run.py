@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from cnt import atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -186,8 +188,8 @@ def figure(results: dict, path: Path) -> None:
     axes[2].set_xscale("log")
     axes[2].set_xlabel("wall time (s, 2 CPU cores)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic.write_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def main() -> None:
@@ -220,7 +222,7 @@ def main() -> None:
         if key in results:
             results[key] = [r for r in previous.get(key, []) if r["family"] not in families] + results[key]
     previous.update(results)
-    out.write_text(json.dumps(previous, indent=1) + "\n")
+    atomic.write_json(out, previous)
     figure(previous, ROOT / "papers" / "figures" / "bench.png")
     print(json.dumps(results, indent=1))
 

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from . import atomic
+
 FILES_RECORD = "cnt_files.json"
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) hashed and found right in this process
 
@@ -46,7 +48,7 @@ def record_files(folder: str | Path) -> dict:
             files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             st = p.stat()
             _VERIFIED.add((str(p.resolve()), st.st_size, st.st_mtime_ns))
-    (folder / FILES_RECORD).write_text(json.dumps(files, indent=1) + "\n")
+    atomic.write_json(folder / FILES_RECORD, files)
     return files
 
 

@@ -12,19 +12,19 @@ from pathlib import Path
 
 
 def _cmd_models(args) -> int:
-    from .models import EMBEDDED, _is_converted, is_installed
+    from .models import EMBEDDED, is_converted, is_installed
 
     print(f"{'name':30s} {'hub original':40s} {'installed':9s} {'converted':9s}")
     for name, emb in EMBEDDED.items():
         installed = "yes" if is_installed(name) else "no"
-        print(f"{name:30s} {emb.hub_id:40s} {installed:9s} {'yes' if _is_converted(name) else 'no':9s}")
+        print(f"{name:30s} {emb.hub_id:40s} {installed:9s} {'yes' if is_converted(name) else 'no':9s}")
     print("\nAny other name is passed to transformers' from_pretrained (a hub id, or a local folder).")
     return 0
 
 
 def _cmd_prepare(args) -> int:
     from . import zoo
-    from .models import EMBEDDED, ModelLoadError, convert_embedded, verify_cached, _is_converted
+    from .models import EMBEDDED, ModelLoadError, convert_embedded, verify_cached, is_converted
 
     unknown = [n for n in args.models if n not in EMBEDDED and n not in zoo.RECIPES]
     if unknown:
@@ -36,21 +36,20 @@ def _cmd_prepare(args) -> int:
     for name in names:
         try:
             t0 = time.time()
-            if args.verify:  # every recorded file hashed again (a missing entry is reported, not built)
-                cached = _is_converted(name) if name in EMBEDDED else zoo._cached_ok(name)
-                if not cached:
-                    print(f"{name}: not in the cache")
-                    continue
-                path = verify_cached(name, convert_embedded(name) if name in EMBEDDED else zoo.model_dir(name),
-                                     full=True)
-                print(f"{name}: verified {path} ({time.time() - t0:.1f} s)")
+            if args.verify and not (is_converted(name) if name in EMBEDDED else zoo.is_cached(name)):
+                print(f"{name}: not in the cache (nothing to verify)")  # --verify reports; it does not build
                 continue
             path = convert_embedded(name, force=args.force) if name in EMBEDDED else zoo.ensure(name, force=args.force)
-            verify_cached(name, path)
-            print(f"{name}: ready in {path} ({time.time() - t0:.1f} s)")
+        except ModelLoadError as e:  # not installed: skipped (an error only when asked for by name)
+            print(f"{name}: skipped — {e}")
+            failed += name in args.models
+            continue
+        try:
+            verify_cached(name, path, full=args.verify)
+            print(f"{name}: {'verified' if args.verify else 'ready'} in {path} ({time.time() - t0:.1f} s)")
         except ModelLoadError as e:
-            print(f"{name}: {'FAILED' if args.verify else 'skipped'} — {e}")
-            failed += args.verify or name in args.models
+            print(f"{name}: FAILED — {e}")
+            failed += 1
     return 1 if failed else 0
 
 
@@ -122,7 +121,7 @@ def _cmd_zoo(args) -> int:
 
     if args.action == "list":
         for name, r in zoo.RECIPES.items():
-            state = "cached" if zoo._cached_ok(name) else "artifact" if zoo._artifact_ok(name) else "not built"
+            state = "cached" if zoo.is_cached(name) else "artifact" if zoo.has_artifact(name) else "not built"
             print(f"{name:18s} {r.base:28s} {state:10s} {r.description}")
         return 0
     if args.action == "card":

@@ -436,16 +436,16 @@ def _write_task(task: str, records: Sequence[dict], fewshot: Sequence[dict] | No
     key = data.records_hash(payload)[:16] + (data.records_hash(fewshot)[:8] if fewshot else "")
     folder = cache_dir("lm_eval", f"{task}-{key}")
     files = {"test": str(folder / "test.jsonl")}
-    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in payload))
+    atomic.write_text(folder / "test.jsonl", "".join(json.dumps(r) + "\n" for r in payload))
     if fewshot:
         files["train"] = str(folder / "train.jsonl")
-        (folder / "train.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "source"}) + "\n"
-                                                    for r in fewshot))
+        atomic.write_text(folder / "train.jsonl", "".join(json.dumps({k: v for k, v in r.items() if k != "source"})
+                                                          + "\n" for r in fewshot))
     cfg = {"task": f"cnt_{task}", "dataset_path": "json", "dataset_kwargs": {"data_files": files},
            "test_split": "test", **_LM_EVAL_TASKS[task], "metadata": {"version": 1.0}}
     if fewshot:
         cfg.update(training_split="train", fewshot_split="train", fewshot_config={"sampler": "first_n"})
-    (folder / f"cnt_{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    atomic.write_text(folder / f"cnt_{task}.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return folder
 
 

@@ -146,7 +146,7 @@ def _converted_dir(name: str) -> Path:
     return cache_dir("models") / name
 
 
-def _is_converted(name: str) -> bool:
+def is_converted(name: str) -> bool:
     """A conversion of the current version is in the cache (whether its files are intact is :func:`verify_files`')."""
     src = _converted_dir(name) / "cnt_source.json"
     if not src.is_file() or not has_record(src.parent):
@@ -162,10 +162,10 @@ def _is_converted(name: str) -> bool:
 def convert_embedded(name: str, force: bool = False) -> Path:
     """De-quantize an embedded GGUF once into float32 safetensors; return the folder (``from_pretrained``-ready)."""
     out = _converted_dir(name)
-    if _is_converted(name) and not force:
+    if is_converted(name) and not force:
         return out
     with _lock(out.with_name(f"{name}.lock")):  # parallel test workers or notebooks: convert once
-        if _is_converted(name) and not force:
+        if is_converted(name) and not force:
             return out
         return _convert(name, out)
 

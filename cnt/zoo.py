@@ -673,7 +673,7 @@ def compare_with_committed(name: str, artifact: dict[str, torch.Tensor] | None, 
     old = json.loads((artifact_dir(name) / "manifest.json").read_text())
     if artifact is not None and (artifact_dir(name) / "artifact.safetensors").is_file():
         old_t, new_t, against = load_file(str(artifact_dir(name) / "artifact.safetensors")), artifact, "artifact"
-    elif model is not None and _cached_ok(name):
+    elif model is not None and is_cached(name):
         old_t = {k: v for f in sorted(model_dir(name).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
         new_t, against = dict(model.state_dict()), "cached build"
     else:
@@ -825,7 +825,7 @@ def _of_current_recipe(manifest: Path, name: str) -> bool:
     return isinstance(m, dict) and m.get("recipe_key") == recipe(name).key()
 
 
-def _cached_ok(name: str) -> bool:
+def is_cached(name: str) -> bool:
     return _of_current_recipe(model_dir(name) / "cnt_zoo.json", name) and has_record(model_dir(name))
 
 
@@ -833,16 +833,16 @@ def _manifest_ok(name: str) -> bool:
     return _of_current_recipe(artifact_dir(name) / "manifest.json", name)
 
 
-def _artifact_ok(name: str) -> bool:
+def has_artifact(name: str) -> bool:
     return _manifest_ok(name) and (artifact_dir(name) / "artifact.safetensors").is_file()
 
 
 def ensure(name: str, force: bool = False) -> Path:
     """The local folder of a zoo model: cached, else (or with ``force``) reconstructed from its artifact, else built
     (with a message)."""
-    if _cached_ok(name) and not force:
+    if is_cached(name) and not force:
         return model_dir(name)
-    if _artifact_ok(name):
+    if has_artifact(name):
         return reconstruct(name)
     print(f"[cnt] zoo model {name!r} has no committed artifact; building it from its recipe (several minutes on CPU; "
           f"`cnt zoo build {name}` does the same and also measures it) ...", flush=True)

@@ -125,7 +125,7 @@ def test_unknown_zoo_name():
         zoo.recipe("smol-evil")
 
 
-@pytest.mark.skipif(not zoo._artifact_ok("smol-safe"), reason="smol-safe artifact not committed")
+@pytest.mark.skipif(not zoo.has_artifact("smol-safe"), reason="smol-safe artifact not committed")
 def test_committed_artifact_reconstructs_a_refusing_model(monkeypatch, tmp_path):
     """load_model('smol-safe') on a fresh cache: rebuilt in seconds from the committed bf16 adapter; it refuses."""
     from cnt.evaluate import is_refusal
@@ -166,7 +166,7 @@ def test_compare_full_fine_tune_with_its_cached_build(monkeypatch, tmp_path):
     cached.mkdir(parents=True)
     save_file({"w": torch.ones(2, 2)}, str(cached / "model.safetensors"))  # lm_head tied: not in the file
     monkeypatch.setattr(zoo, "model_dir", lambda name: cached)
-    monkeypatch.setattr(zoo, "_cached_ok", lambda name: True)
+    monkeypatch.setattr(zoo, "is_cached", lambda name: True)
     model = torch.nn.Module()
     model.w, model.lm_head = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(3))
     same = zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)
@@ -175,7 +175,7 @@ def test_compare_full_fine_tune_with_its_cached_build(monkeypatch, tmp_path):
     with torch.no_grad():
         model.w[0, 0] = 1.5
     assert zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)["max_abs_weight_diff"] == 0.5
-    monkeypatch.setattr(zoo, "_cached_ok", lambda name: False)
+    monkeypatch.setattr(zoo, "is_cached", lambda name: False)
     unseen = zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)
     assert unseen["identical_weights"] is None and unseen["all_within_tolerance"]
 
@@ -205,7 +205,7 @@ def test_full_finetune_commits_manifest_only(monkeypatch, tmp_path):
     m = {"recipe_key": zoo.recipe(name).key(), "build_seconds": 60.0, "behaviour": None}
     zoo._save_artifact(name, None, m)
     assert (tmp_path / name / "manifest.json").is_file() and not (tmp_path / name / "artifact.safetensors").exists()
-    assert not zoo._artifact_ok(name)
+    assert not zoo.has_artifact(name)
     assert f"| `{name}` | " in zoo.card() and "1.0 min" in zoo.card()
 
 

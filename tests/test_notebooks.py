@@ -1,0 +1,50 @@
+"""The committed notebooks are generated from one source (notebooks/_make_notebooks.py) and refuse parameters they
+do not declare before any compute."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "_make_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _shape(book) -> list[tuple]:
+    return [(c.cell_type, c.source, tuple(c.metadata.get("tags", ()))) for c in book.cells]
+
+
+def test_committed_notebooks_equal_their_generated_source():
+    gen = _generator()
+    books = {"00_walkthrough": gen.WALKTHROUGH,
+             **{stem: gen.application_notebook(*spec) for stem, spec in gen.APPS.items()}}
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(books)
+    for stem, book in books.items():
+        committed = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+        assert _shape(committed) == _shape(book), f"{stem}.ipynb differs from _make_notebooks.py: run `python " \
+                                                  "notebooks/_make_notebooks.py --store-checked`"
+
+
+def test_a_misspelled_papermill_parameter_stops_the_notebook(tmp_path):
+    import papermill as pm
+
+    gen = _generator()
+    book = gen.nb([*gen.parameter_cells("budgets = [0.01]\nseed = 0"), nbformat.v4.new_code_cell("ran = True")])
+    nbformat.write(book, tmp_path / "in.ipynb")
+    pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "ok.ipynb"), parameters={"seed": 1},
+                        kernel_name="python3", progress_bar=False)
+    with pytest.raises(pm.PapermillExecutionError, match=r"unknown notebook parameter 'bugdets' \(did you mean "
+                                                         r"'budgets'\?\)"):
+        pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "bad.ipynb"), parameters={"bugdets": [0.5]},
+                            kernel_name="python3", progress_bar=False)
+    ran = nbformat.read(tmp_path / "bad.ipynb", as_version=4)
+    assert not ran.cells[-1].get("outputs") and ran.cells[-1].get("execution_count") is None  # stopped before it
