@@ -278,9 +278,29 @@ def verify_cached(name: str, folder: str | Path, *, full: bool = False) -> Path:
     return Path(folder)
 
 
+_SWEPT: set[Path] = set()
+
+
+def sweep_cache() -> list[Path]:
+    """Once per process: remove what killed writers left in the cache's model folders (temporaries of conversions
+    and zoo reconstructions whose process is gone), and say so."""
+    done = []
+    for kind in ("models", "zoo", "gguf"):
+        folder = cache_dir(kind)
+        if folder not in _SWEPT:
+            _SWEPT.add(folder)
+            done += atomic.sweep(folder)
+    if done:
+        print(f"[cnt] removed {len(done)} leftover(s) of interrupted writes in the cache: "
+              f"{', '.join(p.name for p in done)}", flush=True)
+    return done
+
+
 def resolve(name_or_path: str) -> str:
     """Map an embedded (or registered, e.g. zoo) name to its local folder, verified against the record of its files;
     return anything else unchanged."""
+    if name_or_path in EMBEDDED or any(name_or_path in getattr(fn, "names", lambda: [])() for fn in RESOLVERS):
+        sweep_cache()
     if name_or_path in EMBEDDED:
         return str(verify_cached(name_or_path, convert_embedded(name_or_path)))
     for fn in RESOLVERS:

@@ -541,3 +541,19 @@ def test_neurons_own_their_biases(family, overrides):
         assert moved == [3 + offset] and got[3 + offset] == want[3 + offset], (name, moved)
     one.revert(target)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_on_the_next_start(monkeypatch, tmp_path, capsys):
+    """A conversion killed mid-write leaves its temporary folder (~0.5 GB for SmolLM2) in the cache; the first load
+    of a kit model in the next process removes it and says so."""
+    monkeypatch.setenv("CNT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_SWEPT", set())
+    dead = 2 ** 22 + 4321
+    left = cache.cache_dir("models") / f".smollm2-135m-instruct{atomic.TMP_MARK}{dead}-abcd"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half")
+    legacy = cache.cache_dir("zoo") / f"smol-safe.tmp{dead}"  # the name earlier versions of the kit used
+    legacy.mkdir()
+    assert len(models.sweep_cache()) == 2
+    assert not left.exists() and not legacy.exists()
+    assert "removed 2 leftover(s)" in capsys.readouterr().out
