@@ -358,9 +358,9 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None, device_
     except Exception as e:  # a damaged weights file: safetensors' and transformers' own error types
         if not local.exists():
             raise
+        fix = f": rebuild them: `{rebuild_command(name_or_path)}`" if path != name_or_path else ""
         raise ModelLoadError(f"model folder {path} could not be read ({type(e).__name__}: {e}); the files are "
-                             f"damaged{': rebuild them: `' + rebuild_command(name_or_path) + '`' if path != name_or_path else ''}"
-                             ) from None
+                             f"damaged{fix}") from None
     if device_map is None:
         model.to(device)
     model.eval()
