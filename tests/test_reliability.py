@@ -561,3 +561,26 @@ def test_leftovers_of_a_killed_conversion_are_removed_on_the_next_start(monkeypa
     assert len(models.sweep_cache()) == 2
     assert not left.exists() and not legacy.exists()
     assert "removed 2 leftover(s)" in capsys.readouterr().out
+
+
+def test_prepare_verify_rehashes_and_reports_damage(smol, tmp_path, monkeypatch, capsys):
+    """`cnt prepare --verify` hashes every cached file again: the intact conversion passes; a copy of it in another
+    cache with one flipped byte is reported FAILED (exit 1) with the command that rebuilds it, and nothing is rebuilt."""
+    import shutil
+
+    assert main(["prepare", "--verify", "smollm2-135m-instruct"]) == 0
+    assert "smollm2-135m-instruct: verified" in capsys.readouterr().out
+    src = models.convert_embedded("smollm2-135m-instruct")
+    monkeypatch.setenv("CNT_CACHE", str(tmp_path))
+    dst = cache.cache_dir("models") / "smollm2-135m-instruct"
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    with open(dst / "model.safetensors", "r+b") as f:
+        f.seek(10_000_000)
+        b = f.read(1)
+        f.seek(10_000_000)
+        f.write(bytes([b[0] ^ 0x10]))
+    before = _tree(dst)
+    assert main(["prepare", "--verify", "smollm2-135m-instruct"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "does not match the sha256" in out and "cnt prepare --force smollm2-135m-instruct" in out
+    assert _tree(dst) == before
