@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -143,7 +144,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (38, 22, 95):  # ENOSYS, EINVAL (flag or filesystem), EOPNOTSUPP: fall back to two renames
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # no such call, flag or filesystem: two renames
         return False
     raise OSError(err, os.strerror(err), str(b))
 

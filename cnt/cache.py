@@ -31,12 +31,20 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_files(paths, sink=None) -> str:
+    """sha256 of the files' bytes, concatenated in order (copied to ``sink`` on the way, when given)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+                if sink is not None:
+                    sink.write(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return sha256_files([path])
 
 
 def record_files(folder: str | Path) -> dict:

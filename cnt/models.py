@@ -19,7 +19,6 @@ The first load checks the GGUF's sha256, de-quantizes it once into float32 safet
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from typing import Sequence
 import torch
 
 from . import atomic
-from .cache import CacheIntegrityError, cache_dir, has_record, record_files, verify_files
+from .cache import CacheIntegrityError, cache_dir, has_record, record_files, sha256_files, verify_files
 
 CONVERSION_VERSION = 2  # 2: the folder records its files' sha256 (cnt_files.json); written atomically
 
@@ -105,23 +104,12 @@ def is_installed(name: str) -> bool:
         return False
 
 
-def _sha256(paths: Sequence[Path], sink=None) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-                if sink is not None:
-                    sink.write(block)
-    return h.hexdigest()
-
-
 def embedded_gguf(name: str) -> Path:
     """The verified GGUF file of an embedded model (multi-part files are joined once into the cache)."""
     emb = EMBEDDED[name]
     parts = _part_paths(emb)
     if len(parts) == 1:
-        digest, path = _sha256(parts), parts[0]
+        digest, path = sha256_files(parts), parts[0]
     else:
         path = cache_dir("gguf") / f"{name}.gguf"
         marker = path.with_suffix(".sha256")
@@ -129,7 +117,7 @@ def embedded_gguf(name: str) -> Path:
             return path
         try:
             with atomic.write_file(path) as sink:
-                digest = _sha256(parts, sink)
+                digest = sha256_files(parts, sink)
                 if digest != emb.sha256:
                     raise ModelLoadError("")  # (the message is below) nothing replaced
             atomic.write_text(marker, digest)
