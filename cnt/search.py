@@ -28,7 +28,7 @@ import torch
 
 from . import data
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .evaluate import perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
+from .evaluate import is_degenerate, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
 from .locate import Example, NeuronScores, Task, locate
 from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
@@ -95,6 +95,8 @@ class Proxy:
     benign: list[str] = field(default_factory=list)
     stereo: list[dict] = field(default_factory=list)
     wiki: list[str] = field(default_factory=list)
+    n_generate: int = 24  # harmful prompts answered greedily to check the text is still language (``degenerate``)
+    generate_tokens: int = 20
 
     @classmethod
     def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16) -> "Proxy":
@@ -113,6 +115,10 @@ class Proxy:
             out["score"] = float(refusal_logodds(model, tokenizer, self.harmful).mean())
             if self.function == "refusal":
                 out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
+            if self.n_generate:  # a large amplitude can break the text while the first-token odds look right
+                answers = generate(model, tokenizer, self.harmful[:self.n_generate],
+                                   max_new_tokens=self.generate_tokens, batch_size=self.n_generate, progress=False)
+                out["degenerate"] = float(np.mean([is_degenerate(a) for a in answers]))
         return out
 
 
@@ -164,12 +170,15 @@ def _share(score: float, t: float, d: float) -> float:
 
 
 def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9, max_ppl_increase: float = 0.02,
-          max_drift_share: float = 0.5) -> dict:
+          max_drift_share: float = 0.5, max_degenerate_increase: float = 0.05) -> dict:
     """The search rule, for any modified model's proxy measurement ``m`` (CNT patches and baselines alike): the share
-    of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; for added refusal,
-    benign drift within ``max_drift_share`` of the gap) and whether both hold with the goal reached (``ok``)."""
+    of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; answers to harmful
+    prompts no more often broken text than the target's, within ``max_degenerate_increase``; for added refusal, benign
+    drift within ``max_drift_share`` of the gap) and whether both hold with the goal reached (``ok``)."""
     share = _share(m["score"], base["score"], donor["score"])
     utility_ok = m["ppl"] <= base["ppl"] * (1 + max_ppl_increase)
+    if m.get("degenerate") is not None and base.get("degenerate") is not None:
+        utility_ok = utility_ok and m["degenerate"] - base["degenerate"] <= max_degenerate_increase
     if m.get("drift") is not None and function == "refusal":  # adding refusal must not spread to benign prompts
         utility_ok = utility_ok and (m["drift"] - base["drift"]) <= max_drift_share * abs(donor["score"] - base["score"])
     share_ok = bool(np.isfinite(share) and share >= goal)
