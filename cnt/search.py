@@ -228,7 +228,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
 
     def trial(k: int, alpha: float) -> SearchStep:
         sel, gamma = pick(scores, k)
-        patch = NeuronPatch.extract(donor, target, sel, alpha=alpha, gamma=gamma)
+        patch = NeuronPatch.extract(donor, target, sel, alpha=alpha, gamma=gamma).to(fast)
         patch.apply(work)
         m = proxy.measure(work, tokenizer)
         patch.revert(work)

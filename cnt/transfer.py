@@ -17,6 +17,7 @@ and 2 (no metadata checksum) still load, with the same field checks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -233,6 +234,14 @@ class NeuronPatch:
         amp = f"alpha={self.alpha:g}" + (", per-unit gamma" if self.gamma else "")
         return (f"NeuronPatch({self.donor} -> {self.target}, {kinds} ({100 * self.neuron_fraction:.3f}% of MLP "
                 f"neurons, {100 * self.param_fraction:.4f}% of weights), {amp}, {self.fingerprint})")
+
+    def to(self, dtype: torch.dtype) -> "NeuronPatch":
+        """A copy whose slices are in ``dtype`` (to try the patch on a copy of the target in another precision, e.g.
+        bf16 proxies); the units, amplitudes and metadata are the same."""
+        def cast(values):
+            return {kind: {layer: {k: t.to(dtype) for k, t in d.items()} for layer, d in per.items()}
+                    for kind, per in values.items()}
+        return dataclasses.replace(self, donor_values=cast(self.donor_values), target_values=cast(self.target_values))
 
     # -- apply / revert ------------------------------------------------------------------------------------------------
     def amplitudes(self, kind: str, layer: int) -> torch.Tensor | None:

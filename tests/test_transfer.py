@@ -67,6 +67,27 @@ def test_alpha_amplifies(pair):
         assert torch.allclose(got[k], t0[k] + 2 * (d0[k] - t0[k]))
 
 
+def test_patch_cast_applies_to_a_copy_in_another_precision(pair):
+    """The search tries float32 patches on a bf16 copy of the target: the cast patch applies there, writes the bf16
+    patched values, reverts that copy bit-exact, and leaves the float32 patch as it was."""
+    from copy import deepcopy
+
+    donor, target = pair
+    patch = NeuronPatch.extract(donor, target, IDX, alpha=2.0)
+    work = deepcopy(target).to(torch.bfloat16)
+    with pytest.raises(PatchError, match="float32 slices, the model is bfloat16"):
+        patch.apply(work)
+    before = _state(work)
+    half = patch.to(torch.bfloat16)
+    assert half.dtype == "bfloat16" and patch.dtype == "float32" and half.alpha == 2.0 and half.units == patch.units
+    half.apply(work)
+    got = MLPNeurons(work).read(0, [1])
+    want = patch.patched_values(0)
+    assert all(torch.allclose(got[k].float(), want[k][IDX[0].index(1)].float(), rtol=0.02, atol=1e-3) for k in got)
+    half.revert(work)
+    assert _same(before, _state(work))
+
+
 def test_transfer_all_reproduces_donor_mlps(pair):
     donor, target = pair
     transfer_all(donor, target).apply(target)
