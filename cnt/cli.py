@@ -239,6 +239,12 @@ def _scorers() -> list[str]:
     return list(SCORERS)
 
 
+def _alphas() -> tuple[float, ...]:
+    from .search import ALPHAS
+
+    return ALPHAS
+
+
 def _units(value: str) -> tuple[str, ...]:
     from .arch import UNIT_KINDS
 
@@ -256,9 +262,6 @@ def _cmd_transfer(args) -> int:
     from .search import transfer
 
     check_output(args.out, "folder", what="--out", marker="patch.json")
-    if args.budget != "auto" and len(args.alpha) > 1:
-        raise ValueError(f"--alpha: a fixed --budget takes one value, got {len(args.alpha)}; several are chosen among "
-                         "on validation only by --budget auto")
     if args.donor == args.target:
         raise ValueError(f"--donor and --target are both {args.donor!r}: there is nothing to transfer")
     donor, _ = load_model(args.donor, dtype="float32")
@@ -567,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scorer", default="attribution", choices=_scorers())
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
-    s.add_argument("--alpha", type=_alpha, nargs="+", default=[1.0],
-                   help="amplification; several values: chosen on validation by the search")
+    s.add_argument("--alpha", type=_alpha, nargs="+", default=list(_alphas()),
+                   help="amplification of the transferred difference; several values (default: %(default)s) are "
+                        "chosen among on the validation split (utility held, answers still language)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--save-best-effort", action="store_true",
                    help="with --budget auto: save the largest subset tried even when it misses the goal (default: "

@@ -34,7 +34,7 @@ from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
 from .locate import locate
 from .models import fast_dtype, load_model, load_tokenizer, model_device
-from .search import Proxy, build_task, choose, judge, minimal_subset, pick
+from .search import ALPHAS, Proxy, build_task, choose, judge, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
 APPLICATIONS = {
@@ -80,7 +80,7 @@ class ApplicationConfig:
     base: str | None = None
     budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
     scorers: tuple[str, ...] = ("attribution",)  # activation_contrast moved nothing where measured (METHOD.md)
-    alphas: tuple[float, ...] = (1.0, 2.0)
+    alphas: tuple[float, ...] = ALPHAS
     baselines: tuple[str, ...] = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
                                   "refusal_direction", "sft")
     lambdas: tuple[float, ...] = (0.5, 1.0)

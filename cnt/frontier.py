@@ -22,7 +22,7 @@ from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import evaluate
 from .locate import locate
-from .search import Proxy, build_task, choose, judge
+from .search import ALPHAS, Proxy, build_task, choose, judge
 from .transfer import NeuronPatch, transfer_all
 
 BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
@@ -56,7 +56,7 @@ def _share(v: float, t: float, d: float) -> float:
 
 
 def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float] = BUDGETS,
-            locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = (1.0, 2.0),
+            locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = ALPHAS,
             random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype=None,
             locator_kwargs: dict | None = None, proxy_size: int = 48, progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).

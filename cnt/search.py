@@ -35,6 +35,9 @@ from .transfer import NeuronPatch, PatchError, check_alpha
 
 FUNCTIONS = ("refusal", "compliance", "bias")
 KIND_SCORERS = ("attribution", "learned_mask")  # the scorers that also score attention heads and k/v groups
+# the amplifications tried by default, each judged on validation (utility held, answers still language): on SmolLM2
+# the proxy's share of the gap grows about linearly in alpha up to 4, and alpha 8-16 starts to break the text
+ALPHAS = (1.0, 2.0, 4.0, 8.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,15 +190,63 @@ def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9,
 
 def choose(assessed: Sequence[dict]) -> int:
     """Index of the setting a researcher would pick on validation: among those whose utility held, the one that went
-    furthest toward the donor; if none held, the furthest overall. (CNT's own search instead picks the *smallest*
-    subset that reaches the goal.)"""
+    furthest toward the donor — overshooting the donor counts as reaching it, and of settings equally far the first
+    (list settings mildest first: the smaller amplitude) wins; if none held utility, the furthest overall. (CNT's own
+    search instead picks the *smallest* subset that reaches the goal.)"""
     pool = [i for i, a in enumerate(assessed) if a["utility_ok"]] or list(range(len(assessed)))
-    return max(pool, key=lambda i: assessed[i]["share"] if np.isfinite(assessed[i]["share"]) else -np.inf)
+    reach = [min(a["share"], 1.0) if np.isfinite(a["share"]) else -np.inf for a in assessed]
+    return max(pool, key=lambda i: (reach[i], -i))
+
+
+class Trials:
+    """Patches tried on validation: each ``(k, alpha)`` is extracted from the two models, applied to one copy of the
+    target in the proxies' precision (bf16 where native), measured and judged by the search rule, and reverted. The
+    target and donor themselves are never written. ``measured`` passes the target's and donor's proxy values when the
+    caller already has them (same proxy, same dtype)."""
+
+    def __init__(self, scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *,
+                 measured: tuple[dict, dict] | None = None, **rule):
+        self.scores, self.donor, self.target, self.tokenizer, self.proxy, self.rule = \
+            scores, donor, target, tokenizer, proxy, rule
+        self.fast = fast_dtype(model_device(target))
+        self.work = deepcopy(target).to(self.fast)  # the patch carries the models' own slices, cast for this copy
+        if measured is None:
+            dwork = deepcopy(donor).to(self.fast)
+            measured = proxy.measure(self.work, tokenizer), proxy.measure(dwork, tokenizer)
+            del dwork
+        self.base, self.donor_proxy = measured
+        self.steps: list[SearchStep] = []
+
+    def __call__(self, k: int, alpha: float) -> SearchStep:
+        sel, gamma = pick(self.scores, k)
+        patch = NeuronPatch.extract(self.donor, self.target, sel, alpha=alpha, gamma=gamma).to(self.fast)
+        patch.apply(self.work)
+        try:
+            m = self.proxy.measure(self.work, self.tokenizer)
+        finally:
+            patch.revert(self.work)
+        v = judge(m, self.base, self.donor_proxy, self.proxy.function, **self.rule)
+        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"],
+                          patch.param_fraction)
+        self.steps.append(step)
+        return step
+
+
+def best_alpha(scores: NeuronScores, k: int, donor, target, tokenizer, proxy: Proxy,
+               alphas: Sequence[float] = ALPHAS, **rule) -> tuple[float, list[SearchStep]]:
+    """The amplification for a fixed subset (the best ``k``), chosen on validation by :func:`choose`: utility held,
+    furthest toward the donor (reaching it is enough: the smaller alpha wins). Returns ``(alpha, trials)``."""
+    trials = Trials(scores, donor, target, tokenizer, proxy, **rule)
+    alphas = sorted(alphas)
+    for a in alphas:
+        trials(k, a)
+    i = choose([{"share": s.share, "utility_ok": s.utility_ok} for s in trials.steps])
+    return alphas[i], trials.steps
 
 
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *, goal: float = 0.9,
                    max_ppl_increase: float = 0.02, max_drift_share: float = 0.5, k_min: int | None = None,
-                   max_fraction: float = 0.25, alphas: Sequence[float] = (1.0,), growth: int = 4,
+                   max_fraction: float = 0.25, alphas: Sequence[float] = ALPHAS, growth: int = 4,
                    progress: bool = True, measured: tuple[dict, dict] | None = None) -> SearchResult:
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
     with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap.
@@ -212,31 +263,16 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    fast = fast_dtype(model_device(target))
-    work = deepcopy(target).to(fast)  # proxies in bf16 (where native) on a copy; the patch carries fp32 slices
-    if measured is None:
-        dwork = deepcopy(donor).to(fast)
-        base, don = proxy.measure(work, tokenizer), proxy.measure(dwork, tokenizer)
-        del dwork
-    else:
-        base, don = measured
+    trials = Trials(scores, donor, target, tokenizer, proxy, measured=measured, goal=goal,
+                    max_ppl_increase=max_ppl_increase, max_drift_share=max_drift_share)
+    base, don, steps = trials.base, trials.donor_proxy, trials.steps
     n_total = sum(s.numel() for s in scores.scores)
     k_min = k_min or max(1, n_total // 2000)  # 0.05%
     k_max = int(max_fraction * n_total)
-    steps: list[SearchStep] = []
     bar = tqdm(desc="minimal subset", disable=not progress, leave=False)
 
     def trial(k: int, alpha: float) -> SearchStep:
-        sel, gamma = pick(scores, k)
-        patch = NeuronPatch.extract(donor, target, sel, alpha=alpha, gamma=gamma).to(fast)
-        patch.apply(work)
-        m = proxy.measure(work, tokenizer)
-        patch.revert(work)
-        v = judge(m, base, don, proxy.function, goal=goal, max_ppl_increase=max_ppl_increase,
-                  max_drift_share=max_drift_share)
-        step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"],
-                          patch.param_fraction)
-        steps.append(step)
+        step = trials(k, alpha)
         bar.update()
         return step
 
@@ -284,14 +320,15 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
 # ---------------------------------------------------------------------------------------------------------------------
 
 def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str = "attribution",
-             kinds: Sequence[str] = ("mlp",), alpha: float | Sequence[float] = 1.0, seed: int = 0,
+             kinds: Sequence[str] = ("mlp",), alpha: float | Sequence[float] = ALPHAS, seed: int = 0,
              donor_name: str = "donor",
              target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,
              progress: bool = True) -> tuple[NeuronPatch, dict]:
     """CNT for one pair: build the task, score units (``kinds``: MLP neurons, and ``"head"``/``"kv"`` for attention
     heads and k/v groups), pick the subset (``budget``: a fraction of MLP neurons — with other kinds, the weight of
-    that many neurons — or ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. The target is not
-    modified."""
+    that many neurons — or ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. Several ``alpha``
+    values are chosen among on the validation split (by the search, or by :func:`best_alpha` at a fixed budget).
+    The target is not modified."""
     fp = check_compatible(donor, target)
     kinds = tuple(kinds)
     if kinds != ("mlp",) and scorer not in KIND_SCORERS:
@@ -303,9 +340,8 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
         budget = float(budget)
     alphas = [alpha] if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else list(alpha)
     alphas = [check_alpha(a) for a in alphas]
-    if not alphas or (budget != "auto" and len(alphas) > 1):
-        raise PatchError(f"alpha: a fixed budget takes one alpha, got {alphas}; several are chosen among only by the "
-                         "search (budget='auto')")
+    if not alphas:
+        raise PatchError("alpha: give at least one amplification")
     try:
         check_distinct(donor, target)
     except IncompatibleModelsError as e:
@@ -327,6 +363,10 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
     else:
         k = max(1, round(budget * fp.n_neurons))
         chosen_alpha = alphas[0]
+        if len(alphas) > 1:  # several amplifications: the one the search rule prefers on validation
+            chosen_alpha, steps = best_alpha(scores, k, donor, target, tokenizer, Proxy.for_function(function, seed),
+                                             alphas, **(search_kwargs or {}))
+            info["alpha_choice"] = [asdict(s) for s in steps]
     provenance = {"scorer": scorer, "kinds": list(kinds), "function": function, "task_digest": task.digest(), "seed": seed,
                   "budget": budget, "split": "locate"}
     sel, gamma = pick(scores, k)

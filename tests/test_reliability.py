@@ -176,8 +176,6 @@ CLI_CASES = [
     ("alpha-nan", _transfer("--alpha", "nan"), 2, "alpha must be a finite number"),
     ("alpha-zero", _transfer("--alpha", "0"), 2, "alpha must be a finite number in (0, 16]"),
     ("alpha-text", _transfer("--alpha", "two"), 2, "alpha must be a number, got 'two'"),
-    ("alphas-with-fixed-budget", _transfer("--budget", "0.1", "--alpha", "1", "2"), 2,
-     "a fixed --budget takes one value"),
     ("budget-zero", _transfer("--budget", "0"), 2, "budget must be a fraction in (0, 1]"),
     ("budget-nan", _transfer("--budget", "nan"), 2, "budget must be a fraction in (0, 1]"),
     ("budget-above-one", _transfer("--budget", "1.5"), 2, "budget must be a fraction in (0, 1]"),

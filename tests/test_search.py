@@ -87,7 +87,8 @@ def _scripted_search(fixture, monkeypatch, k_bad, k_goal, growth=4):  # noqa: F8
         return real_extract(d, t, picked, **kw)
 
     monkeypatch.setattr(search.NeuronPatch, "extract", staticmethod(extract))
-    return search.minimal_subset(scores, donor, target, tok, proxy, k_min=2, growth=growth, progress=False,
+    return search.minimal_subset(scores, donor, target, tok, proxy, k_min=2, growth=growth, alphas=(1.0,),
+                                 progress=False,
                                  measured=({"score": 0.0, "ppl": 10.0, "drift": 0.0},
                                            {"score": 1.0, "ppl": 10.0, "drift": 0.0}))
 
@@ -132,3 +133,45 @@ def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # 
     assert all(s.k < res.k for s in res.steps if s.alpha == 1.0)  # alpha 1 never tried at or above alpha 2's k
     # alpha 1 falls short just below alpha 2's k, so it gets that one trial and no gallop from k_min
     assert [s.k for s in res.steps if s.alpha == 1.0] == [res.k - 1]
+
+
+def test_choose_counts_overshooting_the_donor_as_reaching_it():
+    a = [{"share": 0.5, "utility_ok": True}, {"share": 1.05, "utility_ok": True}, {"share": 1.4, "utility_ok": True},
+         {"share": 2.0, "utility_ok": False}]
+    assert search.choose(a) == 1  # 1.05 and 1.4 both reach the donor: the milder (first) wins
+    assert search.choose([{**x, "utility_ok": False} for x in a]) == 1  # none held: the furthest, capped the same
+    assert search.choose([{"share": 0.2, "utility_ok": True}, {"share": 0.9, "utility_ok": False}]) == 0
+
+
+class _AlphaProxy(search.Proxy):
+    """Target and donor first; then the share is alpha x 0.3 and perplexity breaks from alpha 8 on."""
+
+    def __init__(self):
+        super().__init__("compliance")
+        self.calls, self.alpha = 0, 1.0
+
+    def measure(self, model, tokenizer):
+        self.calls += 1
+        if self.calls <= 2:
+            return {"score": float(self.calls == 2), "ppl": 10.0, "degenerate": 0.0}
+        return {"score": 0.3 * self.alpha, "ppl": 10.0 * (1.5 if self.alpha >= 8 else 1.0), "degenerate": 0.0}
+
+
+def test_fixed_budget_with_several_alphas_chooses_on_validation(fixture, monkeypatch):  # noqa: F811
+    donor, target, tok = fixture
+    proxy = _AlphaProxy()
+    monkeypatch.setattr(search.Proxy, "for_function", classmethod(lambda cls, *a, **k: proxy))
+    real_extract = search.NeuronPatch.extract
+
+    def extract(d, t, picked, alpha=1.0, **kw):
+        proxy.alpha = alpha
+        return real_extract(d, t, picked, alpha=alpha, **kw)
+
+    monkeypatch.setattr(search.NeuronPatch, "extract", staticmethod(extract))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    patch, info = search.transfer(donor, target, tok, "compliance", budget=0.1, alpha=(8.0, 1.0, 4.0, 2.0),
+                                  task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
+    tried = [(s["alpha"], round(s["share"], 2), s["utility_ok"]) for s in info["alpha_choice"]]
+    assert tried == [(1.0, 0.3, True), (2.0, 0.6, True), (4.0, 1.2, True), (8.0, 2.4, False)]
+    assert patch.alpha == 4.0  # reaches the donor with utility held; 8 broke perplexity
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
