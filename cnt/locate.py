@@ -29,6 +29,7 @@ import torch
 from .arch import MLPNeurons, check_compatible, units
 from .models import autocast_dtype, model_device
 from .masks import learned_mask
+from .mixing import gamma_gradient
 from .scores import NeuronScores, unit_costs
 from .tasks import Example, Task, batches, pair_batch, task_loss, text_batch
 
@@ -36,64 +37,32 @@ __all__ = ["Example", "Task", "task_loss", "NeuronScores", "attribution", "activ
            "learned_mask", "SCORERS", "locate"]
 
 
-def _delta_dot(target_units, donor_units, layer: int) -> torch.Tensor:
-    """Per unit of ``layer``: (θ_D − θ_T)·∇_θ L, from the gradients accumulated in the target's ``.grad``."""
-    idx = torch.arange(target_units.n_units(layer))
-    td, dd = target_units.read(layer, idx), donor_units.read(layer, idx)
-    grads = target_units.read(layer, idx, grad=True)
-    return sum(((dd[k].float() - td[k].float()) * grads[k].float().to(td[k].device)).reshape(len(idx), -1).sum(1)
-               for k in grads)
-
-
 def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 8,
                 progress: bool = True, autocast: torch.dtype | str | None = "auto") -> NeuronScores:
     """First-order gain of transferring each unit, minus a penalty for first-order utility harm (see module doc).
     ``kinds``: the units scored (MLP neurons, and with ``"head"``/``"kv"`` attention heads and k/v groups).
     ``autocast``: the precision of the forward/backward matmuls (``"auto"``: :func:`cnt.models.fast_dtype`, bf16 where
-    native; ``None``: the model's own)."""
-    from tqdm.auto import tqdm
+    native; ``None``: the model's own).
 
+    ``∇_θ L·Δθ_u`` is read as ``∂L/∂γ_u`` at ``γ = 0`` of the patched point ``θ_T + γ⊙Δθ``
+    (:func:`cnt.mixing.gamma_gradient`): activation-side, streamed over batches, no gradient buffer for any weight
+    (memory: the two models and one batch's activations)."""
     t0 = time.time()
     autocast = autocast_dtype(autocast, model_device(target))
-    check_compatible(donor, target)
-    readers = {kind: (units(target, kind), units(donor, kind)) for kind in kinds}
-    n_layers = readers[kinds[0]][0].n_layers
-    params = list({id(p): p for rt, _ in readers.values() for layer in range(n_layers)
-                   for p in rt.parameters(layer)}.values())
-    req = [p.requires_grad for p in target.parameters()]
-    device = model_device(target)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        def first_order(examples) -> dict[str, list[torch.Tensor]]:
-            """Per kind, layer and unit: (θ_D − θ_T)·∇L over ``examples``. Gradients accumulate over batches in the
-            parameters' own .grad (one buffer the size of the owned weights, whatever the number of prompts); each
-            layer's slices are reduced to a vector of unit scores before the next layer is read."""
-            for p in params:
-                p.grad = None
-            chunks = list(batches(examples, batch_size))
-            for chunk in tqdm(chunks, desc=f"attribution ({task.name})", disable=not progress, leave=False):
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    loss = task_loss(target, tokenizer, chunk, task.response_tokens).float() * len(chunk) / len(examples)
-                loss.backward()
-            return {kind: [_delta_dot(rt, rd, layer) for layer in range(n_layers)] for kind, (rt, rd) in readers.items()}
-
-        gain = {kind: [-g for g in v] for kind, v in first_order(task.function).items()}
-        scores = gain
-        if task.utility and task.utility_weight:
-            harm = first_order(task.utility)
-            scores = {kind: [g - task.utility_weight * h.clamp(min=0) for g, h in zip(gain[kind], harm[kind])]
-                      for kind in kinds}
-    finally:
-        for p in params:
-            p.grad = None
-        for p, r in zip(target.parameters(), req):
-            p.requires_grad_(r)
+    fp = check_compatible(donor, target)
+    zero = {kind: [torch.zeros(units(target, kind).n_units(layer)) for layer in range(fp.n_layers)] for kind in kinds}
+    kw = dict(response_tokens=task.response_tokens, batch_size=batch_size, autocast=autocast)
+    gain = gamma_gradient(task.function, donor, target, tokenizer, zero, **kw,
+                          progress=f"attribution ({task.name})" if progress else None)
+    scores = {kind: [-g for g in v] for kind, v in gain.items()}
+    if task.utility and task.utility_weight:
+        harm = gamma_gradient(task.utility, donor, target, tokenizer, zero, **kw,
+                              progress=f"attribution ({task.name}, utility)" if progress else None)
+        scores = {kind: [g - task.utility_weight * h.clamp(min=0) for g, h in zip(scores[kind], harm[kind])]
+                  for kind in kinds}
     scores = {kind: [s.detach().cpu() for s in v] for kind, v in scores.items()}
     return NeuronScores("attribution", scores.pop("mlp", [torch.full((n,), -float("inf"))
-                                                          for n in check_compatible(donor, target).intermediate_sizes]),
+                                                          for n in fp.intermediate_sizes]),
                         {"task": task.name, "task_digest": task.digest(), "response_tokens": task.response_tokens,
                          "utility_weight": task.utility_weight, "autocast": str(autocast) if autocast else None,
                          "kinds": list(kinds)},

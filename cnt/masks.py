@@ -20,7 +20,7 @@ would need tuning per model: the mask is *pruned* to an explicit schedule of siz
    the full patch alone (``integrated=False``) can even call its removal a gain, and at ``t = 0`` it is attribution. During warm-up and descent the
    amplitudes stay at ``init_gamma``; at each level every step also makes a pass at the clean patch, which trains
    them (``losses`` records those). At ``γ = 0`` the gradient is exactly the attribution score
-   (:func:`gamma_gradient`).
+   (:func:`cnt.mixing.gamma_gradient`).
 
 4. with ``verify=True`` (default) every removal is re-measured: the loss on a fixed batch with the chunk removed;
    a chunk that costs more than its share of the patch's gain (``tolerance`` × gain × its share of the active
@@ -55,18 +55,6 @@ def _loss(task: Task, target, tokenizer, function, utility, autocast) -> torch.T
         if utility and task.utility_weight:
             loss = loss + task.utility_weight * task_loss(target, tokenizer, utility, task.response_tokens).float()
     return loss
-
-
-def gamma_gradient(task: Task, donor, target, tokenizer, gamma: dict[str, list[torch.Tensor]], *,
-                   autocast: torch.dtype | None = None) -> dict[str, list[torch.Tensor]]:
-    """∂L/∂γ at the patched point ``gamma`` (every function and utility example in one batch). At ``γ = 0`` and
-    without utility examples, ``−∂L/∂γ_u`` is unit u's attribution score."""
-    mixed = MixedModel(donor, target, list(gamma))
-    leaves = {k: [g.detach().float().clone().requires_grad_(True) for g in v] for k, v in gamma.items()}
-    mixed.gamma = leaves
-    with mixed:
-        _loss(task, target, tokenizer, task.function, task.utility, autocast).backward()
-    return {k: [g.grad.detach().clone() for g in v] for k, v in leaves.items()}
 
 
 def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",),

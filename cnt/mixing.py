@@ -10,6 +10,10 @@ is exact because a unit owns whole output features (rows: gate, up, q, k, v) or 
 
 No weight is copied: the donor's projections are read in place (memory: the two models, plus activations). Where the
 units live comes from ``cnt.arch`` (``features``); this module knows no architecture.
+
+:func:`gamma_gradient` is ``∂L/∂γ`` of a task loss at a patched point, streamed over batches: at ``γ = 0`` (the
+target itself) ``−∂L/∂γ_u = −∇_θ L · (θ_D,u − θ_T,u)``, the first-order effect of transferring unit u — attribution —
+computed from activations, with no gradient buffer for any weight.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 from torch import nn
 
 from .arch import check_compatible, project, units
+from .models import model_device
+from .tasks import Example, batches, task_loss
 
 
 class MixedModel:
@@ -72,3 +78,33 @@ class MixedModel:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def gamma_gradient(examples: Sequence[Example], donor: nn.Module, target: nn.Module, tokenizer,
+                   gamma: dict[str, list[torch.Tensor]], *, response_tokens: int = 3, batch_size: int = 8,
+                   autocast: torch.dtype | None = None, progress: str | None = None) -> dict[str, list[torch.Tensor]]:
+    """``∂L/∂γ`` at the patched point ``gamma`` (``gamma[kind][layer]``), ``L`` the mean task loss over ``examples``,
+    accumulated batch by batch (memory: the two models and one batch's activations, whatever the number of
+    examples). No weight is written and no weight gets a gradient. ``progress``: a progress bar's label."""
+    from tqdm.auto import tqdm
+
+    mixed = MixedModel(donor, target, list(gamma))
+    leaves = {k: [g.detach().float().clone().requires_grad_(True) for g in v] for k, v in gamma.items()}
+    mixed.gamma = leaves
+    params = list(target.parameters()) + list(donor.parameters())
+    req = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    device = model_device(target)
+    chunks = list(batches(list(examples), batch_size))
+    try:
+        with mixed:
+            for chunk in tqdm(chunks, desc=progress, disable=progress is None, leave=False):
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    loss = task_loss(target, tokenizer, chunk, response_tokens).float() * len(chunk) / len(examples)
+                loss.backward()
+    finally:
+        for p, r in zip(params, req):
+            p.requires_grad_(r)
+    return {k: [g.grad.detach().clone() if g.grad is not None else torch.zeros_like(g) for g in v]
+            for k, v in leaves.items()}

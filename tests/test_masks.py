@@ -8,8 +8,7 @@ import torch
 from cnt import NeuronPatch
 from cnt.arch import MLPNeurons
 from cnt.locate import Example, Task, attribution, locate, task_loss
-from cnt.masks import gamma_gradient
-from cnt.mixing import MixedModel
+from cnt.mixing import MixedModel, gamma_gradient
 from cnt.models import load_tokenizer
 from cnt.tiny import TINY_FAMILIES, tiny_model
 
@@ -52,20 +51,46 @@ def test_mixed_model_equals_the_patch_with_per_unit_gamma(model_type):
         assert torch.allclose(mixed_logits, target(ids).logits, atol=1e-5)
 
 
-def test_the_masks_first_gradient_is_attribution(tok):
-    """At γ = 0 (the target), −∂L/∂γ_u is exactly unit u's attribution score — per MLP neuron, head and k/v group —
-    so the mask's logits s (γ = γ_max·σ(s)) start along attribution up to the factor γ_max·σ'(s)."""
+def _weight_gradient_attribution(task, donor, target, tok, kinds):
+    """The textbook form: −∇_θ L · (θ_D,u − θ_T,u) per unit, from weight gradients (the reference)."""
+    from cnt.arch import units
+
+    for p in target.parameters():
+        p.requires_grad_(True)
+    target.zero_grad()
+    task_loss(target, tok, task.function, task.response_tokens).backward()
+    out = {}
+    for kind in kinds:
+        rt, rd = units(target, kind), units(donor, kind)
+        out[kind] = []
+        for layer in range(rt.n_layers):
+            idx = torch.arange(rt.n_units(layer))
+            td, dd, gr = rt.read(layer, idx), rd.read(layer, idx), rt.read(layer, idx, grad=True)
+            out[kind].append(-sum(((dd[k] - td[k]) * gr[k]).reshape(len(idx), -1).sum(1) for k in gr))
+    target.zero_grad()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def test_attribution_and_the_masks_first_gradient_equal_the_weight_gradient_form(tok):
+    """At γ = 0 (the target), −∂L/∂γ_u equals −∇_θ L·Δθ_u, unit u's first-order transfer effect — per MLP neuron, head
+    and k/v group — so attribution (computed from activations, streamed over batches) is the mask's first gradient,
+    and the mask's logits s (γ = γ_max·σ(s)) start along it up to the factor γ_max·σ'(s)."""
     target = tiny_model("llama", seed=0, vocab_size=len(tok), num_key_value_heads=2)
     donor = tiny_model("llama", seed=1, vocab_size=len(tok), num_key_value_heads=2)
     task = Task("t", [Example(prompt=p, response="I'm sorry, no.") for p in PROMPTS[:3]], [], response_tokens=3)
     kinds = ("mlp", "head", "kv")
-    att = attribution(task, donor, target, tok, kinds=kinds, progress=False, autocast=None)
+    att = attribution(task, donor, target, tok, kinds=kinds, batch_size=2, progress=False, autocast=None)
+    ref = _weight_gradient_attribution(task, donor, target, tok, kinds)
     zero = {k: [torch.zeros(s.numel()) for s in att.by_kind()[k]] for k in kinds}
-    grad = gamma_gradient(task, donor, target, tok, zero)
+    grad = gamma_gradient(task.function, donor, target, tok, zero, response_tokens=3)
     for k in kinds:
-        a, g = torch.cat(att.by_kind()[k]), -torch.cat(grad[k])
-        assert torch.allclose(a, g, atol=1e-6 * float(a.abs().max())), k
+        a, r, g = torch.cat(att.by_kind()[k]), torch.cat(ref[k]), -torch.cat(grad[k])
         assert float(a.abs().max()) > 0
+        assert torch.allclose(a, r, atol=1e-5 * float(r.abs().max())), k
+        assert torch.allclose(g, r, atol=1e-5 * float(r.abs().max())), k
+    assert all(p.grad is None for p in list(target.parameters()) + list(donor.parameters()))
 
 
 def _planted(tok):
