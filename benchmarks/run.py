@@ -57,14 +57,31 @@ import json, resource, sys, time, dataclasses
 import torch
 from cnt.models import load_model
 from cnt import baselines as B, zoo
-from cnt.search import build_task, Proxy, minimal_subset
+from cnt.search import ALPHAS, build_task, Proxy, minimal_subset, pick
 from cnt.locate import locate
 from cnt.transfer import NeuronPatch
 from cnt.models import chat_texts, encode
-donor_name, target_name, base_name, what, n, sft_steps = json.loads(sys.argv[1])
+donor_name, target_name, base_name, what, n, sft_steps, locator = json.loads(sys.argv[1])
+
+
+def status(key):  # MiB, from /proc/self/status (VmHWM: the peak resident set since the last reset)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+
+def reset_peak():  # Linux: writing 5 to clear_refs sets VmHWM to the current resident set
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+reset_peak()
+out = {"locator": locator, "rss_kit_mib": status("VmRSS")}  # the interpreter with torch and the kit imported
 donor, tok = load_model(donor_name); target, _ = load_model(target_name)
-out = {"rss_models_mib": rss(), "param_mib_each": sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20}
+out["rss_models_mib"] = rss()
+out["param_mib_each"] = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
+weights = 2 * out["param_mib_each"]
 # the scaling runs need up to 512 prompts: more than the locate split holds (243), so they draw from train
 t = time.time(); task = build_task("refusal", donor, target, tok, n_function=n, split="locate" if what == "cnt" else "train")
 out["task_s"] = time.time() - t
@@ -72,8 +89,7 @@ prompts = [e.prompt for e in task.function]
 
 
 def forward_reference():
-    # one no-grad forward pass over the same prompts, in locate's batches of 8 (the unit every ratio is in); run
-    # after locate so that ru_maxrss up to then is locate's own peak
+    # one no-grad forward pass over the same prompts, in locate's batches of 8 (the unit every ratio is in)
     with torch.no_grad():
         t = time.time()
         for i in range(0, len(prompts), 8):
@@ -81,18 +97,28 @@ def forward_reference():
         out["forward_s"] = time.time() - t
 
 
+def run_locate():
+    reset_peak()  # locate's own peak: the models, what it allocates, nothing left from the task's generation
+    t = time.time(); scores = locate(locator, task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
+    out["peak_locate_mib"] = status("VmHWM")
+    out["rss_after_locate_mib"] = out["peak_locate_mib"]
+    out["locate_peak_over_weights"] = (out["peak_locate_mib"] - out["rss_kit_mib"]) / weights
+    return scores
+
+
 if what == "cnt":
-    t = time.time(); scores = locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
-    out["rss_after_locate_mib"] = rss()
-    t = time.time(); res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), alphas=(1.0, 2.0), progress=False)
+    scores = run_locate()
+    t = time.time(); res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), alphas=ALPHAS, progress=False)
     out["search_s"] = time.time() - t; out["search_reached"] = res.reached; out["search_k"] = res.k
     t = time.time(); k = res.k or max(s.k for s in res.steps)
-    patch = NeuronPatch.extract(donor, target, scores.top(k)); patch.apply(target); patch.revert(target)
+    sel, gamma = pick(scores, k)
+    patch = NeuronPatch.extract(donor, target, sel, alpha=res.alpha, gamma=gamma); patch.apply(target); patch.revert(target)
     out["transfer_s"] = time.time() - t
     out["cnt_total_s"] = out["task_s"] + out["locate_s"] + out["search_s"] + out["transfer_s"]
+    forward_reference()
+elif what == "baselines":
     base, _ = load_model(base_name)
-    fpn = sum(p.numel() for p in target.parameters())
-    k = max(1, round(0.005 * patch.fingerprint.n_neurons))
+    k = max(1, round(0.005 * sum(s.numel() for s in locate("attribution", task, donor, target, tok, progress=False).scores)))
     for name, setting in [("random", {"k": k}), ("weight_delta", {"k": k}), ("linear", {"lam": 0.5}),
                           ("task_arithmetic", {"lam": 0.5, "base": base}), ("ties", {"lam": 1.0, "density": 0.2, "base": base}),
                           ("dare", {"lam": 1.0, "density": 0.2, "base": base}), ("refusal_direction", {})]:
@@ -104,7 +130,6 @@ if what == "cnt":
         parts = r.data(zoo.BuildContext(r, base, tok, progress=False))
         m = B.run("sft", donor, target, tok, "refusal", examples=[e for v in parts.values() for e in v], config=r.train)
         out["sft_s"] = time.time() - t; out["sft_steps"] = r.train.steps
-        out["cnt_over_sft"] = out["cnt_total_s"] / out["sft_s"]
     else:  # a donor the kit did not train (e.g. a maker-aligned model): time the zoo's LoRA recipe for a few steps
         import random
         from cnt import data
@@ -113,11 +138,10 @@ if what == "cnt":
         t = time.time(); m = B.run("sft", donor, target, tok, "refusal", examples=examples, config=cfg)
         out["sft_s"] = time.time() - t; out["sft_steps"] = sft_steps; out["sft_s_per_step"] = out["sft_s"] / sft_steps
         out["sft_note"] = (f"{sft_steps} steps of the zoo's LoRA config on harmful->refusal pairs (the donor has no "
-                           "recipe here; a SmolLM2 recipe is 120-200 steps)")
+                           "recipe here; a SmolLM2 recipe is 120-440 steps)")
     forward_reference()
 else:
-    t = time.time(); locate("attribution", task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
-    out["rss_after_locate_mib"] = rss()  # the process peak so far: models + task + locate
+    run_locate()
     forward_reference()
 out["peak_rss_mib"] = rss()
 out["n_prompts"] = len(task.function)
@@ -128,24 +152,46 @@ print(json.dumps(out))
 SIZES = (32, 64, 128, 256, 512)
 
 
-def time_cnt(family: str, what: str, n: int = 48, sft_steps: int = 20) -> dict:
+LOCATORS = ("learned_mask", "attribution")  # the default first
+
+
+def _run(family: str, what: str, n: int = 48, sft_steps: int = 20, locator: str = "learned_mask") -> dict:
     d, t, b = PAIRS[family]
-    out = subprocess.run([sys.executable, "-c", _CNT_CODE, json.dumps([d, t, b, what, n, sft_steps])], check=True,
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", _CNT_CODE, json.dumps([d, t, b, what, n, sft_steps, locator])],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res = {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
     res.update(family=family, donor=d, target=t)
     for k in [k for k in res if k.endswith("_s") and k not in ("forward_s",)]:
         res[k.removesuffix("_s") + "_over_forward"] = round(res[k] / res["forward_s"], 1)
-    if family == "smollm2" and what == "cnt":
-        res["goal_s"], res["meets_goal"] = 60.0, res["cnt_total_s"] <= 60.0
+    return res
+
+
+def time_cnt(family: str, sft_steps: int = 20) -> dict:
+    """CNT's whole cost (task + locate + search + transfer) with each locator, its peak memory through locate, and
+    the baselines and SFT reference on the same pair (goals: CNT with the default locator <= 1/5 of the SFT
+    reference; locate's peak <= 1.5x the donor's + target's weights; SmolLM2 CNT <= 60 s)."""
+    runs = {loc: _run(family, "cnt", locator=loc) for loc in LOCATORS}
+    ref = _run(family, "baselines", sft_steps=sft_steps)
+    res = {"family": family, "donor": ref["donor"], "target": ref["target"], "default_locator": LOCATORS[0],
+           "locators": runs, "baselines": ref}
+    per_step = ref.get("sft_s_per_step")
+    for loc, r in runs.items():
+        r["cnt_over_sft"] = round(r["cnt_total_s"] / ref["sft_s"], 3)
+        if per_step:  # a donor without a recipe: against 200 SFT steps at the measured rate
+            r["cnt_over_sft_200_steps"] = round(r["cnt_total_s"] / (200 * per_step), 3)
+        r["meets_cost_goal"] = r.get("cnt_over_sft_200_steps", r["cnt_over_sft"]) <= 0.2
+        r["meets_memory_goal"] = r["locate_peak_over_weights"] <= 1.5
+    if family == "smollm2":
+        res["goal_s"] = 60.0
+        res["meets_goal"] = runs[LOCATORS[0]]["cnt_total_s"] <= 60.0
     return res
 
 
 def scaling(family: str, sizes=SIZES) -> dict:
     import numpy as np
 
-    runs = [time_cnt(family, "locate", n) for n in sizes]
+    runs = [_run(family, "locate", n) for n in sizes]
     x = np.array([r["n_prompts"] for r in runs], float)
     y = np.array([r["locate_s"] for r in runs], float)
     slope, intercept = np.polyfit(x, y, 1)
@@ -182,9 +228,10 @@ def figure(results: dict, path: Path) -> None:
     axes[1].set_ylim(bottom=0)
     axes[1].legend(fontsize=8)
     for i, c in enumerate(results.get("cnt", [])):
-        keys = [k for k in c if k.endswith("_s") and k not in ("forward_s", "goal_s")]
-        axes[2].barh([f"{c['family']}:{k.removesuffix('_s')}" for k in keys], [max(c[k], 1e-2) for k in keys],
-                     color=f"C{i}")
+        rows = {f"cnt ({loc})": r["cnt_total_s"] for loc, r in c.get("locators", {}).items()}
+        rows.update({k.removesuffix("_s"): v for k, v in c.get("baselines", {}).items()
+                     if k.endswith("_s") and k not in ("forward_s", "task_s")})
+        axes[2].barh([f"{c['family']}: {k}" for k in rows], [max(v, 1e-2) for v in rows.values()], color=f"C{i}")
     axes[2].set_xscale("log")
     axes[2].set_xlabel("wall time (s, 2 CPU cores)")
     fig.tight_layout()
@@ -212,7 +259,7 @@ def main() -> None:
         results["eval"] = [time_eval("smollm2-135m-instruct", "quick", 60.0),
                            time_eval("smollm2-135m-instruct", "full", 300.0)]
     if "cnt" in which:
-        results["cnt"] = [time_cnt(f, "cnt") for f in families]
+        results["cnt"] = [time_cnt(f) for f in families]
     if "scaling" in which:
         results["scaling"] = [scaling(f, sizes) for f in families]
     out = ROOT / "papers" / "results" / "bench.json"

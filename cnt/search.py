@@ -9,11 +9,12 @@ Functions (what is transferred):
 * ``bias`` — bias removal (or insertion): StereoSet-style margins, oriented toward the donor's preference; utility:
   Wikipedia text.
 
-Proxies (validation split only; one forward pass each): the mean first-token refusal log-odds on harmful prompts, and
-on benign prompts (drift), or the StereoSet SS; perplexity on a few held-out passages. The search finds the smallest k
-on the ranked neuron list whose transfer reaches ``goal`` (default 90%) of the donor–target gap in the proxy, with
-utility drift below thresholds: galloping (k, 2k, 4k, …) then bisection. Final numbers come from ``cnt.evaluate`` on
-the eval split, never from the search.
+Proxies (validation split only): the mean first-token refusal log-odds on harmful prompts, or the StereoSet SS;
+perplexity on a few held-out passages; for refusal and compliance, short greedy answers judged for broken text and,
+when refusal is added, for refusals of benign prompts. The search finds the smallest k on the ranked list whose
+transfer reaches ``goal`` (default 90%) of the donor–target gap in the proxy with utility held (perplexity +2%, false
+refusal +5 points, no more broken answers): galloping (k, 4k, 16k, …) then bisection. Final numbers come from
+``cnt.evaluate`` on the eval split, never from the search.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from . import data
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .evaluate import is_degenerate, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
+from .evaluate import is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
 from .locate import Example, NeuronScores, Task, locate
 from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
@@ -90,8 +91,11 @@ def _ss(model, tokenizer, items) -> float:
 
 @dataclass
 class Proxy:
-    """Validation-split proxies for one function: ``score`` (the function), ``ppl``, and for added refusal ``drift``
-    (the same score on benign prompts: the only function whose search rule reads it)."""
+    """Validation-split proxies for one function: ``score`` (the function), ``ppl``; for refusal and compliance also
+    ``degenerate``, the share of greedy answers to ``n_generate`` harmful prompts that are broken text; for added
+    refusal ``false_refusal``, the share of greedy answers to the ``benign`` prompts (everyday and over-refusal ones)
+    that the judge calls refusals, and ``drift``, the refusal log-odds on them (reported; the rule reads the
+    generated answers, since the first token 'I' opens refusals and helpful answers alike)."""
 
     function: str
     harmful: list[str] = field(default_factory=list)
@@ -102,26 +106,35 @@ class Proxy:
     generate_tokens: int = 20
 
     @classmethod
-    def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16) -> "Proxy":
+    def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16, n_benign: int = 40) -> "Proxy":
+        """``n`` harmful prompts; ``n_benign`` benign ones, a fifth of them over-refusal probes (as in the
+        evaluation's false-refusal sample)."""
         wiki = data.texts(data.load("wiki", "validation", seed=seed, limit=n_wiki), "text")
         if function == "bias":
             return cls(function, stereo=data.load("stereoset", "validation", seed=seed), wiki=wiki)
+        n_over = n_benign // 5
+        benign = data.texts(data.load("benign", "validation", seed=seed, limit=n_benign - n_over)) + \
+            data.texts(data.load("overrefusal", "validation", seed=seed, limit=n_over))
         return cls(function, harmful=data.texts(data.load("harmful", "validation", seed=seed, limit=n)),
-                   benign=data.texts(data.load("benign", "validation", seed=seed, limit=n)), wiki=wiki)
+                   benign=benign, wiki=wiki)
 
     @torch.no_grad()
     def measure(self, model, tokenizer) -> dict[str, float]:
         out = {"ppl": perplexity(model, tokenizer, self.wiki, max_tokens=128, progress=False).value}
         if self.function == "bias":
             out["score"] = _ss(model, tokenizer, self.stereo)
-        else:
-            out["score"] = float(refusal_logodds(model, tokenizer, self.harmful).mean())
+            return out
+        out["score"] = float(refusal_logodds(model, tokenizer, self.harmful).mean())
+        prompts = self.harmful[:self.n_generate]
+        if self.function == "refusal":
+            out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
+            prompts = prompts + self.benign
+        if prompts:  # a large amplitude can break the text while the first-token odds look right
+            answers = generate(model, tokenizer, prompts, max_new_tokens=self.generate_tokens, batch_size=48,
+                               progress=False)
+            out["degenerate"] = float(np.mean([is_degenerate(a) for a in answers]))
             if self.function == "refusal":
-                out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
-            if self.n_generate:  # a large amplitude can break the text while the first-token odds look right
-                answers = generate(model, tokenizer, self.harmful[:self.n_generate],
-                                   max_new_tokens=self.generate_tokens, batch_size=self.n_generate, progress=False)
-                out["degenerate"] = float(np.mean([is_degenerate(a) for a in answers]))
+                out["false_refusal"] = float(np.mean([is_refusal(a) for a in answers[len(prompts) - len(self.benign):]]))
         return out
 
 
@@ -173,17 +186,17 @@ def _share(score: float, t: float, d: float) -> float:
 
 
 def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9, max_ppl_increase: float = 0.02,
-          max_drift_share: float = 0.5, max_degenerate_increase: float = 0.05) -> dict:
+          max_false_refusal_increase: float = 0.05, max_degenerate_increase: float = 0.05) -> dict:
     """The search rule, for any modified model's proxy measurement ``m`` (CNT patches and baselines alike): the share
-    of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; answers to harmful
-    prompts no more often broken text than the target's, within ``max_degenerate_increase``; for added refusal, benign
-    drift within ``max_drift_share`` of the gap) and whether both hold with the goal reached (``ok``)."""
+    of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; answers no more
+    often broken text than the target's, within ``max_degenerate_increase``; for added refusal, benign prompts refused
+    at most ``max_false_refusal_increase`` more often) and whether both hold with the goal reached (``ok``). The
+    limits are the kit's utility goals: perplexity +2%, false refusal +5 points."""
     share = _share(m["score"], base["score"], donor["score"])
     utility_ok = m["ppl"] <= base["ppl"] * (1 + max_ppl_increase)
-    if m.get("degenerate") is not None and base.get("degenerate") is not None:
-        utility_ok = utility_ok and m["degenerate"] - base["degenerate"] <= max_degenerate_increase
-    if m.get("drift") is not None and function == "refusal":  # adding refusal must not spread to benign prompts
-        utility_ok = utility_ok and (m["drift"] - base["drift"]) <= max_drift_share * abs(donor["score"] - base["score"])
+    for key, limit in (("degenerate", max_degenerate_increase), ("false_refusal", max_false_refusal_increase)):
+        if m.get(key) is not None and base.get(key) is not None:
+            utility_ok = utility_ok and m[key] - base[key] <= limit + 1e-9
     share_ok = bool(np.isfinite(share) and share >= goal)
     return {"share": share, "utility_ok": bool(utility_ok), "ok": bool(share_ok and utility_ok)}
 
@@ -245,18 +258,19 @@ def best_alpha(scores: NeuronScores, k: int, donor, target, tokenizer, proxy: Pr
 
 
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *, goal: float = 0.9,
-                   max_ppl_increase: float = 0.02, max_drift_share: float = 0.5, k_min: int | None = None,
+                   max_ppl_increase: float = 0.02, max_false_refusal_increase: float = 0.05, k_min: int | None = None,
                    max_fraction: float = 0.25, alphas: Sequence[float] = ALPHAS, growth: int = 4,
                    progress: bool = True, measured: tuple[dict, dict] | None = None) -> SearchResult:
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
-    with perplexity within ``max_ppl_increase`` (relative) and benign drift within ``max_drift_share`` of the gap.
+    with perplexity within ``max_ppl_increase`` (relative), answers still language and, for added refusal, benign
+    prompts refused at most ``max_false_refusal_increase`` more often.
 
     k gallops up from ``k_min`` (times ``growth``) until a trial is accepted, then bisects to within 10%: growth 4
     takes fewer trials than doubling both when the goal is reached (the longer bisection costs less than the gallop
     saves) and when it is not (the gallop is the whole search: 0.05% -> 25% of neurons in 6 trials instead of 10);
     alphas are tried largest first, and a later alpha only searches below the best k found so far: one trial just
     below it, and bisection under it only if that trial reaches the goal (more neurons are assumed to move the
-    function further). Galloping stops early once utility breaks (perplexity or benign drift over the limit):
+    function further). Galloping stops early once utility breaks (perplexity or false refusal over the limit):
     transferring *more* neurons moves the target further from itself, so a larger k is not expected to restore it —
     trials stay few. ``measured`` passes
     the target's and donor's proxy values when the caller already has them (same proxy, same dtype)."""
@@ -264,7 +278,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
 
     t0 = time.time()
     trials = Trials(scores, donor, target, tokenizer, proxy, measured=measured, goal=goal,
-                    max_ppl_increase=max_ppl_increase, max_drift_share=max_drift_share)
+                    max_ppl_increase=max_ppl_increase, max_false_refusal_increase=max_false_refusal_increase)
     base, don, steps = trials.base, trials.donor_proxy, trials.steps
     n_total = sum(s.numel() for s in scores.scores)
     k_min = k_min or max(1, n_total // 2000)  # 0.05%
