@@ -563,6 +563,7 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     d, _ = load_model(donor)
     t, _ = load_model(target)
     tok = load_tokenizer(target)
+    kwargs.setdefault("groups", tuple(g for g in GROUPS[application] if g != "utility"))  # lm-eval: too slow here
     result = frontier.measure(APPLICATIONS[application]["function"], d, t, tok, progress=progress, **kwargs)
     result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
                    "torch_threads": torch.get_num_threads()})

@@ -48,6 +48,8 @@ class FrontierPoint:
     share: float
     share_ci: list[float]
     perplexity: float | None
+    utility: dict = field(default_factory=dict)  # eval: each utility metric's change from the target, and held or not
+    utility_held: bool | None = None  # every utility goal met on eval (perplexity, false refusal, broken text, skill)
     extra: dict = field(default_factory=dict)
 
 
@@ -55,18 +57,42 @@ def _share(v: float, t: float, d: float) -> float:
     return (v - t) / (d - t) if d != t else float("nan")
 
 
+# the kit's utility goals, checked on eval for every point: (metric, largest allowed change from the target, relative?)
+UTILITY_GOALS = (("perplexity", 0.02, True), ("false_refusal_rate", 0.05, False), ("degenerate_rate", 0.05, False),
+                 ("degenerate_rate_benign", 0.05, False), ("arithmetic_acc", -0.05, False))
+
+
+def utility_change(rep, target_rep) -> tuple[dict, bool]:
+    """Each utility metric's change from the target on eval (relative for perplexity, points otherwise) and whether
+    it stays within the kit's goal (:data:`UTILITY_GOALS`; a negative limit bounds a drop)."""
+    out, held = {}, True
+    for name, limit, relative in UTILITY_GOALS:
+        if name not in rep.metrics or name not in target_rep.metrics:
+            continue
+        v, t = rep[name].value, target_rep[name].value
+        change = v / t - 1 if relative else v - t
+        ok = change >= limit - 1e-9 if limit < 0 else change <= limit + 1e-9
+        out[name] = {"value": v, "change": change, "limit": limit, "held": bool(ok)}
+        held = held and ok
+    return out, held
+
+
 def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float] = BUDGETS,
             locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = ALPHAS,
             random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype=None,
-            locator_kwargs: dict | None = None, proxy_size: int = 48, progress: bool = True) -> dict:
+            locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
+            task_kwargs: dict | None = None, progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
     ``dtype``: the evaluation precision (``None``: the models' own); ``proxy_size``: validation prompts per proxy.
-    ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps)."""
+    ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
+    evaluation's metric groups (default: the function's metric and perplexity; add ``"skill"`` for a specialist).
+    ``task_kwargs``: :func:`cnt.search.build_task`'s settings."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     check_compatible(donor, target)
-    metric, groups = METRICS[function]
+    metric, default_groups = METRICS[function]
+    groups = tuple(groups or default_groups)
     n_weights = total_params(target)
     proxy = Proxy.for_function(function, seed, n=proxy_size, n_wiki=min(16, proxy_size))
     with torch.no_grad():
@@ -98,17 +124,18 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         patch.revert(target)
         m = rep[metric]
         lo, hi = sorted((_share(m.ci[0], t_score, d_score), _share(m.ci[1], t_score, d_score)))
+        utility, held = utility_change(rep, r_target)
         points.append(FrontierPoint(method, list(kinds), budget, patch.param_fraction,
                                     {k: patch.n_units(k) for k in patch.units}, alpha, assessed[i]["share"],
                                     assessed[i]["utility_ok"], m.value, list(m.ci),
                                     _share(m.value, t_score, d_score), [lo, hi],
-                                    rep["perplexity"].value if "perplexity" in rep.metrics else None,
+                                    rep["perplexity"].value if "perplexity" in rep.metrics else None, utility, held,
                                     {"candidates": [{"alpha": a, "validation_share": x["share"],
-                                                     "utility_ok": x["utility_ok"]}
+                                                     "utility_ok": x["utility_ok"], "proxy": x["proxy"]}
                                                     for (_, a), x in zip(candidates, assessed)]}))
 
     t_task = time.time()
-    task = build_task(function, donor, target, tokenizer, seed=seed)
+    task = build_task(function, donor, target, tokenizer, seed=seed, **(task_kwargs or {}))
     timings = {"task": round(time.time() - t_task, 1)}
     for name, kinds in locators:
         kw = dict(locator_kwargs or {}).get(name, {})
@@ -136,6 +163,11 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     return {"function": function, "metric": metric, "target_score": t_score, "target_ci": list(r_target[metric].ci),
             "donor_score": d_score, "donor_ci": list(r_donor[metric].ci),
             "target_perplexity": r_target["perplexity"].value, "donor_perplexity": r_donor["perplexity"].value,
+            "target_metrics": {k: v.value for k, v in r_target.metrics.items()},
+            "donor_metrics": {k: v.value for k, v in r_donor.metrics.items()},
+            "donor_utility": utility_change(r_donor, r_target)[0], "groups": list(groups),
+            "task": {"settings": task.meta, "utility_weight": task.utility_weight, "n_function": len(task.function),
+                     "n_utility": len(task.utility)},
             "validation": {"target": v_target, "donor": v_donor}, "points": [asdict(p) for p in points],
             "budgets": list(budgets), "alphas": list(alphas), "profile": profile, "seed": seed,
             "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),

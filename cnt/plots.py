@@ -198,7 +198,8 @@ CEILING_STYLE = {"every MLP neuron": ("C3", "P"), "attention only": ("C4", "D"),
 def frontier(result: dict, title: str | None = None):
     """Share of the donor–target gap on the eval split (95% CI) against the % of the model's weights moved, one line
     per locator and kind of unit, beside random neurons and weight-delta; the ceilings as single markers at their
-    weights; the donor (share 1) and the 90% goal as lines. Drawn from a frontier result (:mod:`cnt.frontier`)."""
+    weights; the donor (share 1) and the 90% goal as lines; a red ring marks each point whose utility was not held on
+    eval (perplexity, false refusal, broken text, skill). Drawn from a frontier result (:mod:`cnt.frontier`)."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
     groups: dict[tuple, list] = {}
     for pt in result["points"]:
@@ -216,6 +217,10 @@ def frontier(result: dict, title: str | None = None):
                                             ("learned_mask", "attribution") else "")
         ax.errorbar(xs, ys, yerr=err, color=c, marker=m, ls="--" if heads else "-", capsize=3, label=label,
                     mfc="white" if heads else c)
+    broken = [p for p in result["points"] if p.get("utility_held") is False]
+    if broken:
+        ax.scatter([100 * p["param_fraction"] for p in broken], [p["share"] for p in broken], s=90, marker="o",
+                   facecolors="none", edgecolors="red", lw=1.2, zorder=5, label="utility not held on eval")
     for pt in result["points"]:
         if pt["budget"] is None:
             c, m = CEILING_STYLE.get(pt["method"], ("C7", "o"))

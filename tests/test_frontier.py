@@ -66,6 +66,27 @@ def test_frontier_on_tiny_models(tmp_path):
             assert p["share"] == pytest.approx((p["score"] - res["target_score"]) / gap)
     heads = [p for p in located if p["method"] == "learned_mask"]
     assert all(set(p["units"]) <= {"mlp", "head", "kv"} for p in heads)
+    for p in pts:  # utility on eval: each goal's change from the target, and whether all held
+        assert set(p["utility"]) >= {"perplexity", "false_refusal_rate", "degenerate_rate"}
+        assert p["utility_held"] == all(u["held"] for u in p["utility"].values())
+        assert p["utility"]["perplexity"]["change"] == pytest.approx(p["perplexity"] / res["target_perplexity"] - 1)
     json.dumps(res)  # plain records
     fig = plots.frontier({**res, "name": "tiny"})
     assert fig.axes[0].get_lines() and fig.axes[0].get_xscale() == "log"
+
+
+def test_utility_change_checks_each_goal():
+    from cnt.evaluate import EvalReport, Metric
+    from cnt.frontier import utility_change
+
+    def report(ppl, fr, skill):
+        ms = {n: Metric(n, v, 10, (v, v)) for n, v in
+              (("perplexity", ppl), ("false_refusal_rate", fr), ("arithmetic_acc", skill))}
+        return EvalReport("m", "p", ms, 0.0)
+
+    target = report(20.0, 0.10, 0.80)
+    out, held = utility_change(report(20.3, 0.14, 0.76), target)  # +1.5%, +4 points, -4 points: all within
+    assert held and out["perplexity"]["change"] == pytest.approx(0.015) and "degenerate_rate" not in out
+    for bad in (report(20.5, 0.10, 0.80), report(20.0, 0.16, 0.80), report(20.0, 0.10, 0.70)):
+        out, held = utility_change(bad, target)
+        assert not held and sum(not u["held"] for u in out.values()) == 1
