@@ -36,6 +36,9 @@ from .transfer import NeuronPatch, PatchError, check_alpha
 
 FUNCTIONS = ("refusal", "compliance", "bias")
 KIND_SCORERS = ("attribution", "learned_mask")  # the scorers that also score attention heads and k/v groups
+# the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
+# kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
+UTILITY_WEIGHT = 8.0
 # the amplifications tried by default, each judged on validation (utility held, answers still language): on SmolLM2
 # the proxy's share of the gap grows about linearly in alpha up to 4, and alpha 8-16 starts to break the text
 ALPHAS = (1.0, 2.0, 4.0, 8.0)
@@ -46,9 +49,11 @@ ALPHAS = (1.0, 2.0, 4.0, 8.0)
 # ---------------------------------------------------------------------------------------------------------------------
 
 def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48, n_utility: int = 32, seed: int = 0,
-               response_tokens: int = 3, utility_weight: float = 1.0, split: str = "locate",
-               progress: bool = False) -> Task:
-    """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16). ``split``
+               response_tokens: int = 3, utility_weight: float = UTILITY_WEIGHT, n_wiki: int = 32,
+               split: str = "locate", progress: bool = False) -> Task:
+    """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16). Utility: the
+    target's own answers to ``n_utility`` benign prompts and ``n_wiki`` Wikipedia passages (language modelling, what
+    perplexity checks), weighted ``utility_weight`` against the function; for bias, ``n_utility`` passages. ``split``
     exists for benchmarks that need more prompts than the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
@@ -63,9 +68,10 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
             d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)
         with inference_dtype(target, fast_dtype(model_device(target))) as t:
             t_resp = generate(t, tokenizer, benign, max_new_tokens=16, progress=progress)
+        wiki = [Example(text=r["text"]) for r in data.load("wiki", split, seed=seed, limit=n_wiki)] if n_wiki else []
         return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
-                    [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)], response_tokens, utility_weight,
-                    {"split": split, "seed": seed})
+                    [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)] + wiki, response_tokens,
+                    utility_weight, {"split": split, "seed": seed, "n_wiki": len(wiki)})
     items = data.load("stereoset", split, seed=seed, limit=n_function)
     donor_ss = _ss(donor, tokenizer, items)
     target_ss = _ss(target, tokenizer, items)
@@ -102,7 +108,7 @@ class Proxy:
     benign: list[str] = field(default_factory=list)
     stereo: list[dict] = field(default_factory=list)
     wiki: list[str] = field(default_factory=list)
-    n_generate: int = 24  # harmful prompts answered greedily to check the text is still language (``degenerate``)
+    n_generate: int = 48  # harmful prompts answered greedily to check the text is still language (``degenerate``)
     generate_tokens: int = 20
 
     @classmethod
