@@ -239,6 +239,12 @@ def _scorers() -> list[str]:
     return list(SCORERS)
 
 
+def _default_scorer() -> str:
+    from .locate import DEFAULT_SCORER
+
+    return DEFAULT_SCORER
+
+
 def _alphas() -> tuple[float, ...]:
     from .search import ALPHAS
 
@@ -567,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="model to change")
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
-    s.add_argument("--scorer", default="attribution", choices=_scorers())
+    s.add_argument("--scorer", default=_default_scorer(), choices=_scorers())
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
     s.add_argument("--alpha", type=_alpha, nargs="+", default=list(_alphas()),
@@ -585,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--donor", required=True)
     s.add_argument("--target", required=True)
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
-    s.add_argument("--scorer", default="attribution", choices=_scorers())
+    s.add_argument("--scorer", default=_default_scorer(), choices=_scorers())
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp, head, kv (attribution and learned_mask)")
     s.add_argument("--iterative-budget", type=_positive, default=256, help="neurons chosen by the iterative scorer")

@@ -32,7 +32,7 @@ from . import baselines as B
 from .arch import check_compatible, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
-from .locate import locate
+from .locate import DEFAULT_SCORER, locate
 from .models import fast_dtype, load_model, load_tokenizer, model_device
 from .search import ALPHAS, Proxy, build_task, choose, judge, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
@@ -79,7 +79,7 @@ class ApplicationConfig:
     target: str | None = None
     base: str | None = None
     budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
-    scorers: tuple[str, ...] = ("attribution",)  # activation_contrast moved nothing where measured (METHOD.md)
+    scorers: tuple[str, ...] = (DEFAULT_SCORER,)  # activation_contrast moved nothing where measured (METHOD.md)
     alphas: tuple[float, ...] = ALPHAS
     baselines: tuple[str, ...] = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
                                   "refusal_direction", "sft")
@@ -216,7 +216,7 @@ def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param
 
 
 SMOKE_ENV = "CNT_SMOKE"  # "1": notebooks shrink to a smoke run into a temporary folder (nbval in `make test`)
-SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": ("attribution",), "alphas": (1.0,),
+SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": (DEFAULT_SCORER,), "alphas": (1.0,),
          "lambdas": (1.0,), "densities": (0.5,), "random_seeds": (0,), "sft_steps": 2, "sft_small_data": True,
          "search": False, "all_mlp": False}
 

@@ -30,7 +30,7 @@ import torch
 from . import data
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
 from .evaluate import is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
-from .locate import Example, NeuronScores, Task, locate
+from .locate import DEFAULT_SCORER, Example, NeuronScores, Task, locate
 from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
 
@@ -339,7 +339,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
 # one call: locate -> (search) -> patch
 # ---------------------------------------------------------------------------------------------------------------------
 
-def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str = "attribution",
+def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str = DEFAULT_SCORER,
              kinds: Sequence[str] = ("mlp",), alpha: float | Sequence[float] = ALPHAS, seed: int = 0,
              donor_name: str = "donor",
              target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,

@@ -7,6 +7,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from cnt.locate import DEFAULT_SCORER
+
 HERE = Path(__file__).parent
 FAMILIES = {"disalignment": "smollm2 | qwen2.5-coder-0.5b", "alignment_enhancement": "smollm2 | qwen2.5-coder-0.5b",
             "bias_removal": "smollm2 | gemma-3-270m"}
@@ -70,7 +72,7 @@ def application_notebook(app: str, title: str, story: str):
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
                     "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
-                    'scorers = ["attribution"]  # also: activation_contrast, iterative, learned_mask (each adds a locate and evaluations)\n'
+                    f'scorers = ["{DEFAULT_SCORER}"]  # also: attribution, activation_contrast, iterative (each adds a locate and evaluations)\n'
                     'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
                     '"refusal_direction", "sft"]\n'
                     'profile = "sweep"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
