@@ -126,7 +126,8 @@ architecture, to add a function the donor has (here: refusing harmful requests) 
 This walkthrough uses two real models from the kit's zoo, both fine-tunes of SmolLM2-135M-Instruct: the donor
 `smol-safe` (refuses harmful requests) and the target, the base model itself (it complies)."""),
     *parameter_cells('donor = "smol-safe"\ntarget = "smollm2-135m-instruct"\nbudget = 0.005  # fraction of MLP neurons\n'
-                     'scorer = "attribution"\nseed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
+                     f'scorer = "{DEFAULT_SCORER}"  # the default locator; "attribution" is its first-order start\n'
+                     'seed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
                   "from cnt import NeuronPatch, arch, data, experiment, locate, plots, search\n"
                   "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.models import load_model, load_tokenizer\n\n"
@@ -148,20 +149,31 @@ of `down_proj`. CNT moves those three slices together. `cnt.arch` knows where th
                   "display(plots.neuron_map(torch.stack(diff), 'how far each donor neuron is from the target (L2 of its slices)'))"),
     new_markdown_cell("""## Locate: which neurons carry the function?
 
-The attribution scorer takes the target's loss on the donor's own behaviour (its first response tokens on harmful
-*locate-split* prompts) and scores each neuron by the first-order effect of moving it to the donor's values, minus the
-same on benign prompts (utility)."""),
+The task is the target's loss on the donor's own behaviour (its first response tokens on harmful *locate-split*
+prompts), with the target's own benign answers and Wikipedia text as utility. *Attribution* scores each neuron by the
+first-order effect of moving it to the donor's values, minus the same on the utility examples. The default locator,
+the *learned mask*, starts there and then chooses jointly: it gives every neuron an amplitude γ, trains the amplitudes
+at the patched model and prunes neurons down to a budget, re-measuring each removal — so neurons that only matter
+together are kept together. Its map shows how long each neuron survived the pruning."""),
     new_code_cell("task = search.build_task(\"refusal\", donor_model, target_model, tok, seed=seed)\n"
                   "scores = locate.locate(scorer, task, donor_model, target_model, tok)\n"
                   "k = round(budget * fp.n_neurons)\n"
                   "display(plots.neuron_map(torch.stack(list(scores.scores)), f'{scorer} scores', top=k))"),
-    new_markdown_cell("## Transfer: a reversible neuron patch"),
-    new_code_cell("patch = NeuronPatch.extract(donor_model, target_model, scores.top(k), donor_name=donor, target_name=target)\n"
+    new_markdown_cell("""## Transfer: a reversible neuron patch
+
+The patch moves each chosen neuron by α·γ of the donor–target difference (γ: the mask's learned amplitude, 1 for
+attribution). α is chosen on the *validation* split among 1, 2, 4, 8: the furthest toward the donor with perplexity
+within 2%, false refusal within 5 points and no more broken answers than the target's."""),
+    new_code_cell("selection, gamma = search.pick(scores, k)\n"
+                  "alpha, _ = search.best_alpha(scores, k, donor_model, target_model, tok, search.Proxy.for_function(\"refusal\", seed))\n"
+                  "patch = NeuronPatch.extract(donor_model, target_model, selection, alpha=alpha, gamma=gamma, donor_name=donor,\n"
+                  "                            target_name=target)\n"
                   "harmful = data.texts(data.load(\"harmful\", \"eval\", seed=seed, limit=prompts))\n"
                   "before = refusal_rate(target_model, tok, harmful, max_new_tokens=24).value\n"
                   "patch.apply(target_model)\n"
                   "after = refusal_rate(target_model, tok, harmful, max_new_tokens=24).value\n"
-                  "print(f\"{k} neurons ({100 * patch.neuron_fraction:.2f}% of MLP neurons): refusal {before:.0%} -> {after:.0%} \"\n"
+                  "print(f\"{patch.n_neurons} neurons ({100 * patch.param_fraction:.3f}% of the weights), alpha {alpha:g}: \"\n"
+                  "      f\"refusal {before:.0%} -> {after:.0%} \"\n"
                   "      f\"on {prompts} held-out harmful prompts\")\n"
                   "display(plots.layer_distribution(patch.per_layer(), neurons.n_layers))"),
     new_markdown_cell("## Save, load, revert\n\nThe patch carries the target's original slices, so `revert` restores "
