@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--scorer", default=_default_scorer(), choices=_scorers())
     s.add_argument("--units", type=_units, default=("mlp",),
-                   help="kinds of unit, comma-separated: mlp, head, kv (attribution and learned_mask)")
+                   help="kinds of unit, comma-separated: mlp, head, kv (attribution, iterative and learned_mask)")
     s.add_argument("--iterative-budget", type=_positive, default=256, help="neurons chosen by the iterative scorer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show", type=_count, default=20, help="print the top N neurons")

@@ -16,7 +16,8 @@ All scorers share one interface — ``score(task, donor, target) -> NeuronScores
 * ``learned_mask`` — per-unit amplitudes trained at the patched point and pruned down a schedule of budgets in
   weights (``cnt.masks``): a joint choice, where the scorers above rank each unit alone.
 
-``attribution`` and ``learned_mask`` also score attention heads and k/v groups (``kinds=("mlp", "head", "kv")``).
+``attribution``, ``iterative`` and ``learned_mask`` also score attention heads and k/v groups
+(``kinds=("mlp", "head", "kv")``); ``activation_contrast`` scores MLP neurons only.
 """
 
 from __future__ import annotations
@@ -133,37 +134,47 @@ def activation_contrast(task: Task, donor, target, tokenizer, *, batch_size: int
                         round(time.time() - t0, 2))
 
 
-def iterative(task: Task, donor, target, tokenizer, *, budget: int, rounds: int = 4, batch_size: int = 8,
-              progress: bool = True) -> NeuronScores:
-    """Attribution re-scored on the patched target: ``rounds`` chunks of ``budget/rounds`` neurons each. The
-    returned scores rank chosen neurons first (by round), then the rest by the last round's attribution."""
+def iterative(task: Task, donor, target, tokenizer, *, budget: int, rounds: int = 4, kinds: Sequence[str] = ("mlp",),
+              batch_size: int = 8, progress: bool = True) -> NeuronScores:
+    """Attribution re-scored on the patched target: ``rounds`` chunks, each the best units per weight within
+    ``budget/rounds`` MLP neurons' weight (``kinds``: as for attribution). The returned scores rank chosen units
+    first (by round), then the rest by the last round's attribution per weight."""
     from .transfer import NeuronPatch
 
     t0 = time.time()
-    chosen: dict[int, torch.Tensor] = {}
-    rank_bonus: list[torch.Tensor] | None = None
+    bonus: dict[str, list[torch.Tensor]] | None = None
     patches = []
     last = None
-    per_round = max(1, budget // rounds)
     try:
         for r in range(rounds):
-            last = attribution(task, donor, target, tokenizer, batch_size=batch_size, progress=progress)
-            pick = last.top(per_round, exclude=chosen)
-            patch = NeuronPatch.extract(donor, target, pick)
+            last = attribution(task, donor, target, tokenizer, kinds=kinds, batch_size=batch_size, progress=progress)
+            if bonus is None:
+                bonus = {kind: [torch.zeros_like(x) for x in v] for kind, v in last.by_kind().items()}
+                per_round = max(1, budget // rounds) * unit_costs(target, ("mlp",))["mlp"][0]  # weights
+            for kind, v in last.by_kind().items():  # units already moved cannot be chosen again
+                for x, b in zip(v, bonus[kind]):
+                    x[b > 0] = -float("inf")
+            picked, _ = last.select(per_round)
+            if not picked:
+                break
+            patch = NeuronPatch.extract(donor, target, picked)
             patch.apply(target)
             patches.append(patch)
-            if rank_bonus is None:
-                rank_bonus = [torch.zeros_like(s) for s in last.scores]
-            for layer, idx in pick.items():
-                rank_bonus[layer][idx] = float(rounds - r)
-                chosen[layer] = torch.cat([chosen.get(layer, torch.empty(0, dtype=torch.long)), idx])
+            for kind, per_layer in picked.items():
+                for layer, idx in per_layer.items():
+                    bonus[kind][layer][idx] = float(rounds - r)
     finally:
         for p in reversed(patches):
             p.revert(target)
-    span = max(float(torch.cat([s.abs() for s in last.scores]).max()), 1.0)
-    scores = [s / (2 * span) + b for s, b in zip(last.scores, rank_bonus)]  # chosen (bonus >= 1) rank above the rest
-    return NeuronScores("iterative", scores, {**last.settings, "rounds": rounds, "budget": budget},
-                        round(time.time() - t0, 2))
+    costs = last.costs
+    per_weight = {kind: [x / costs[kind][layer] for layer, x in enumerate(v)] for kind, v in last.by_kind().items()}
+    finite = torch.cat([x[torch.isfinite(x)].abs() for v in per_weight.values() for x in v])
+    span = max(float(finite.max()) if finite.numel() else 1.0, 1e-30)
+    ranked = {kind: [torch.where(b > 0, b, x / (2 * span)) for x, b in zip(v, bonus[kind])]  # chosen (>= 1) first
+              for kind, v in per_weight.items()}
+    mlp = ranked.pop("mlp", [torch.full((n,), -float("inf")) for n in check_compatible(donor, target).intermediate_sizes])
+    return NeuronScores("iterative", mlp, {**last.settings, "rounds": rounds, "budget": budget}, round(time.time() - t0, 2),
+                        units=ranked, costs=costs, per_weight=False)
 
 
 # what the search, the CLI and the notebooks use unless told otherwise: the learned mask moved more of the gap than

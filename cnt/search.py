@@ -35,7 +35,7 @@ from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
 
 FUNCTIONS = ("refusal", "compliance", "bias")
-KIND_SCORERS = ("attribution", "learned_mask")  # the scorers that also score attention heads and k/v groups
+KIND_SCORERS = ("attribution", "iterative", "learned_mask")  # the scorers that also score heads and k/v groups
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0

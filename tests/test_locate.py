@@ -104,3 +104,23 @@ def test_top_is_global_and_excludes():
     s = NeuronScores("x", [torch.tensor([0.0, 5.0, 1.0]), torch.tensor([4.0, 3.0])])
     assert {k: v.tolist() for k, v in s.top(3).items()} == {0: [1], 1: [0, 1]}
     assert {k: v.tolist() for k, v in s.top(2, exclude={0: torch.tensor([1])}).items()} == {1: [0, 1]}
+
+
+def test_iterative_over_neurons_and_heads(fixture):
+    """Iterative re-scoring with attention units: each round moves the best units per weight within its share of the
+    budget; the units moved rank first, round by round, and a selection of that weight returns exactly them."""
+    donor, target, tok = fixture
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    it = locate("iterative", _task(), donor, target, tok, budget=12, rounds=3, kinds=("mlp", "head", "kv"),
+                progress=False)
+    assert set(it.units) == {"head", "kv"} and not it.per_weight
+    chosen = {kind: {layer: (v >= 1).nonzero().flatten() for layer, v in enumerate(per)}
+              for kind, per in it.by_kind().items()}
+    n_chosen = sum(int(i.numel()) for d in chosen.values() for i in d.values())
+    assert n_chosen >= 3  # at least one unit a round
+    weight = it.n_params_of({k: {layer: i for layer, i in d.items() if i.numel()} for k, d in chosen.items()})
+    assert weight <= 12 * it.costs["mlp"][0]
+    sel, _ = it.select(weight)
+    assert {(k, layer, int(i)) for k, d in sel.items() for layer, idx in d.items() for i in idx} == \
+        {(k, layer, int(i)) for k, d in chosen.items() for layer, idx in d.items() for i in idx}
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
