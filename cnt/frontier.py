@@ -13,6 +13,7 @@ Results are plain records written as JSON; :func:`cnt.plots.frontier` draws them
 from __future__ import annotations
 
 import time
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -20,7 +21,8 @@ import torch
 
 from . import baselines as B
 from .arch import check_compatible, total_params
-from .evaluate import evaluate
+from .evaluate import evaluate, inference_dtype
+from .models import fast_dtype, model_device
 from .locate import locate
 from .search import ALPHAS, Proxy, build_task, choose, judge
 from .transfer import NeuronPatch, transfer_all
@@ -79,11 +81,12 @@ def utility_change(rep, target_rep) -> tuple[dict, bool]:
 
 def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float] = BUDGETS,
             locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = ALPHAS,
-            random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype=None,
+            random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype="auto",
             locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
             task_kwargs: dict | None = None, progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
-    ``dtype``: the evaluation precision (``None``: the models' own); ``proxy_size``: validation prompts per proxy.
+    ``dtype``: the evaluation precision (``"auto"``: bf16 where native, as the proxies; ``None``: the models' own);
+    ``proxy_size``: validation prompts per proxy.
     ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
     evaluation's metric groups (default: the function's metric and perplexity; add ``"skill"`` for a specialist).
     ``task_kwargs``: :func:`cnt.search.build_task`'s settings."""
@@ -95,8 +98,10 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     groups = tuple(groups or default_groups)
     n_weights = total_params(target)
     proxy = Proxy.for_function(function, seed, n=proxy_size, n_wiki=min(16, proxy_size))
-    with torch.no_grad():
-        v_target, v_donor = proxy.measure(target, tokenizer), proxy.measure(donor, tokenizer)
+    fast = fast_dtype(model_device(target))
+    work = deepcopy(target).to(fast)  # the proxies run on one copy in the fast precision; patches are cast for it
+    with torch.no_grad(), inference_dtype(donor, fast) as fast_donor:
+        v_target, v_donor = proxy.measure(work, tokenizer), proxy.measure(fast_donor, tokenizer)
     bar = tqdm(desc=f"frontier ({function})", unit="eval", disable=not progress)
 
     def ev(model):
@@ -112,10 +117,11 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval."""
         assessed = []
         for patch, _ in candidates:
-            patch.apply(target)
+            cast = patch.to(fast)
+            cast.apply(work)
             with torch.no_grad():
-                m = proxy.measure(target, tokenizer)
-            patch.revert(target)
+                m = proxy.measure(work, tokenizer)
+            cast.revert(work)
             assessed.append({**judge(m, v_target, v_donor, function), "proxy": m})
         i = choose(assessed)
         patch, alpha = candidates[i]
