@@ -31,10 +31,10 @@ from . import atomic
 from . import baselines as B
 from .arch import check_compatible, total_params
 from .cache import cache_dir
-from .evaluate import PROFILES, EvalReport, evaluate, inference_dtype
+from .evaluate import PROFILES, EvalReport, evaluate
 from .locate import DEFAULT_SCORER, locate
-from .models import fast_dtype, load_model, load_tokenizer, model_device
-from .search import ALPHAS, Proxy, build_task, choose, judge, minimal_subset, pick
+from .models import load_model, load_tokenizer
+from .search import ALPHAS, Proxy, Validator, build_task, choose, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
 APPLICATIONS = {
@@ -316,25 +316,6 @@ def notebook_config(application: str, *, family: str = DEFAULT_FAMILY, donor: st
     return config, out
 
 
-class _Validation:
-    """The validation-split proxies of every candidate, judged by the search rule (nothing is tuned on eval)."""
-
-    def __init__(self, function: str, donor, target, tok, seed: int):
-        self.proxy = Proxy.for_function(function, seed)
-        self.function, self.tok = function, tok
-        self.target = self.measure(target)
-        self.donor = self.measure(donor)
-
-    @torch.no_grad()
-    def measure(self, model) -> dict:
-        with inference_dtype(model, fast_dtype(model_device(model))) as fast:
-            return self.proxy.measure(fast, self.tok)
-
-    def assess(self, model) -> dict:
-        m = self.measure(model)
-        return {**judge(m, self.target, self.donor, self.function), "proxy": m}
-
-
 def _settings(name: str, config: ApplicationConfig, fp, base, function: str, tok) -> list[dict]:
     if name in ("random", "weight_delta"):
         seeds = config.random_seeds if name == "random" else (0,)
@@ -408,7 +389,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     target_rep, donor_rep = ev(target, config.target), ev(donor, config.donor)
     methods: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
-    val = _Validation(function, donor, target, tok, config.seed)
+    val = Validator(donor, target, tok, Proxy.for_function(function, config.seed))
 
     # -- CNT: every scorer at every budget (alpha chosen on validation), then the minimal subset ------------------
     t0 = time.time()
@@ -427,9 +408,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
             for a in config.alphas:
                 sel, gamma = pick(scores, k)
                 patch = NeuronPatch.extract(donor, target, sel, alpha=a, gamma=gamma)
-                patch.apply(target)
-                candidates.append((patch, val.assess(target)))
-                patch.revert(target)
+                candidates.append((patch, val.assess(patch)))
             patch, assessed = candidates[choose([c[1] for c in candidates])]
             patch.apply(target)
             rep = ev(target, f"cnt-{scorer}@{b}")
@@ -493,7 +472,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
                     model = mod.materialize(target)
                     break
                 candidate = mod.materialize(target)
-                assessed.append(val.assess(candidate))
+                assessed.append(val.assess_model(candidate))
                 del candidate, mod
             i = choose(assessed) if assessed else 0
             if model is None:  # rebuild the chosen setting (deterministic: every baseline is seeded)

@@ -13,18 +13,14 @@ Results are plain records written as JSON; :func:`cnt.plots.frontier` draws them
 from __future__ import annotations
 
 import time
-from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-import torch
-
 from . import baselines as B
 from .arch import check_compatible, total_params
-from .evaluate import evaluate, inference_dtype
-from .models import fast_dtype, model_device
+from .evaluate import evaluate
 from .locate import locate
-from .search import ALPHAS, Proxy, build_task, choose, judge
+from .search import ALPHAS, Proxy, Validator, build_task, choose
 from .transfer import NeuronPatch, transfer_all
 
 BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
@@ -97,11 +93,9 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     metric, default_groups = METRICS[function]
     groups = tuple(groups or default_groups)
     n_weights = total_params(target)
-    proxy = Proxy.for_function(function, seed, n=proxy_size, n_wiki=min(16, proxy_size))
-    fast = fast_dtype(model_device(target))
-    work = deepcopy(target).to(fast)  # the proxies run on one copy in the fast precision; patches are cast for it
-    with torch.no_grad(), inference_dtype(donor, fast) as fast_donor:
-        v_target, v_donor = proxy.measure(work, tokenizer), proxy.measure(fast_donor, tokenizer)
+    validator = Validator(donor, target, tokenizer, Proxy.for_function(function, seed, n=proxy_size,
+                                                                        n_wiki=min(16, proxy_size)))
+    v_target, v_donor = validator.target, validator.donor
     bar = tqdm(desc=f"frontier ({function})", unit="eval", disable=not progress)
 
     def ev(model):
@@ -115,14 +109,7 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
 
     def add(method, kinds, budget, candidates):
         """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval."""
-        assessed = []
-        for patch, _ in candidates:
-            cast = patch.to(fast)
-            cast.apply(work)
-            with torch.no_grad():
-                m = proxy.measure(work, tokenizer)
-            cast.revert(work)
-            assessed.append({**judge(m, v_target, v_donor, function), "proxy": m})
+        assessed = [validator.assess(patch) for patch, _ in candidates]
         i = choose(assessed)
         patch, alpha = candidates[i]
         patch.apply(target)

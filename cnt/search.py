@@ -29,7 +29,8 @@ import torch
 
 from . import data
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .evaluate import is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
+from .evaluate import (inference_dtype, is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs,
+                       stereoset_scores)
 from .locate import DEFAULT_SCORER, Example, NeuronScores, Task, locate
 from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
@@ -57,8 +58,6 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     exists for benchmarks that need more prompts than the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
-    from .evaluate import inference_dtype
-
     if function not in FUNCTIONS:
         raise ValueError(f"unknown function {function!r}; functions: {', '.join(FUNCTIONS)}")
     if function in ("refusal", "compliance"):
@@ -217,34 +216,56 @@ def choose(assessed: Sequence[dict]) -> int:
     return max(pool, key=lambda i: (reach[i], -i))
 
 
-class Trials:
-    """Patches tried on validation: each ``(k, alpha)`` is extracted from the two models, applied to one copy of the
-    target in the proxies' precision (bf16 where native), measured and judged by the search rule, and reverted. The
-    target and donor themselves are never written. ``measured`` passes the target's and donor's proxy values when the
-    caller already has them (same proxy, same dtype)."""
+class Validator:
+    """Judges changes to the target on the validation proxies by the search rule (:func:`judge`). Patches are applied
+    to one copy of the target in the proxies' precision (bf16 where native; the patch is cast for it) and reverted;
+    whole models (merges) are measured on a copy in that precision. The target and donor are never written.
+    ``measured`` passes the target's and donor's proxy values when the caller already has them (same proxy, same
+    precision); ``rule``: :func:`judge`'s limits."""
 
-    def __init__(self, scores: NeuronScores, donor, target, tokenizer, proxy: Proxy, *,
-                 measured: tuple[dict, dict] | None = None, **rule):
-        self.scores, self.donor, self.target, self.tokenizer, self.proxy, self.rule = \
-            scores, donor, target, tokenizer, proxy, rule
+    def __init__(self, donor, target, tokenizer, proxy: Proxy, *, measured: tuple[dict, dict] | None = None, **rule):
+        self.tokenizer, self.proxy, self.rule = tokenizer, proxy, rule
         self.fast = fast_dtype(model_device(target))
-        self.work = deepcopy(target).to(self.fast)  # the patch carries the models' own slices, cast for this copy
+        self.work = deepcopy(target).to(self.fast)
         if measured is None:
-            dwork = deepcopy(donor).to(self.fast)
-            measured = proxy.measure(self.work, tokenizer), proxy.measure(dwork, tokenizer)
-            del dwork
-        self.base, self.donor_proxy = measured
+            with torch.no_grad(), inference_dtype(donor, self.fast) as fast_donor:
+                measured = proxy.measure(self.work, tokenizer), proxy.measure(fast_donor, tokenizer)
+        self.target, self.donor = measured
+
+    def _judged(self, m: dict) -> dict:
+        return {**judge(m, self.target, self.donor, self.proxy.function, **self.rule), "proxy": m}
+
+    @torch.no_grad()
+    def assess(self, patch: NeuronPatch) -> dict:
+        """The rule's verdict on ``patch`` (``share``, ``utility_ok``, ``ok``) and its proxy values (``proxy``)."""
+        cast = patch.to(self.fast)
+        cast.apply(self.work)
+        try:
+            m = self.proxy.measure(self.work, self.tokenizer)
+        finally:
+            cast.revert(self.work)
+        return self._judged(m)
+
+    @torch.no_grad()
+    def assess_model(self, model) -> dict:
+        """The same for a whole modified model (a merge, a fine-tune)."""
+        with inference_dtype(model, self.fast) as fast:
+            return self._judged(self.proxy.measure(fast, self.tokenizer))
+
+
+class Trials:
+    """Subsets tried on validation: each ``(k, alpha)`` is read from ``scores`` (:func:`pick`), extracted from the two
+    models and judged by ``validator``; every trial is kept in ``steps``."""
+
+    def __init__(self, scores: NeuronScores, donor, target, validator: Validator):
+        self.scores, self.donor, self.target, self.validator = scores, donor, target, validator
         self.steps: list[SearchStep] = []
 
     def __call__(self, k: int, alpha: float) -> SearchStep:
         sel, gamma = pick(self.scores, k)
-        patch = NeuronPatch.extract(self.donor, self.target, sel, alpha=alpha, gamma=gamma).to(self.fast)
-        patch.apply(self.work)
-        try:
-            m = self.proxy.measure(self.work, self.tokenizer)
-        finally:
-            patch.revert(self.work)
-        v = judge(m, self.base, self.donor_proxy, self.proxy.function, **self.rule)
+        patch = NeuronPatch.extract(self.donor, self.target, sel, alpha=alpha, gamma=gamma)
+        v = self.validator.assess(patch)
+        m = v["proxy"]
         step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"],
                           patch.param_fraction)
         self.steps.append(step)
@@ -255,7 +276,7 @@ def best_alpha(scores: NeuronScores, k: int, donor, target, tokenizer, proxy: Pr
                alphas: Sequence[float] = ALPHAS, **rule) -> tuple[float, list[SearchStep]]:
     """The amplification for a fixed subset (the best ``k``), chosen on validation by :func:`choose`: utility held,
     furthest toward the donor (reaching it is enough: the smaller alpha wins). Returns ``(alpha, trials)``."""
-    trials = Trials(scores, donor, target, tokenizer, proxy, **rule)
+    trials = Trials(scores, donor, target, Validator(donor, target, tokenizer, proxy, **rule))
     alphas = sorted(alphas)
     for a in alphas:
         trials(k, a)
@@ -283,9 +304,10 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    trials = Trials(scores, donor, target, tokenizer, proxy, measured=measured, goal=goal,
-                    max_ppl_increase=max_ppl_increase, max_false_refusal_increase=max_false_refusal_increase)
-    base, don, steps = trials.base, trials.donor_proxy, trials.steps
+    validator = Validator(donor, target, tokenizer, proxy, measured=measured, goal=goal,
+                          max_ppl_increase=max_ppl_increase, max_false_refusal_increase=max_false_refusal_increase)
+    trials = Trials(scores, donor, target, validator)
+    base, don, steps = validator.target, validator.donor, trials.steps
     n_total = sum(s.numel() for s in scores.scores)
     k_min = k_min or max(1, n_total // 2000)  # 0.05%
     k_max = int(max_fraction * n_total)
