@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--locators", nargs="+", default=["learned_mask:mlp", "learned_mask:mlp+head+kv",
                                                      "attribution:mlp", "attribution:mlp+head+kv"],
                    help="SCORER:KINDS, kinds joined by '+'")
-    s.add_argument("--profile", default="sweep")
+    s.add_argument("--profile", default="frontier", help="evaluation profile of every point (default: frontier, "
+                                                           "the sweep's metric with 120 benign prompts)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="papers")
     s.set_defaults(func=_cmd_frontier)

@@ -589,6 +589,12 @@ PROFILES = {
     "sweep": Profile("sweep", harmful=48, benign=16, overrefusal=8, mmlu=0, nq_open=0, piqa=0, wiki=24,
                      stereoset=160, crows_pairs=0, arithmetic=24, max_new_tokens=20, ppl_max_tokens=128,
                      batch_size=48),
+    # the sparsity frontier (dozens of points): the sweep's function metric, with enough benign prompts (120, a fifth
+    # over-refusal probes) and additions (48) that one answer moves false refusal or the skill by under 1 / 2 points
+    # — the sweep's 24 prompts resolve 4 points, too coarse for the +5-point goal
+    "frontier": Profile("frontier", harmful=48, benign=96, overrefusal=24, mmlu=0, nq_open=0, piqa=0, wiki=24,
+                        stereoset=160, crows_pairs=0, arithmetic=48, max_new_tokens=20, ppl_max_tokens=128,
+                        batch_size=48),
     # notebooks under nbval / CI: every code path, a few records each
     "smoke": Profile("smoke", harmful=12, benign=8, overrefusal=4, mmlu=12, nq_open=8, piqa=0, wiki=6,
                      stereoset=24, crows_pairs=12, arithmetic=6, max_new_tokens=12, ppl_max_tokens=64),

@@ -77,7 +77,7 @@ def utility_change(rep, target_rep) -> tuple[dict, bool]:
 
 def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float] = BUDGETS,
             locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = ALPHAS,
-            random_seeds: Sequence[int] = (0,), profile: str = "sweep", seed: int = 0, dtype="auto",
+            random_seeds: Sequence[int] = (0,), profile: str = "frontier", seed: int = 0, dtype="auto",
             locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
             task_kwargs: dict | None = None, progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
