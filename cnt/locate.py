@@ -38,7 +38,7 @@ __all__ = ["Example", "Task", "task_loss", "NeuronScores", "attribution", "activ
            "learned_mask", "SCORERS", "DEFAULT_SCORER", "locate"]
 
 
-def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 8,
+def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 2,
                 progress: bool = True, autocast: torch.dtype | str | None = "auto") -> NeuronScores:
     """First-order gain of transferring each unit, minus a penalty for first-order utility harm (see module doc).
     ``kinds``: the units scored (MLP neurons, and with ``"head"``/``"kv"`` attention heads and k/v groups).

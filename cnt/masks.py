@@ -48,13 +48,23 @@ from .tasks import Task, task_loss
 LEVELS = (0.01, 0.0025, 0.001)  # budgets in fractions of the target's weights (the frontier's)
 
 
-def _loss(task: Task, target, tokenizer, function, utility, autocast) -> torch.Tensor:
+def _loss(task: Task, target, tokenizer, function, utility, autocast, micro_batch: int, backward: bool) -> float:
+    """The task's loss (function + ``utility_weight`` × utility) over these examples, computed ``micro_batch``
+    examples at a time — each part weighted by its share, so the value and (with ``backward``) the accumulated
+    gradient equal the whole batch's, with one micro-batch's activations in memory."""
     device = model_device(target)
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        loss = task_loss(target, tokenizer, function, task.response_tokens).float()
-        if utility and task.utility_weight:
-            loss = loss + task.utility_weight * task_loss(target, tokenizer, utility, task.response_tokens).float()
-    return loss
+    parts = [(list(function), 1.0)] + ([(list(utility), task.utility_weight)] if utility and task.utility_weight else [])
+    total = 0.0
+    for examples, weight in parts:
+        for s in range(0, len(examples), micro_batch):
+            chunk = examples[s:s + micro_batch]
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss = task_loss(target, tokenizer, chunk, task.response_tokens).float()
+            loss = loss * (weight * len(chunk) / len(examples))
+            if backward:
+                loss.backward()
+            total += loss.item()
+    return total
 
 
 def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",),
@@ -63,10 +73,13 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                  gamma_max: float = 4.0, init_gamma: float = 1.0, lr: float = 0.05, ema: float = 0.8,
                  batch_size: int = 8, utility_batch: int = 8, seed: int = 0, integrated: bool = True,
                  verify: bool = True, tolerance: float = 1.0, max_checks: int = 8, check_examples: int = 8,
+                 micro_batch: int = 2,
                  autocast: torch.dtype | str | None = "auto", progress: bool = True) -> NeuronScores:
     """Train and prune per-unit amplitudes down the budgets ``levels`` (fractions of the target's weights, largest
     first); see the module doc. The target's weights are never written. The default schedule (4 warm-up, 6 descent,
-    3 steps per level) is the middle of the three measured on SmolLM2 (papers/METHOD.md: 2/3/1, 4/6/3, 8/12/6)."""
+    3 steps per level) is the middle of the three measured on SmolLM2 (papers/METHOD.md: 2/3/1, 4/6/3, 8/12/6).
+    Each minibatch is backpropagated ``micro_batch`` examples at a time (the same gradient; the activations of one
+    micro-batch in memory)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -116,7 +129,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
         g = amplitudes().detach().clone() if gamma is None else gamma
         g[removed] = 0
         mixed.gamma = split(g)
-        return _loss(task, target, tokenizer, *check, autocast).item()
+        return _loss(task, target, tokenizer, *check, autocast, micro_batch, backward=False)
 
     def drop(ids: torch.Tensor, step: int) -> None:
         g = amplitudes().detach()
@@ -192,20 +205,20 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                     t = float(torch.rand((), generator=gen))
                 point = (g * t).requires_grad_(True)
                 mixed.gamma = split(point)
-                _loss(task, target, tokenizer, fb, ub, autocast).backward()
+                _loss(task, target, tokenizer, fb, ub, autocast, micro_batch, backward=True)
                 sample = -(g * point.grad).double()
                 if step < warmup_steps:  # a plain mean over the warm-up, then a moving average
                     importance.add_(sample / warmup_steps)
                 else:
                     importance.mul_(ema).add_((1 - ema) * sample)
                 if step >= descent_steps:  # at the levels: train the amplitudes, at the clean patched point
-                    g = amplitudes()
+                    g = amplitudes().detach().requires_grad_(True)
                     mixed.gamma = split(g)
-                    loss = _loss(task, target, tokenizer, fb, ub, autocast)
+                    loss = _loss(task, target, tokenizer, fb, ub, autocast, micro_batch, backward=True)
                     opt.zero_grad()
-                    loss.backward()
+                    amplitudes().backward(g.grad)  # through γ = γ_max·σ(s)·active to the logits
                     opt.step()
-                    losses.append(round(loss.item(), 4))
+                    losses.append(round(loss, 4))
                 prune_to(budget, step)
                 level_end = step + 1 == len(schedule) or (step >= descent_steps and schedule[step + 1] < budget)
                 if level_end:
@@ -233,7 +246,8 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                 "warmup_steps": warmup_steps, "descent_steps": descent_steps - warmup_steps, "steps_per_level": steps_per_level, "gamma_max": gamma_max,
                 "init_gamma": init_gamma, "lr": lr, "ema": ema, "batch_size": batch_size,
                 "utility_batch": utility_batch, "seed": seed, "integrated": integrated, "verify": verify, "tolerance": tolerance,
-                "max_checks": max_checks, "check_examples": check_examples, "autocast": str(autocast) if autocast else None,
+                "max_checks": max_checks, "check_examples": check_examples, "micro_batch": micro_batch,
+                "autocast": str(autocast) if autocast else None,
                 "losses": losses}
     mlp = ranked.pop("mlp", None)
     if mlp is None:

@@ -67,10 +67,15 @@ def text_batch(tokenizer, texts: Sequence[str], device, max_tokens: int = 128):
 
 
 def token_logprobs(model, inp, lab, mask):
-    logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
+    """Log-probability of each labelled next token (0 elsewhere) and the label mask, ``[batch, positions - 1]``. The
+    softmax runs over the labelled positions only (a chat pair's few response tokens, not its whole prompt): the
+    float32 vocabulary-sized rows exist for those alone."""
+    logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1]
     tgt = lab[:, 1:]
-    lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
-    return lp * (tgt != -100), (tgt != -100)
+    keep = tgt != -100
+    picked = torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).squeeze(-1)
+    lp = torch.zeros(tgt.shape, dtype=picked.dtype, device=picked.device).index_put((keep,), picked)
+    return lp, keep
 
 
 def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Tensor:
