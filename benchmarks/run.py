@@ -3,7 +3,8 @@
 load: the embedded SmolLM2 from the converted cache in a fresh process (goal: <= 5 s on 2 CPU cores).
 eval: the whole evaluation suite on SmolLM2-135M (goals: quick profile <= 60 s, full profile <= 300 s).
 cnt: locate + search + transfer for a zoo pair (goal for SmolLM2: <= 60 s on 2 CPU cores), each baseline and the SFT
-     reference, wall time and peak memory, with ratios to one forward pass over the same prompts.
+     reference, wall time, CPU time (all threads; what the cost goal is judged on, since it does not grow when
+     other jobs share the cores) and peak memory, with ratios to one forward pass over the same prompts.
 scaling: locate's time against the number of function prompts (32 -> 512), with a linear fit.
 
 Every measurement runs in a fresh subprocess (peak RSS is that process's own). `python benchmarks/run.py cnt scaling
@@ -76,6 +77,20 @@ def reset_peak():  # Linux: writing 5 to clear_refs sets VmHWM to the current re
 
 
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+
+
+class timed:  # wall time as <key>_s and the process's CPU time (all threads) as <key>_cpu_s: the CPU time does not
+    def __init__(self, key):  # grow when other jobs share the cores, so a loaded machine still gives a fair ratio
+        self.key = key
+
+    def __enter__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def __exit__(self, *exc):
+        out[self.key + "_s"] = time.time() - self.wall
+        out[self.key + "_cpu_s"] = time.process_time() - self.cpu
+
+
 reset_peak()
 out = {"locator": locator, "rss_kit_mib": status("VmRSS")}  # the interpreter with torch and the kit imported
 donor, tok = load_model(donor_name); target, _ = load_model(target_name)
@@ -83,23 +98,22 @@ out["rss_models_mib"] = rss()
 out["param_mib_each"] = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
 weights = 2 * out["param_mib_each"]
 # the scaling runs need up to 512 prompts: more than the locate split holds (243), so they draw from train
-t = time.time(); task = build_task("refusal", donor, target, tok, n_function=n, split="locate" if what == "cnt" else "train")
-out["task_s"] = time.time() - t
+with timed("task"):
+    task = build_task("refusal", donor, target, tok, n_function=n, split="locate" if what == "cnt" else "train")
 prompts = [e.prompt for e in task.function]
 
 
 def forward_reference():
     # one no-grad forward pass over the same prompts, in locate's batches of 8 (the unit every ratio is in)
-    with torch.no_grad():
-        t = time.time()
+    with torch.no_grad(), timed("forward"):
         for i in range(0, len(prompts), 8):
             target(**encode(tok, chat_texts(tok, prompts[i:i + 8])))
-        out["forward_s"] = time.time() - t
 
 
 def run_locate():
     reset_peak()  # locate's own peak: the models, what it allocates, nothing left from the task's generation
-    t = time.time(); scores = locate(locator, task, donor, target, tok, progress=False); out["locate_s"] = time.time() - t
+    with timed("locate"):
+        scores = locate(locator, task, donor, target, tok, progress=False)
     out["peak_locate_mib"] = status("VmHWM")
     out["rss_after_locate_mib"] = out["peak_locate_mib"]
     out["locate_peak_over_weights"] = (out["peak_locate_mib"] - out["rss_kit_mib"]) / weights
@@ -108,13 +122,14 @@ def run_locate():
 
 if what == "cnt":
     scores = run_locate()
-    t = time.time(); res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), alphas=ALPHAS, progress=False)
-    out["search_s"] = time.time() - t; out["search_reached"] = res.reached; out["search_k"] = res.k
-    t = time.time(); k = res.k or max(s.k for s in res.steps)
-    sel, gamma = pick(scores, k)
-    patch = NeuronPatch.extract(donor, target, sel, alpha=res.alpha, gamma=gamma); patch.apply(target); patch.revert(target)
-    out["transfer_s"] = time.time() - t
-    out["cnt_total_s"] = out["task_s"] + out["locate_s"] + out["search_s"] + out["transfer_s"]
+    with timed("search"):
+        res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), alphas=ALPHAS, progress=False)
+    out["search_reached"] = res.reached; out["search_k"] = res.k
+    with timed("transfer"):
+        sel, gamma = pick(scores, res.k or max(s.k for s in res.steps))
+        patch = NeuronPatch.extract(donor, target, sel, alpha=res.alpha, gamma=gamma); patch.apply(target); patch.revert(target)
+    for unit in ("_s", "_cpu_s"):
+        out["cnt_total" + unit] = sum(out[step + unit] for step in ("task", "locate", "search", "transfer"))
     forward_reference()
 elif what == "baselines":
     base, _ = load_model(base_name)
@@ -122,21 +137,24 @@ elif what == "baselines":
     for name, setting in [("random", {"k": k}), ("weight_delta", {"k": k}), ("linear", {"lam": 0.5}),
                           ("task_arithmetic", {"lam": 0.5, "base": base}), ("ties", {"lam": 1.0, "density": 0.2, "base": base}),
                           ("dare", {"lam": 1.0, "density": 0.2, "base": base}), ("refusal_direction", {})]:
-        t = time.time(); m = B.run(name, donor, target, tok, "refusal", **setting); out[f"{name}_s"] = time.time() - t
+        with timed(name):
+            m = B.run(name, donor, target, tok, "refusal", **setting)
         del m
     if donor_name in zoo.RECIPES and zoo.recipe(donor_name).method == "sft":
         r = zoo.recipe(donor_name)
-        t = time.time()
-        parts = r.data(zoo.BuildContext(r, base, tok, progress=False))
-        m = B.run("sft", donor, target, tok, "refusal", examples=[e for v in parts.values() for e in v], config=r.train)
-        out["sft_s"] = time.time() - t; out["sft_steps"] = r.train.steps
+        with timed("sft"):
+            parts = r.data(zoo.BuildContext(r, base, tok, progress=False))
+            m = B.run("sft", donor, target, tok, "refusal", examples=[e for v in parts.values() for e in v], config=r.train)
+        out["sft_steps"] = r.train.steps
     else:  # a donor the kit did not train (e.g. a maker-aligned model): time the zoo's LoRA recipe for a few steps
         import random
         from cnt import data
         examples = zoo.refusal_pairs(data.texts(data.load("harmful", "train")), random.Random(0))
         cfg = dataclasses.replace(zoo.LORA, steps=sft_steps)
-        t = time.time(); m = B.run("sft", donor, target, tok, "refusal", examples=examples, config=cfg)
-        out["sft_s"] = time.time() - t; out["sft_steps"] = sft_steps; out["sft_s_per_step"] = out["sft_s"] / sft_steps
+        with timed("sft"):
+            m = B.run("sft", donor, target, tok, "refusal", examples=examples, config=cfg)
+        out["sft_steps"] = sft_steps; out["sft_s_per_step"] = out["sft_s"] / sft_steps
+        out["sft_cpu_s_per_step"] = out["sft_cpu_s"] / sft_steps
         out["sft_note"] = (f"{sft_steps} steps of the zoo's LoRA config on harmful->refusal pairs (the donor has no "
                            "recipe here; a SmolLM2 recipe is 120-440 steps)")
     forward_reference()
@@ -162,8 +180,9 @@ def _run(family: str, what: str, n: int = 48, sft_steps: int = 20, locator: str 
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res = {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}
     res.update(family=family, donor=d, target=t)
-    for k in [k for k in res if k.endswith("_s") and k not in ("forward_s",)]:
-        res[k.removesuffix("_s") + "_over_forward"] = round(res[k] / res["forward_s"], 1)
+    for k in [k for k in res if k.endswith("_s") and k not in ("forward_s", "forward_cpu_s")]:
+        cpu = k.endswith("_cpu_s")  # CPU time against the forward pass's CPU time, wall against wall
+        res[k.removesuffix("_s") + "_over_forward"] = round(res[k] / res["forward_cpu_s" if cpu else "forward_s"], 1)
     return res
 
 
@@ -175,12 +194,13 @@ def time_cnt(family: str, sft_steps: int = 20) -> dict:
     ref = _run(family, "baselines", sft_steps=sft_steps)
     res = {"family": family, "donor": ref["donor"], "target": ref["target"], "default_locator": LOCATORS[0],
            "locators": runs, "baselines": ref}
-    per_step = ref.get("sft_s_per_step")
-    for loc, r in runs.items():
-        r["cnt_over_sft"] = round(r["cnt_total_s"] / ref["sft_s"], 3)
-        if per_step:  # a donor without a recipe: against 200 SFT steps at the measured rate
-            r["cnt_over_sft_200_steps"] = round(r["cnt_total_s"] / (200 * per_step), 3)
-        r["meets_cost_goal"] = r.get("cnt_over_sft_200_steps", r["cnt_over_sft"]) <= 0.2
+    for loc, r in runs.items():  # the goal is judged on CPU time (unchanged when other jobs share the cores)
+        for unit in ("_s", "_cpu_s"):
+            r["cnt_over_sft" + unit.removesuffix("_s")] = round(r["cnt_total" + unit] / ref["sft" + unit], 3)
+            if "sft_steps" in ref and "sft_s_per_step" in ref:  # a donor without a recipe: 200 steps at the rate
+                r["cnt_over_sft_200_steps" + unit.removesuffix("_s")] = round(
+                    r["cnt_total" + unit] / (200 * ref["sft" + unit] / ref["sft_steps"]), 3)
+        r["meets_cost_goal"] = r.get("cnt_over_sft_200_steps_cpu", r["cnt_over_sft_cpu"]) <= 0.2
         r["meets_memory_goal"] = r["locate_peak_over_weights"] <= 1.5
     if family == "smollm2":
         res["goal_s"] = 60.0
@@ -230,7 +250,7 @@ def figure(results: dict, path: Path) -> None:
     for i, c in enumerate(results.get("cnt", [])):
         rows = {f"cnt ({loc})": r["cnt_total_s"] for loc, r in c.get("locators", {}).items()}
         rows.update({k.removesuffix("_s"): v for k, v in c.get("baselines", {}).items()
-                     if k.endswith("_s") and k not in ("forward_s", "task_s")})
+                     if k.endswith("_s") and not k.endswith("_cpu_s") and k not in ("forward_s", "task_s")})
         axes[2].barh([f"{c['family']}: {k}" for k in rows], [max(v, 1e-2) for v in rows.values()], color=f"C{i}")
     axes[2].set_xscale("log")
     axes[2].set_xlabel("wall time (s, 2 CPU cores)")
