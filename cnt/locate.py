@@ -39,7 +39,8 @@ __all__ = ["Example", "Task", "task_loss", "NeuronScores", "attribution", "activ
 
 
 def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 2,
-                progress: bool = True, autocast: torch.dtype | str | None = "auto") -> NeuronScores:
+                recompute: bool = True, progress: bool = True,
+                autocast: torch.dtype | str | None = "auto") -> NeuronScores:
     """First-order gain of transferring each unit, minus a penalty for first-order utility harm (see module doc).
     ``kinds``: the units scored (MLP neurons, and with ``"head"``/``"kv"`` attention heads and k/v groups).
     ``autocast``: the precision of the forward/backward matmuls (``"auto"``: :func:`cnt.models.fast_dtype`, bf16 where
@@ -47,12 +48,13 @@ def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = 
 
     ``∇_θ L·Δθ_u`` is read as ``∂L/∂γ_u`` at ``γ = 0`` of the patched point ``θ_T + γ⊙Δθ``
     (:func:`cnt.mixing.gamma_gradient`): activation-side, streamed over batches, no gradient buffer for any weight
-    (memory: the two models and one batch's activations)."""
+    (memory: the two models and one batch's activations; with ``recompute``, one block's:
+    :func:`cnt.mixing.recomputed`)."""
     t0 = time.time()
     autocast = autocast_dtype(autocast, model_device(target))
     fp = check_compatible(donor, target)
     zero = {kind: [torch.zeros(units(target, kind).n_units(layer)) for layer in range(fp.n_layers)] for kind in kinds}
-    kw = dict(response_tokens=task.response_tokens, batch_size=batch_size, autocast=autocast)
+    kw = dict(response_tokens=task.response_tokens, batch_size=batch_size, autocast=autocast, recompute=recompute)
     gain = gamma_gradient(task.function, donor, target, tokenizer, zero, **kw,
                           progress=f"attribution ({task.name})" if progress else None)
     scores = {kind: [-g for g in v] for kind, v in gain.items()}
@@ -66,7 +68,7 @@ def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = 
                                                           for n in fp.intermediate_sizes]),
                         {"task": task.name, "task_digest": task.digest(), "response_tokens": task.response_tokens,
                          "utility_weight": task.utility_weight, "autocast": str(autocast) if autocast else None,
-                         "kinds": list(kinds)},
+                         "kinds": list(kinds), "batch_size": batch_size, "recompute": recompute},
                         round(time.time() - t0, 2), units=scores, costs=unit_costs(target, kinds))
 
 

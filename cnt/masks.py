@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from .arch import check_compatible, total_params
-from .mixing import MixedModel
+from .mixing import MixedModel, recomputed
 from .models import autocast_dtype, model_device
 from .scores import NeuronScores, unit_costs
 from .tasks import Task, task_loss
@@ -73,13 +73,14 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                  gamma_max: float = 4.0, init_gamma: float = 1.0, lr: float = 0.05, ema: float = 0.8,
                  batch_size: int = 8, utility_batch: int = 8, seed: int = 0, integrated: bool = True,
                  verify: bool = True, tolerance: float = 1.0, max_checks: int = 8, check_examples: int = 8,
-                 micro_batch: int = 2,
+                 micro_batch: int = 2, recompute: bool = True,
                  autocast: torch.dtype | str | None = "auto", progress: bool = True) -> NeuronScores:
     """Train and prune per-unit amplitudes down the budgets ``levels`` (fractions of the target's weights, largest
     first); see the module doc. The target's weights are never written. The default schedule (4 warm-up, 6 descent,
     3 steps per level) is the middle of the three measured on SmolLM2 (papers/METHOD.md: 2/3/1, 4/6/3, 8/12/6).
     Each minibatch is backpropagated ``micro_batch`` examples at a time (the same gradient; the activations of one
-    micro-batch in memory)."""
+    micro-batch in memory), with ``recompute`` each block's activations recomputed in the backward pass
+    (:func:`cnt.mixing.recomputed`: the same gradient, about a third more compute, a block's activations in memory)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -190,7 +191,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
     snapshots, losses = [], []
     bar = tqdm(total=len(schedule), desc=f"learned mask ({task.name})", disable=not progress, leave=False)
     try:
-        with mixed:
+        with mixed, recomputed(target, recompute):
             for step, budget in enumerate(schedule):
                 fb = [fn[i] for i in torch.randperm(len(fn), generator=gen)[:batch_size].tolist()]
                 ub = [ut[i] for i in torch.randperm(len(ut), generator=gen)[:utility_batch].tolist()] if ut else []
@@ -246,7 +247,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                 "warmup_steps": warmup_steps, "descent_steps": descent_steps - warmup_steps, "steps_per_level": steps_per_level, "gamma_max": gamma_max,
                 "init_gamma": init_gamma, "lr": lr, "ema": ema, "batch_size": batch_size,
                 "utility_batch": utility_batch, "seed": seed, "integrated": integrated, "verify": verify, "tolerance": tolerance,
-                "max_checks": max_checks, "check_examples": check_examples, "micro_batch": micro_batch,
+                "max_checks": max_checks, "check_examples": check_examples, "micro_batch": micro_batch, "recompute": recompute,
                 "autocast": str(autocast) if autocast else None,
                 "losses": losses}
     mlp = ranked.pop("mlp", None)

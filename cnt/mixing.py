@@ -14,14 +14,21 @@ units live comes from ``cnt.arch`` (``features``); this module knows no architec
 :func:`gamma_gradient` is ``∂L/∂γ`` of a task loss at a patched point, streamed over batches: at ``γ = 0`` (the
 target itself) ``−∂L/∂γ_u = −∇_θ L · (θ_D,u − θ_T,u)``, the first-order effect of transferring unit u — attribution —
 computed from activations, with no gradient buffer for any weight.
+
+:func:`recomputed` trades compute for memory in both: each decoder block's activations are recomputed in the
+backward pass instead of kept (activation checkpointing, in eval mode), so a backward pass holds the blocks' inputs
+and one block's activations rather than every block's.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .arch import check_compatible, project, units
 from .models import model_device
@@ -80,12 +87,30 @@ class MixedModel:
         self._handles.clear()
 
 
+@contextmanager
+def recomputed(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Inside: every decoder block of ``model`` runs under non-reentrant activation checkpointing (its activations
+    recomputed in the backward pass; the same gradients, tested). Unlike ``gradient_checkpointing_enable`` it works
+    in eval mode (no dropout switched on) and on every family the adapter knows; forward hooks (the mixing) run again
+    in the recomputation. Leaving restores the blocks' own ``forward``. The model must be called without a KV cache."""
+    blocks = list(units(model, "mlp").layers) if enabled else []
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute: the class's forward again
+
+
 def gamma_gradient(examples: Sequence[Example], donor: nn.Module, target: nn.Module, tokenizer,
                    gamma: dict[str, list[torch.Tensor]], *, response_tokens: int = 3, batch_size: int = 8,
-                   autocast: torch.dtype | None = None, progress: str | None = None) -> dict[str, list[torch.Tensor]]:
+                   autocast: torch.dtype | None = None, recompute: bool = True,
+                   progress: str | None = None) -> dict[str, list[torch.Tensor]]:
     """``∂L/∂γ`` at the patched point ``gamma`` (``gamma[kind][layer]``), ``L`` the mean task loss over ``examples``,
     accumulated batch by batch (memory: the two models and one batch's activations, whatever the number of
-    examples). No weight is written and no weight gets a gradient. ``progress``: a progress bar's label."""
+    examples; with ``recompute``, one block's activations: :func:`recomputed`). No weight is written and no weight
+    gets a gradient. ``progress``: a progress bar's label."""
     from tqdm.auto import tqdm
 
     mixed = MixedModel(donor, target, list(gamma))
@@ -98,7 +123,7 @@ def gamma_gradient(examples: Sequence[Example], donor: nn.Module, target: nn.Mod
     device = model_device(target)
     chunks = list(batches(list(examples), batch_size))
     try:
-        with mixed:
+        with mixed, recomputed(target, recompute):
             for chunk in tqdm(chunks, desc=progress, disable=progress is None, leave=False):
                 with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                     loss = task_loss(target, tokenizer, chunk, response_tokens).float() * len(chunk) / len(examples)

@@ -70,7 +70,7 @@ def token_logprobs(model, inp, lab, mask):
     """Log-probability of each labelled next token (0 elsewhere) and the label mask, ``[batch, positions - 1]``. The
     softmax runs over the labelled positions only (a chat pair's few response tokens, not its whole prompt): the
     float32 vocabulary-sized rows exist for those alone."""
-    logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1]
+    logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits[:, :-1]  # no cache: recomputable
     tgt = lab[:, 1:]
     keep = tgt != -100
     picked = torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).squeeze(-1)

@@ -8,7 +8,7 @@ import torch
 from cnt import NeuronPatch
 from cnt.arch import MLPNeurons
 from cnt.locate import Example, Task, attribution, locate, task_loss
-from cnt.mixing import MixedModel, gamma_gradient
+from cnt.mixing import MixedModel, gamma_gradient, recomputed
 from cnt.models import load_tokenizer
 from cnt.tiny import TINY_FAMILIES, tiny_model
 
@@ -91,6 +91,30 @@ def test_attribution_and_the_masks_first_gradient_equal_the_weight_gradient_form
         assert torch.allclose(a, r, atol=1e-5 * float(r.abs().max())), k
         assert torch.allclose(g, r, atol=1e-5 * float(r.abs().max())), k
     assert all(p.grad is None for p in list(target.parameters()) + list(donor.parameters()))
+
+
+@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+def test_recomputed_blocks_give_the_same_gradient_and_leave_the_model_as_it_was(model_type, tok):
+    """Activation checkpointing per block (eval mode, hooks re-run in the recomputation) changes memory, not the
+    gradient: ∂L/∂γ at a patched point with neurons, heads and k/v groups equals the kept-activations one, on every
+    family; leaving restores each block's own forward."""
+    kw = {} if model_type in MHA_ONLY else {"num_key_value_heads": 2}
+    target = tiny_model(model_type, seed=0, vocab_size=len(tok), **kw)
+    donor = tiny_model(model_type, seed=1, vocab_size=len(tok), **kw)
+    task = Task("t", [Example(prompt=p, response="I'm sorry, no.") for p in PROMPTS[:4]], [], response_tokens=3)
+    kinds = ("mlp", "head", "kv")
+    gen = torch.Generator().manual_seed(0)
+    point = {k: [torch.rand(len(g), generator=gen) for g in MixedModel(donor, target, (k,)).gamma[k]] for k in kinds}
+    kept = gamma_gradient(task.function, donor, target, tok, point, response_tokens=3, batch_size=2, recompute=False)
+    again = gamma_gradient(task.function, donor, target, tok, point, response_tokens=3, batch_size=2, recompute=True)
+    for k in kinds:
+        a, b = torch.cat(kept[k]), torch.cat(again[k])
+        assert float(a.abs().max()) > 0
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max())), k
+    blocks = list(MLPNeurons(target).layers)
+    with recomputed(target):
+        assert all("forward" in b.__dict__ for b in blocks)
+    assert not any("forward" in b.__dict__ for b in blocks)
 
 
 def _planted(tok):
