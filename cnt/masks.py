@@ -58,7 +58,8 @@ def _loss(task: Task, target, tokenizer, function, utility, autocast, micro_batc
     for examples, weight in parts:
         for s in range(0, len(examples), micro_batch):
             chunk = examples[s:s + micro_batch]
-            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
+                                cache_enabled=False):  # no bf16 copy of every weight kept for the pass
                 loss = task_loss(target, tokenizer, chunk, task.response_tokens).float()
             loss = loss * (weight * len(chunk) / len(examples))
             if backward:

@@ -125,7 +125,8 @@ def gamma_gradient(examples: Sequence[Example], donor: nn.Module, target: nn.Mod
     try:
         with mixed, recomputed(target, recompute):
             for chunk in tqdm(chunks, desc=progress, disable=progress is None, leave=False):
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
+                                    cache_enabled=False):  # casts per op: no model-wide bf16 copy
                     loss = task_loss(target, tokenizer, chunk, response_tokens).float() * len(chunk) / len(examples)
                 loss.backward()
     finally:
