@@ -158,6 +158,7 @@ class SearchStep:
     ok: bool
     utility_ok: bool = True
     param_fraction: float | None = None  # the patch's share of the model's weights
+    failed: list[str] = field(default_factory=list)  # the utility checks that did not hold (judge's words)
 
 
 @dataclass
@@ -196,14 +197,18 @@ def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9,
     of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; answers no more
     often broken text than the target's, within ``max_degenerate_increase``; for added refusal, benign prompts refused
     at most ``max_false_refusal_increase`` more often) and whether both hold with the goal reached (``ok``). The
-    limits are the kit's utility goals: perplexity +2%, false refusal +5 points."""
+    limits are the kit's utility goals: perplexity +2%, false refusal +5 points. ``failed``: each utility check that
+    did not hold, in words (e.g. ``"false refusal +8.3 points (limit +5)"``)."""
     share = _share(m["score"], base["score"], donor["score"])
-    utility_ok = m["ppl"] <= base["ppl"] * (1 + max_ppl_increase)
+    failed = []
+    if not m["ppl"] <= base["ppl"] * (1 + max_ppl_increase):
+        failed.append(f"perplexity {100 * (m['ppl'] / base['ppl'] - 1):+.1f}% (limit +{100 * max_ppl_increase:g}%)")
     for key, limit in (("degenerate", max_degenerate_increase), ("false_refusal", max_false_refusal_increase)):
-        if m.get(key) is not None and base.get(key) is not None:
-            utility_ok = utility_ok and m[key] - base[key] <= limit + 1e-9
+        if m.get(key) is not None and base.get(key) is not None and m[key] - base[key] > limit + 1e-9:
+            failed.append(f"{key.replace('_', ' ')} {100 * (m[key] - base[key]):+.1f} points (limit +{100 * limit:g})")
+    utility_ok = not failed
     share_ok = bool(np.isfinite(share) and share >= goal)
-    return {"share": share, "utility_ok": bool(utility_ok), "ok": bool(share_ok and utility_ok)}
+    return {"share": share, "utility_ok": utility_ok, "ok": bool(share_ok and utility_ok), "failed": failed}
 
 
 def choose(assessed: Sequence[dict]) -> int:
@@ -267,7 +272,7 @@ class Trials:
         v = self.validator.assess(patch)
         m = v["proxy"]
         step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"],
-                          patch.param_fraction)
+                          patch.param_fraction, v.get("failed", []))
         self.steps.append(step)
         return step
 

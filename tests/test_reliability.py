@@ -386,6 +386,13 @@ def test_budget_auto_that_misses_its_goal_exits_1_unless_asked(world, tmp_path, 
                  for k in (10, 40)]
         return search.SearchResult(0, alphas[0], False, 0.3, {}, {}, steps, 0.1, 0.9, 0.02)
 
+    def broken_search(scores, donor, target, tokenizer, proxy, *, alphas, progress, **kw):  # reached, utility broke
+        failed = ["false refusal +8.3 points (limit +5)"]
+        steps = [search.SearchStep(k=10, alpha=4.0, score=0.1, share=0.4, ppl=10.0, drift=None, ok=False),
+                 search.SearchStep(k=40, alpha=4.0, score=0.9, share=0.99, ppl=10.0, drift=None, ok=False,
+                                   utility_ok=False, failed=failed)]
+        return search.SearchResult(0, 4.0, False, 0.99, {}, {}, steps, 0.1, 0.9, 0.02)
+
     monkeypatch.setattr(search, "minimal_subset", short_search)
     argv = ["transfer", "--donor", str(world["root"] / "donor"), "--target", str(world["root"] / "target"),
             "--function", "refusal", "--budget", "auto", "--out", str(tmp_path / "p")]
@@ -397,6 +404,10 @@ def test_budget_auto_that_misses_its_goal_exits_1_unless_asked(world, tmp_path, 
     assert "saved anyway" in capsys.readouterr().err
     assert NeuronPatch.load(tmp_path / "p").n_neurons == 40
     assert json.loads((tmp_path / "p" / "transfer.json").read_text())["search"]["reached"] is False
+    monkeypatch.setattr(search, "minimal_subset", broken_search)  # the goal's share reached, utility broken: why
+    assert main([*argv[:-1], str(tmp_path / "q")]) == 1
+    err = capsys.readouterr().err
+    assert "moved 99% of the gap" in err and "40 units at alpha 4: false refusal +8.3 points (limit +5)" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

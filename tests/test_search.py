@@ -182,3 +182,15 @@ def test_fixed_budget_with_several_alphas_chooses_on_validation(fixture, monkeyp
     assert tried == [(1.0, 0.3, True), (2.0, 0.6, True), (4.0, 1.2, True), (8.0, 2.4, False)]
     assert patch.alpha == 4.0  # reaches the donor with utility held; 8 broke perplexity
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_judge_names_each_utility_check_that_failed():
+    """The rule says which check stopped a setting, with its value and limit, and nothing when utility held."""
+    base = {"score": 0.0, "ppl": 20.0, "degenerate": 0.02, "false_refusal": 0.05}
+    donor = {"score": 1.0, "ppl": 30.0}
+    held = search.judge({"score": 0.95, "ppl": 20.3, "degenerate": 0.04, "false_refusal": 0.10}, base, donor, "refusal")
+    assert held["ok"] and held["utility_ok"] and held["failed"] == []
+    broke = search.judge({"score": 0.95, "ppl": 21.0, "degenerate": 0.02, "false_refusal": 0.1333}, base, donor,
+                         "refusal")
+    assert not broke["ok"] and not broke["utility_ok"] and broke["share"] == pytest.approx(0.95)
+    assert broke["failed"] == ["perplexity +5.0% (limit +2%)", "false refusal +8.3 points (limit +5)"]
