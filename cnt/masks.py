@@ -43,28 +43,18 @@ from .arch import check_compatible, total_params
 from .mixing import MixedModel, recomputed
 from .models import autocast_dtype, model_device
 from .scores import NeuronScores, unit_costs
-from .tasks import Task, task_loss
+from .tasks import Task, streamed_loss
 
 LEVELS = (0.01, 0.0025, 0.001)  # budgets in fractions of the target's weights (the frontier's)
 
 
 def _loss(task: Task, target, tokenizer, function, utility, autocast, micro_batch: int, backward: bool) -> float:
-    """The task's loss (function + ``utility_weight`` × utility) over these examples, computed ``micro_batch``
-    examples at a time — each part weighted by its share, so the value and (with ``backward``) the accumulated
-    gradient equal the whole batch's, with one micro-batch's activations in memory."""
-    device = model_device(target)
-    parts = [(list(function), 1.0)] + ([(list(utility), task.utility_weight)] if utility and task.utility_weight else [])
-    total = 0.0
-    for examples, weight in parts:
-        for s in range(0, len(examples), micro_batch):
-            chunk = examples[s:s + micro_batch]
-            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
-                                cache_enabled=False):  # no bf16 copy of every weight kept for the pass
-                loss = task_loss(target, tokenizer, chunk, task.response_tokens).float()
-            loss = loss * (weight * len(chunk) / len(examples))
-            if backward:
-                loss.backward()
-            total += loss.item()
+    """The task's loss (function + ``utility_weight`` × utility) over these examples, ``micro_batch`` examples at a
+    time (:func:`cnt.tasks.streamed_loss`: the whole batch's value and gradient, one micro-batch's activations)."""
+    kw = dict(batch_size=micro_batch, autocast=autocast, backward=backward)
+    total = streamed_loss(target, tokenizer, function, task.response_tokens, **kw)
+    if utility and task.utility_weight:
+        total += streamed_loss(target, tokenizer, utility, task.response_tokens, weight=task.utility_weight, **kw)
     return total
 
 

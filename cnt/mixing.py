@@ -31,8 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .arch import check_compatible, project, units
-from .models import model_device
-from .tasks import Example, batches, task_loss
+from .tasks import Example, streamed_loss
 
 
 class MixedModel:
@@ -111,8 +110,6 @@ def gamma_gradient(examples: Sequence[Example], donor: nn.Module, target: nn.Mod
     accumulated batch by batch (memory: the two models and one batch's activations, whatever the number of
     examples; with ``recompute``, one block's activations: :func:`recomputed`). No weight is written and no weight
     gets a gradient. ``progress``: a progress bar's label."""
-    from tqdm.auto import tqdm
-
     mixed = MixedModel(donor, target, list(gamma))
     leaves = {k: [g.detach().float().clone().requires_grad_(True) for g in v] for k, v in gamma.items()}
     mixed.gamma = leaves
@@ -120,15 +117,10 @@ def gamma_gradient(examples: Sequence[Example], donor: nn.Module, target: nn.Mod
     req = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
-    device = model_device(target)
-    chunks = list(batches(list(examples), batch_size))
     try:
         with mixed, recomputed(target, recompute):
-            for chunk in tqdm(chunks, desc=progress, disable=progress is None, leave=False):
-                with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
-                                    cache_enabled=False):  # casts per op: no model-wide bf16 copy
-                    loss = task_loss(target, tokenizer, chunk, response_tokens).float() * len(chunk) / len(examples)
-                loss.backward()
+            streamed_loss(target, tokenizer, examples, response_tokens, batch_size=batch_size, autocast=autocast,
+                          backward=True, progress=progress)
     finally:
         for p, r in zip(params, req):
             p.requires_grad_(r)

@@ -78,6 +78,27 @@ def token_logprobs(model, inp, lab, mask):
     return lp, keep
 
 
+def streamed_loss(model, tokenizer, examples: Sequence[Example], k: int, *, batch_size: int, weight: float = 1.0,
+                  autocast: torch.dtype | None = None, backward: bool = False, progress: str | None = None) -> float:
+    """``weight`` × the mean :func:`task_loss` over ``examples``, computed ``batch_size`` examples at a time, each
+    batch weighted by its share, so the value and (with ``backward``) the gradients accumulated into the graph's
+    leaves equal the whole set's, with one batch's activations in memory. ``autocast``: the matmuls' precision, casting
+    per op (no model-wide copy of the weights cached for the pass). ``progress``: a progress bar's label."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    examples = list(examples)
+    total = 0.0
+    for chunk in tqdm(list(batches(examples, batch_size)), desc=progress, disable=progress is None, leave=False):
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None,
+                            cache_enabled=False):
+            loss = task_loss(model, tokenizer, chunk, k).float() * (weight * len(chunk) / len(examples))
+        if backward:
+            loss.backward()
+        total += loss.item()
+    return total
+
+
 def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Tensor:
     """Mean loss over ``examples`` (differentiable): NLL of the first ``k`` response tokens, or −margin."""
     device = model_device(model)
