@@ -239,12 +239,6 @@ def _scorers() -> list[str]:
     return list(SCORERS)
 
 
-def _default_scorer() -> str:
-    from .locate import DEFAULT_SCORER
-
-    return DEFAULT_SCORER
-
-
 def _alphas() -> tuple[float, ...]:
     from .search import ALPHAS
 
@@ -303,7 +297,7 @@ def _cmd_locate(args) -> int:
 
     from .arch import check_compatible
     from .atomic import check_output, write_file
-    from .locate import locate
+    from .locate import default_scorer, locate
     from .models import load_model, load_tokenizer
     from .search import build_task
 
@@ -313,10 +307,11 @@ def _cmd_locate(args) -> int:
     check_compatible(donor, target)
     tok = load_tokenizer(args.target)
     task = build_task(args.function, donor, target, tok, seed=args.seed)
-    extra = {"budget": args.iterative_budget} if args.scorer == "iterative" else {}
+    scorer = args.scorer or default_scorer(args.function)
+    extra = {"budget": args.iterative_budget} if scorer == "iterative" else {}
     if args.units != ("mlp",):
         extra["kinds"] = args.units
-    scores = locate(args.scorer, task, donor, target, tok, **extra)
+    scores = locate(scorer, task, donor, target, tok, **extra)
     with write_file(args.out) as f:
         torch.save({"scorer": scores.scorer, "scores": scores.scores, "units": scores.units, "costs": scores.costs,
                     "gamma": scores.gamma, "settings": scores.settings}, f)
@@ -578,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True, help="model to change")
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
-    s.add_argument("--scorer", default=_default_scorer(), choices=_scorers())
+    s.add_argument("--scorer", choices=_scorers(),
+                   help="the locator (default: the function's: attribution for compliance, learned_mask otherwise)")
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
     s.add_argument("--alpha", type=_alpha, nargs="+", default=list(_alphas()),
@@ -596,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--donor", required=True)
     s.add_argument("--target", required=True)
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
-    s.add_argument("--scorer", default=_default_scorer(), choices=_scorers())
+    s.add_argument("--scorer", choices=_scorers(),
+                   help="the locator (default: the function's: attribution for compliance, learned_mask otherwise)")
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp, head, kv (attribution, iterative and learned_mask)")
     s.add_argument("--iterative-budget", type=_positive, default=256, help="neurons chosen by the iterative scorer")

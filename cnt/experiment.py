@@ -32,7 +32,7 @@ from . import baselines as B
 from .arch import check_compatible, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
-from .locate import DEFAULT_SCORER, locate
+from .locate import default_scorer, locate
 from .models import load_model, load_tokenizer
 from .search import ALPHAS, Proxy, Validator, build_task, choose, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
@@ -79,7 +79,7 @@ class ApplicationConfig:
     target: str | None = None
     base: str | None = None
     budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
-    scorers: tuple[str, ...] = (DEFAULT_SCORER,)  # activation_contrast moved nothing where measured (METHOD.md)
+    scorers: tuple[str, ...] | None = None  # None: the function's default locator (cnt.locate.default_scorer)
     alphas: tuple[float, ...] = ALPHAS
     baselines: tuple[str, ...] = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
                                   "refusal_direction", "sft")
@@ -121,6 +121,7 @@ class ApplicationConfig:
         result_name(self.application, self.family, self.tag)  # a bad tag is refused before any compute
         from .locate import SCORERS
 
+        self.scorers = tuple(self.scorers) if self.scorers is not None else (default_scorer(spec["function"]),)
         unknown = set(self.scorers) - set(SCORERS)
         if unknown or not self.scorers:
             raise ValueError(f"unknown scorers {sorted(unknown)}; scorers: {', '.join(SCORERS)}")
@@ -145,7 +146,7 @@ def _check_field_types(config) -> None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     rules = {"application": (str,), "family": (str,), "tag": (str, None), "donor": (str, None), "target": (str, None),
-             "base": (str, None), "budgets": ("numbers",), "scorers": ("strings",), "alphas": ("numbers",),
+             "base": (str, None), "budgets": ("numbers",), "scorers": ("strings", None), "alphas": ("numbers",),
              "baselines": ("strings",), "lambdas": ("numbers",), "densities": ("numbers",),
              "random_seeds": ("integers",), "sft_steps": ("integer", None), "sft_small_data": (bool,),
              "profile": (str,), "seed": ("integer",), "search": (bool,), "all_mlp": (bool,),
@@ -216,7 +217,7 @@ def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param
 
 
 SMOKE_ENV = "CNT_SMOKE"  # "1": notebooks shrink to a smoke run into a temporary folder (nbval in `make test`)
-SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": (DEFAULT_SCORER,), "alphas": (1.0,),
+SMOKE = {"profile": "smoke", "budgets": (0.005,), "scorers": None, "alphas": (1.0,),
          "lambdas": (1.0,), "densities": (0.5,), "random_seeds": (0,), "sft_steps": 2, "sft_small_data": True,
          "search": False, "all_mlp": False}
 

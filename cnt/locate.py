@@ -35,7 +35,7 @@ from .scores import NeuronScores, unit_costs
 from .tasks import Example, Task, batches, pair_batch, task_loss, text_batch
 
 __all__ = ["Example", "Task", "task_loss", "NeuronScores", "attribution", "activation_contrast", "iterative",
-           "learned_mask", "SCORERS", "DEFAULT_SCORER", "locate"]
+           "learned_mask", "SCORERS", "DEFAULT_SCORERS", "default_scorer", "locate"]
 
 
 def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 2,
@@ -179,9 +179,19 @@ def iterative(task: Task, donor, target, tokenizer, *, budget: int, rounds: int 
                         units=ranked, costs=costs, per_weight=False)
 
 
-# what the search, the CLI and the notebooks use unless told otherwise: the learned mask moved more of the gap than
-# attribution on validation at 0.1-0.25% of the weights in every application measured (papers/METHOD.md)
-DEFAULT_SCORER = "learned_mask"
+# what the search, the CLI and the notebooks use unless told otherwise, per function: the locator that moved more of
+# the gap on validation at 0.1-0.25% of the weights in the application's frontier (papers/METHOD.md, "The default
+# locator")
+DEFAULT_SCORERS = {"compliance": "attribution", "refusal": "learned_mask", "bias": "learned_mask"}
+
+
+def default_scorer(function: str) -> str:
+    """The default locator for a function (``"refusal"``, ``"compliance"`` or ``"bias"``)."""
+    try:
+        return DEFAULT_SCORERS[function]
+    except KeyError:
+        raise ValueError(f"unknown function {function!r}; functions: {', '.join(DEFAULT_SCORERS)}") from None
+
 
 SCORERS: dict[str, Callable[..., NeuronScores]] = {
     "attribution": attribution,

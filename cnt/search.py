@@ -31,7 +31,7 @@ from . import data
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
 from .evaluate import (inference_dtype, is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs,
                        stereoset_scores)
-from .locate import DEFAULT_SCORER, Example, NeuronScores, Task, locate
+from .locate import Example, NeuronScores, Task, default_scorer, locate
 from .models import fast_dtype, generate, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
 
@@ -366,7 +366,7 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy,
 # one call: locate -> (search) -> patch
 # ---------------------------------------------------------------------------------------------------------------------
 
-def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str = DEFAULT_SCORER,
+def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "auto", scorer: str | None = None,
              kinds: Sequence[str] = ("mlp",), alpha: float | Sequence[float] = ALPHAS, seed: int = 0,
              donor_name: str = "donor",
              target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,
@@ -375,8 +375,10 @@ def transfer(donor, target, tokenizer, function: str, *, budget: float | str = "
     heads and k/v groups), pick the subset (``budget``: a fraction of MLP neurons — with other kinds, the weight of
     that many neurons — or ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. Several ``alpha``
     values are chosen among on the validation split (by the search, or by :func:`best_alpha` at a fixed budget).
-    The target is not modified."""
+    ``scorer``: the locator (None: the function's default, :func:`cnt.locate.default_scorer`). The target is not
+    modified."""
     fp = check_compatible(donor, target)
+    scorer = scorer or default_scorer(function)
     kinds = tuple(kinds)
     if kinds != ("mlp",) and scorer not in KIND_SCORERS:
         raise PatchError(f"scorer {scorer!r} scores MLP neurons only; for units {', '.join(kinds)} use one of "

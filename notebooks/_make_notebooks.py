@@ -7,7 +7,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cnt.locate import DEFAULT_SCORER
+from cnt.experiment import APPLICATIONS
+from cnt.locate import default_scorer
 
 HERE = Path(__file__).parent
 FAMILIES = {"disalignment": "smollm2 | qwen2.5-coder-0.5b", "alignment_enhancement": "smollm2 | qwen2.5-coder-0.5b",
@@ -61,6 +62,7 @@ target's SS toward 50 and below, category by category, without hurting its langu
 
 
 def application_notebook(app: str, title: str, story: str):
+    scorer = default_scorer(APPLICATIONS[app]["function"])
     return nb([
         new_markdown_cell(f"# {title} with Cross-Model Neuron Transfer\n\n{story}\n\n"
                           "Everything below is parameterized: papermill can run this notebook for another family, other "
@@ -72,7 +74,8 @@ def application_notebook(app: str, title: str, story: str):
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
                     "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
-                    f'scorers = ["{DEFAULT_SCORER}"]  # also: attribution, activation_contrast, iterative (each adds a locate and evaluations)\n'
+                    f'scorers = ["{scorer}"]  # the default locator; any of learned_mask, attribution, activation_contrast, '
+                    "iterative (each adds a locate and evaluations)\n"
                     'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
                     '"refusal_direction", "sft"]\n'
                     'profile = "sweep"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
@@ -126,7 +129,7 @@ architecture, to add a function the donor has (here: refusing harmful requests) 
 This walkthrough uses two real models from the kit's zoo, both fine-tunes of SmolLM2-135M-Instruct: the donor
 `smol-safe` (refuses harmful requests) and the target, the base model itself (it complies)."""),
     *parameter_cells('donor = "smol-safe"\ntarget = "smollm2-135m-instruct"\nbudget = 0.005  # fraction of MLP neurons\n'
-                     f'scorer = "{DEFAULT_SCORER}"  # the default locator; "attribution" is its first-order start\n'
+                     f'scorer = "{default_scorer("refusal")}"  # the default for adding refusal; "attribution": its first-order start\n'
                      'seed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
                   "from cnt import NeuronPatch, arch, data, experiment, locate, plots, search\n"

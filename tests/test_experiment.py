@@ -95,6 +95,20 @@ def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path, 
     assert cfg.budgets == (0.01,) and cfg.donor == "smol-uncensored" and (out / "results").is_dir()
 
 
+def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatch):
+    from cnt.locate import SCORERS, default_scorer
+
+    monkeypatch.delenv("CNT_SMOKE", raising=False)
+    assert default_scorer("compliance") == "attribution" and default_scorer("refusal") == "learned_mask"
+    for app, spec in experiment.APPLICATIONS.items():
+        cfg, _ = experiment.notebook_config(app, output_dir=tmp_path)
+        assert cfg.scorers == (default_scorer(spec["function"]),) and cfg.scorers[0] in SCORERS
+    cfg, _ = experiment.notebook_config("disalignment", scorers="learned_mask", output_dir=tmp_path)
+    assert cfg.scorers == ("learned_mask",)  # an explicit choice wins
+    with pytest.raises(ValueError, match="unknown function 'toxicity'; functions: compliance, refusal, bias"):
+        default_scorer("toxicity")
+
+
 def test_smoke_mode_uses_tiny_stand_ins(tmp_path, monkeypatch):
     monkeypatch.setenv("CNT_SMOKE", "1")
     monkeypatch.setenv("CNT_CACHE", str(tmp_path / "cache"))

@@ -13,11 +13,9 @@ def test_fixed_budget_transfer(fixture):  # noqa: F811
     before = {k: v.clone() for k, v in target.state_dict().items()}
     patch, info = search.transfer(donor, target, tok, "refusal", budget=0.1,
                                   task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
-    from cnt.locate import DEFAULT_SCORER
-
     per_neuron = NeuronPatch.extract(donor, target, {0: [0]}).n_params
     assert 0 < patch.n_params <= round(0.1 * 192) * per_neuron  # the weight of 10% of the MLP neurons
-    assert patch.provenance["scorer"] == DEFAULT_SCORER == "learned_mask" and patch.provenance["split"] == "locate"
+    assert patch.provenance["scorer"] == "learned_mask" and patch.provenance["split"] == "locate"
     assert patch.alpha in search.ALPHAS and len(info["alpha_choice"]) == len(search.ALPHAS)  # chosen on validation
     plain, _ = search.transfer(donor, target, tok, "refusal", budget=0.1, scorer="attribution", alpha=1.0,
                                task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
