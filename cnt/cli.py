@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
     s.add_argument("--scorer", choices=_scorers(),
-                   help="the locator (default: the function's: attribution for compliance, learned_mask otherwise)")
+                   help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
     s.add_argument("--alpha", type=_alpha, nargs="+", default=list(_alphas()),
@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", required=True)
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--scorer", choices=_scorers(),
-                   help="the locator (default: the function's: attribution for compliance, learned_mask otherwise)")
+                   help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
     s.add_argument("--units", type=_units, default=("mlp",),
                    help="kinds of unit, comma-separated: mlp, head, kv (attribution, iterative and learned_mask)")
     s.add_argument("--iterative-budget", type=_positive, default=256, help="neurons chosen by the iterative scorer")

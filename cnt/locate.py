@@ -182,7 +182,7 @@ def iterative(task: Task, donor, target, tokenizer, *, budget: int, rounds: int 
 # what the search, the CLI and the notebooks use unless told otherwise, per function: the locator that moved more of
 # the gap on validation at 0.1-0.25% of the weights in the application's frontier (papers/METHOD.md, "The default
 # locator")
-DEFAULT_SCORERS = {"compliance": "attribution", "refusal": "learned_mask", "bias": "learned_mask"}
+DEFAULT_SCORERS = {"compliance": "attribution", "refusal": "learned_mask", "bias": "attribution"}
 
 
 def default_scorer(function: str) -> str:
