@@ -276,7 +276,7 @@ def _cmd_transfer(args) -> int:
         short = (f"--budget auto did not reach its goal: the largest subset tried ({patch.n_neurons} neurons, "
                  f"{100 * patch.param_fraction:.3g}% of the weights) moved {100 * search['share']:.0f}% of the gap "
                  f"on validation, the goal is {100 * search['goal']:.0f}% with utility held")
-        broke = [s for s in search["steps"] if s["share"] >= search["goal"] and s.get("failed")]
+        broke = [s for s in search["steps"] if s["share"] >= search["goal"] and s["failed"]]
         if broke:  # the share was there; a utility check stopped it: say which
             s = min(broke, key=lambda s: (s["k"], s["alpha"]))
             short += (f"; every subset that reached it broke utility (the smallest, {s['k']} units at alpha "

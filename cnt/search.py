@@ -272,7 +272,7 @@ class Trials:
         v = self.validator.assess(patch)
         m = v["proxy"]
         step = SearchStep(k, alpha, m["score"], v["share"], m["ppl"], m.get("drift"), v["ok"], v["utility_ok"],
-                          patch.param_fraction, v.get("failed", []))
+                          patch.param_fraction, v["failed"])
         self.steps.append(step)
         return step
 
