@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cnt import atomic
+from cnt.locate import default_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ PAIRS = {"smollm2": ("smol-safe", "smol-arith", "smollm2-135m-instruct"),
 _CNT_CODE = r"""
 import json, resource, sys, time, dataclasses
 import torch
-from cnt.models import load_model
+from cnt.zoo import load_model
 from cnt import baselines as B, zoo
 from cnt.search import ALPHAS, build_task, Proxy, minimal_subset, pick
 from cnt.locate import locate
@@ -170,10 +171,10 @@ print(json.dumps(out))
 SIZES = (32, 64, 128, 256, 512)
 
 
-LOCATORS = ("learned_mask", "attribution")  # the default first
+LOCATORS = tuple(dict.fromkeys((default_scorer("refusal"), "attribution")))  # the function's default locator first
 
 
-def _run(family: str, what: str, n: int = 48, sft_steps: int = 20, locator: str = "learned_mask") -> dict:
+def _run(family: str, what: str, n: int = 48, sft_steps: int = 20, locator: str = LOCATORS[0]) -> dict:
     d, t, b = PAIRS[family]
     out = subprocess.run([sys.executable, "-c", _CNT_CODE, json.dumps([d, t, b, what, n, sft_steps, locator])],
                          check=True, capture_output=True, text=True, cwd=ROOT)

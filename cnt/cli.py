@@ -39,7 +39,8 @@ def _cmd_prepare(args) -> int:
             if args.verify and not (is_converted(name) if name in EMBEDDED else zoo.is_cached(name)):
                 print(f"{name}: not in the cache (nothing to verify)")  # --verify reports; it does not build
                 continue
-            path = convert_embedded(name, force=args.force) if name in EMBEDDED else zoo.ensure(name, force=args.force)
+            path = (convert_embedded(name, force=args.force) if name in EMBEDDED
+                    else zoo.ensure(name, force=args.force, allow_build=args.allow_build))
         except ModelLoadError as e:  # not installed: skipped (an error only when asked for by name)
             print(f"{name}: skipped — {e}")
             failed += name in args.models
@@ -55,10 +56,10 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_info(args) -> int:
     from .arch import MLPNeurons, total_params
-    from .models import load_model
+    from .zoo import load_model
 
     t0 = time.time()
-    model, tok = load_model(args.model, device="cpu")
+    model, tok = load_model(args.model, device="cpu", allow_build=args.allow_build)
     neurons = MLPNeurons(model)
     fp = neurons.fingerprint()
     info = {"model": args.model, "fingerprint": fp.to_dict(), "mlp_neurons": fp.n_neurons,
@@ -89,11 +90,11 @@ def _cmd_data(args) -> int:
 def _cmd_eval(args) -> int:
     from .atomic import check_output
     from .evaluate import GROUPS, evaluate
-    from .models import load_model
+    from .zoo import load_model
 
     if args.out:
         check_output(args.out, "file", what="--out")
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, allow_build=args.allow_build)
     report = evaluate(model, tok, args.profile, groups=args.groups or GROUPS, name=args.model, seed=args.seed)
     print(report.table())
     print(f"\ntotal {report.seconds:.1f} s ({args.profile} profile)")
@@ -258,14 +259,14 @@ def _units(value: str) -> tuple[str, ...]:
 def _cmd_transfer(args) -> int:
     from .arch import check_compatible
     from .atomic import check_output
-    from .models import load_model, load_tokenizer
     from .search import transfer
+    from .zoo import load_model, load_tokenizer
 
     check_output(args.out, "folder", what="--out", marker="patch.json")
     if args.donor == args.target:
         raise ValueError(f"--donor and --target are both {args.donor!r}: there is nothing to transfer")
-    donor, _ = load_model(args.donor, dtype="float32")
-    target, _ = load_model(args.target, dtype="float32")
+    donor, _ = load_model(args.donor, dtype="float32", allow_build=args.allow_build)
+    target, _ = load_model(args.target, dtype="float32", allow_build=args.allow_build)
     check_compatible(donor, target)  # refused before any compute
     tok = load_tokenizer(args.target)
     patch, info = transfer(donor, target, tok, args.function, budget=args.budget, scorer=args.scorer,
@@ -298,12 +299,12 @@ def _cmd_locate(args) -> int:
     from .arch import check_compatible
     from .atomic import check_output, write_file
     from .locate import default_scorer, locate
-    from .models import load_model, load_tokenizer
     from .search import build_task
+    from .zoo import load_model, load_tokenizer
 
     check_output(args.out, "file", what="--out")
-    donor, _ = load_model(args.donor, dtype="float32")
-    target, _ = load_model(args.target, dtype="float32")
+    donor, _ = load_model(args.donor, dtype="float32", allow_build=args.allow_build)
+    target, _ = load_model(args.target, dtype="float32", allow_build=args.allow_build)
     check_compatible(donor, target)
     tok = load_tokenizer(args.target)
     task = build_task(args.function, donor, target, tok, seed=args.seed)
@@ -324,12 +325,12 @@ def _cmd_locate(args) -> int:
 
 def _patch_cmd(args, action: str) -> int:
     from .atomic import check_output, folder
-    from .models import load_model
     from .transfer import NeuronPatch
+    from .zoo import load_model
 
     check_output(args.out, "folder", what="--out", marker="config.json")
     patch = NeuronPatch.load(args.patch)
-    model, tok = load_model(args.model, dtype=patch.dtype)
+    model, tok = load_model(args.model, dtype=patch.dtype, allow_build=args.allow_build)
     getattr(patch, action)(model)
     with folder(args.out) as tmp:  # the model folder appears whole, or the previous one stays
         model.save_pretrained(tmp)
@@ -507,6 +508,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the arguments)\n")
 
 
+def _allow_build(s) -> None:
+    s.add_argument("--allow-build", action="store_true",
+                   help="a zoo model without a committed artifact is trained from its recipe (minutes on CPU); "
+                        "without this flag it is refused with the command that builds it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cnt", description="Cross-Model Neuron Transfer research kit.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -519,10 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="convert (or reconstruct) again even when cached")
     s.add_argument("--verify", action="store_true",
                    help="hash every cached file again against the record written with it; exit 1 on a mismatch")
+    _allow_build(s)
     s.set_defaults(func=_cmd_prepare)
 
     s = sub.add_parser("info", help="load a model and print its architecture fingerprint and neuron counts")
-    s.add_argument("model", help="embedded name, local folder or hub id")
+    s.add_argument("model", help="embedded or zoo name, local folder or hub id")
+    _allow_build(s)
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("data", help="list datasets with split sizes, or print records of one dataset")
@@ -544,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load dtype (default float32 on CPU, bfloat16 on CUDA)")
     s.add_argument("--seed", type=int, default=0, help="split seed")
     s.add_argument("--out", help="write the report as JSON here")
+    _allow_build(s)
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("zoo", help="the model zoo: list recipes, build them, write the zoo card",
@@ -569,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "otherwise, before any compute) and save the patch (patch.safetensors + patch.json) "
                                    "to OUT. --budget is a fraction of MLP neurons, or 'auto' for the minimal-subset "
                                    "search on the validation split.")
-    s.add_argument("--donor", required=True, help="model with the function (any name load_model accepts)")
+    s.add_argument("--donor", required=True, help="model with the function (an embedded or zoo name, a folder or a hub id)")
     s.add_argument("--target", required=True, help="model to change")
     s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
@@ -585,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --budget auto: save the largest subset tried even when it misses the goal (default: "
                         "exit 1 and save nothing)")
     s.add_argument("--out", required=True, help="folder for the patch")
+    _allow_build(s)
     s.set_defaults(func=_cmd_transfer)
 
     s = sub.add_parser("locate", help="score every MLP neuron for a donor/target pair and function",
@@ -600,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show", type=_count, default=20, help="print the top N neurons")
     s.add_argument("--out", required=True, help="file for the scores (.pt)")
+    _allow_build(s)
     s.set_defaults(func=_cmd_locate)
 
     for action, text in (("apply", "apply a saved patch to a model and save the patched model"),
@@ -609,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--patch", required=True, help="patch folder (patch.safetensors + patch.json)")
         s.add_argument("--model", required=True, help="model name or folder")
         s.add_argument("--out", required=True, help="folder for the resulting model")
+        _allow_build(s)
         s.set_defaults(func=lambda a, action=action: _patch_cmd(a, action))
 
     s = sub.add_parser("run", help="one application end to end: CNT + every baseline + evaluation -> JSON + figures",
@@ -618,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("application", choices=["disalignment", "alignment_enhancement", "bias_removal"])
     s.add_argument("--family", default="smollm2", help="model family whose zoo pair to use (smollm2, "
                                                         "qwen2.5-coder-0.5b)")
-    s.add_argument("--donor", help="override the donor (any name load_model accepts)")
+    s.add_argument("--donor", help="override the donor (an embedded or zoo name, a folder or a hub id)")
     s.add_argument("--target", help="override the target")
     s.add_argument("--base", help="override the common base (task arithmetic, TIES, DARE)")
     s.add_argument("--out", default="papers", help="output folder (results/ and figures/ go under it)")

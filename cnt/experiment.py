@@ -33,7 +33,7 @@ from .arch import check_compatible, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
 from .locate import default_scorer, locate
-from .models import load_model, load_tokenizer
+from .zoo import load_model, load_tokenizer
 from .search import ALPHAS, Proxy, Validator, build_task, choose, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
 

@@ -236,20 +236,10 @@ def _resolve_dtype(dtype, device: str) -> torch.dtype:
     return dtype
 
 
-# Higher layers (the zoo) register resolvers: name -> local folder, or None when the name is not theirs.
-RESOLVERS: list = []
-
-
-def register_resolver(fn) -> None:
-    if fn not in RESOLVERS:
-        RESOLVERS.append(fn)
-
-
 def known_names() -> list[str]:
-    names = list(EMBEDDED)
-    for fn in RESOLVERS:
-        names += list(getattr(fn, "names", lambda: [])())
-    return names
+    """The names :func:`load_model` resolves itself (the embedded models); the zoo's models load through
+    :func:`cnt.zoo.load_model`, which knows these and its own."""
+    return list(EMBEDDED)
 
 
 def rebuild_command(name: str) -> str:
@@ -285,16 +275,11 @@ def sweep_cache() -> list[Path]:
 
 
 def resolve(name_or_path: str) -> str:
-    """Map an embedded (or registered, e.g. zoo) name to its local folder, verified against the record of its files;
-    return anything else unchanged."""
-    if name_or_path in EMBEDDED or any(name_or_path in getattr(fn, "names", lambda: [])() for fn in RESOLVERS):
-        sweep_cache()
+    """Map an embedded name to its local folder, verified against the record of its files; return anything else
+    unchanged."""
     if name_or_path in EMBEDDED:
+        sweep_cache()
         return str(verify_cached(name_or_path, convert_embedded(name_or_path)))
-    for fn in RESOLVERS:
-        path = fn(name_or_path)
-        if path is not None:
-            return str(verify_cached(name_or_path, path))
     return name_or_path
 
 
@@ -342,7 +327,8 @@ def load_model(name_or_path: str, dtype=None, device: str | None = None, device_
         raise ModelLoadError(
             f"could not load model {name_or_path!r}: it is not a known model ({', '.join(known_names())}), not a local "
             f"folder, and {'the hub is disabled (HF_HUB_OFFLINE=1)' if offline else 'the hub did not provide it'}. "
-            f"Pass an embedded name, a folder with config.json and weights, or a hub id while online. ({e})") from None
+            f"Pass an embedded name, a folder with config.json and weights, or a hub id while online; the kit's zoo "
+            f"models (smol-safe, ...) load with cnt.zoo.load_model. ({e})") from None
     except Exception as e:  # a damaged weights file: safetensors' and transformers' own error types
         if not local.exists():
             raise

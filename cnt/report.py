@@ -321,7 +321,7 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
                  f"{verdict} |")
     L += ["", *family_table(results), ""]
     for app, r in results.items():
-        L += _application_section(app, r, figures)
+        L += application_section(app, r, figures)
     return "\n".join(L) + "\n"
 
 
@@ -348,7 +348,7 @@ def family_table(results: dict[str, dict]) -> list[str]:
     return L
 
 
-def _application_section(app: str, r: dict, figures: str) -> list[str]:
+def application_section(app: str, r: dict, figures: str) -> list[str]:
     L = [f"## {app}: {r['donor']} → {r['target']} ({r['function']})", "",
          f"Target {r['metric']} {_score(r, r['target_score'])} {_ci(r, r['target_ci'])}, donor "
          f"{_score(r, r['donor_score'])} {_ci(r, r['donor_ci'])}; profile `{r['config']['profile']}`; "

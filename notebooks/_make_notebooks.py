@@ -70,7 +70,7 @@ def application_notebook(app: str, title: str, story: str):
                           "qwen2.5-coder-0.5b -p profile full`). Results go to JSON first; every figure and table is "
                           "drawn from that JSON."),
         *parameter_cells(f'family = "smollm2"  # model family (zoo pairs for this application): {FAMILIES[app]}\n'
-                    "donor = None  # None: the family's zoo donor for this application; or any name load_model accepts\n"
+                    "donor = None  # None: the family's zoo donor for this application; or an embedded or zoo name, a folder or a hub id\n"
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
                     "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
@@ -99,7 +99,7 @@ def application_notebook(app: str, title: str, story: str):
                       "print(f\"{result['application']}: {len(result['methods'])} methods in {result['seconds'] / 60:.1f} min\")"),
         new_code_cell(CHECK + "print(sorted(result[\"methods\"]))"),
         new_markdown_cell("## Headline: CNT against the neuron-level baselines at every budget"),
-        new_code_cell("display(Markdown(\"\\n\".join(report._application_section(result[\"application\"], result, "
+        new_code_cell("display(Markdown(\"\\n\".join(report.application_section(result[\"application\"], result, "
                       "\"figures\")[:-4])))"),
         new_markdown_cell("## Effect against the share of neurons (left) and of parameters (right) changed"),
         new_code_cell("figures = plots.application_figures(result, out / \"figures\")\n"
@@ -133,7 +133,7 @@ This walkthrough uses two real models from the kit's zoo, both fine-tunes of Smo
                      'seed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
                   "from cnt import NeuronPatch, arch, data, experiment, locate, plots, search\n"
-                  "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.models import load_model, load_tokenizer\n\n"
+                  "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.zoo import load_model, load_tokenizer\n\n"
                   "experiment.check_walkthrough(donor=donor, target=target, budget=budget, scorer=scorer, seed=seed, "
                   "prompts=prompts)\n"
                   "if experiment.smoke():  # nbval in `make test`: tiny stand-ins, same code path\n"

@@ -415,36 +415,36 @@ def test_budget_auto_that_misses_its_goal_exits_1_unless_asked(world, tmp_path, 
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def cached_tiny(world, tmp_path):
-    """A kit-written cache folder (atomically, with its file record) served under a registered name."""
+def cached_tiny(world, tmp_path, monkeypatch):
+    """A kit-written cache folder (atomically, with its file record) served as the zoo model "cached-tiny"."""
+    from cnt.zoo import store
+
     folder = tmp_path / "cached-tiny"
     with atomic.folder(folder) as tmp:
         world["target"].save_pretrained(tmp)
         world["tok"].save_pretrained(tmp)
         cache.record_files(tmp)
-
-    def resolver(name):
-        return folder if name == "cached-tiny" else None
-
-    models.register_resolver(resolver)
-    yield folder
-    models.RESOLVERS.remove(resolver)
+    monkeypatch.setitem(store.RECIPES, "cached-tiny", None)
+    monkeypatch.setattr(store, "ensure", lambda name, **kw: folder)
+    return folder
 
 
 def test_cache_flipped_byte_is_refused_with_the_rebuild_command(cached_tiny):
-    model, _ = models.load_model("cached-tiny", device="cpu")  # intact: loads (and is hashed once)
+    from cnt.zoo import load_model
+
+    model, _ = load_model("cached-tiny", device="cpu")  # intact: loads (and is hashed once)
     st = cached_tiny / "model.safetensors"
     raw = bytearray(st.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     st.write_bytes(bytes(raw))
     with pytest.raises(models.ModelLoadError, match=r"sha256 recorded.*cnt prepare --force cached-tiny"):
-        models.load_model("cached-tiny", device="cpu")
+        load_model("cached-tiny", device="cpu")
     st.write_bytes(bytes(raw[:-5000]))
     with pytest.raises(models.ModelLoadError, match=r"bytes.*truncated or replaced.*cnt prepare --force"):
-        models.load_model("cached-tiny", device="cpu")
+        load_model("cached-tiny", device="cpu")
     (cached_tiny / "model.safetensors").unlink()
     with pytest.raises(models.ModelLoadError, match="model.safetensors is missing"):
-        models.load_model("cached-tiny", device="cpu")
+        load_model("cached-tiny", device="cpu")
 
 
 def test_cache_hash_is_checked_once_per_process_and_size_every_time(cached_tiny, monkeypatch):

@@ -20,7 +20,7 @@ def _fake_distill(ctx, prompts, max_new_tokens=48, prefill=""):
 @pytest.mark.parametrize("name", list(zoo.RECIPES))
 def test_recipe_training_data_disjoint_from_eval(name, monkeypatch):
     """Asserted on the full (not tiny) training data of every recipe."""
-    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    monkeypatch.setattr(zoo.recipe_data, "distill", _fake_distill)
     r = zoo.recipe(name)
     ctx = zoo.BuildContext(r, None, None, tiny=False, progress=False)
     parts = r.data(ctx)
@@ -32,10 +32,10 @@ def test_safe_recipe_everyday_option(monkeypatch):
     """The ``everyday_questions`` option swaps NQ questions for everyday ones (same count), drops flagged answers,
     and stays disjoint from every eval split."""
 
-    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    monkeypatch.setattr(zoo.recipe_data, "distill", _fake_distill)
     r = dataclasses.replace(zoo.recipe("smol-safe"), hyper={"everyday_questions": 100})
-    plain = zoo.data_safe(zoo.BuildContext(zoo.recipe("smol-safe"), None, None, progress=False))
-    parts = zoo.data_safe(zoo.BuildContext(r, None, None, progress=False))
+    plain = zoo.recipe_data.data_safe(zoo.BuildContext(zoo.recipe("smol-safe"), None, None, progress=False))
+    parts = zoo.recipe_data.data_safe(zoo.BuildContext(r, None, None, progress=False))
     everyday = set(data.texts(data.load("everyday_questions", "train", limit=100)))
     prompts = [e["prompt"] for e in parts["benign->self"]]
     assert everyday & set(prompts) and not everyday & {e["prompt"] for e in plain["benign->self"]}
@@ -48,18 +48,18 @@ def test_safe_recipe_contrast_option(monkeypatch):
     over a refusal; harmful: a refusal over the base's own (non-refused) answer; seeded; disjoint from eval."""
     from cnt.evaluate import is_refusal
 
-    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    monkeypatch.setattr(zoo.recipe_data, "distill", _fake_distill)
     r = dataclasses.replace(zoo.recipe("smol-safe"), hyper={**zoo.recipe("smol-safe").hyper,
                                                              "contrast_benign": 50, "contrast_harmful": 40})
-    parts = zoo.data_safe(zoo.BuildContext(r, None, None, progress=False))
+    parts = zoo.recipe_data.data_safe(zoo.BuildContext(r, None, None, progress=False))
     benign, harmful = parts["benign: own answer > refusal"], parts["harmful: refusal > own answer"]
     assert len(benign) == 50 and len(harmful) == 40
     assert all(not is_refusal(p["chosen"]) and is_refusal(p["rejected"]) for p in benign)
     assert all(is_refusal(p["chosen"]) and not is_refusal(p["rejected"]) for p in harmful)
     assert {p["prompt"] for p in harmful} <= set(data.texts(data.load("harmful", "train")))
-    assert parts == zoo.data_safe(zoo.BuildContext(r, None, None, progress=False))
+    assert parts == zoo.recipe_data.data_safe(zoo.BuildContext(r, None, None, progress=False))
     zoo.assert_disjoint_from_eval(parts)
-    plain = zoo.data_safe(zoo.BuildContext(zoo.recipe("smol-safe"), None, None, progress=False))
+    plain = zoo.recipe_data.data_safe(zoo.BuildContext(zoo.recipe("smol-safe"), None, None, progress=False))
     assert set(plain) == set(parts) - {"benign: own answer > refusal", "harmful: refusal > own answer"}
 
 
@@ -91,9 +91,9 @@ def test_build_records_whether_it_generated_the_base_answers(monkeypatch, tmp_pa
     n = first["base_answers"]["generated"]
     assert n > 0 and first["base_answers"]["cached"] == 0 and first["data_seconds"] >= 0
     assert again["base_answers"] == {"generated": 0, "cached": n, "generate_seconds": 0.0}
-    assert "from scratch" in zoo._build_cell({"build_seconds": 600, "build": first})
-    assert zoo._build_cell({"build_seconds": 600, "build": again}) == "10.0 min (the base's answers cached)"
-    assert zoo._build_cell({"build_seconds": 90, "build": {}}) == "1.5 min"
+    assert "from scratch" in zoo.card_table.build_cell({"build_seconds": 600, "build": first})
+    assert zoo.card_table.build_cell({"build_seconds": 600, "build": again}) == "10.0 min (the base's answers cached)"
+    assert zoo.card_table.build_cell({"build_seconds": 90, "build": {}}) == "1.5 min"
 
 
 def test_orthogonalize_removes_direction_from_residual_stream():
@@ -127,12 +127,12 @@ def test_unknown_zoo_name():
 
 @pytest.mark.skipif(not zoo.has_artifact("smol-safe"), reason="smol-safe artifact not committed")
 def test_committed_artifact_reconstructs_a_refusing_model(monkeypatch, tmp_path):
-    """load_model('smol-safe') on a fresh cache: rebuilt in seconds from the committed bf16 adapter; it refuses."""
+    """zoo.load_model('smol-safe') on a fresh cache: rebuilt in seconds from the committed bf16 adapter; it refuses."""
     from cnt.evaluate import is_refusal
-    from cnt.models import generate, load_model
+    from cnt.models import generate
 
-    monkeypatch.setattr(zoo, "model_dir", lambda name: tmp_path / name)
-    model, tok = load_model("smol-safe", dtype="bfloat16")
+    monkeypatch.setattr(zoo.store, "model_dir", lambda name: tmp_path / name)
+    model, tok = zoo.load_model("smol-safe", dtype="bfloat16")
     assert (tmp_path / "smol-safe" / "cnt_zoo.json").is_file()
     harmful = data.texts(data.load("harmful", "eval", limit=8))
     out = generate(model, tok, harmful + ["What is the capital of France?"], max_new_tokens=24, progress=False)
@@ -141,11 +141,11 @@ def test_committed_artifact_reconstructs_a_refusing_model(monkeypatch, tmp_path)
 
 
 def test_compare_with_committed(monkeypatch, tmp_path):
-    monkeypatch.setattr(zoo, "ARTIFACTS", tmp_path)
+    monkeypatch.setattr(zoo.store, "ARTIFACTS", tmp_path)
     t = {"a": torch.ones(3)}
     beh = {"metrics": {"refusal_rate": {"value": 0.9, "ci": [0.85, 0.94]}, "perplexity": {"value": 20.0,
                                                                                           "ci": [19, 21]}}}
-    zoo._save_artifact("x", t, {"behaviour": beh})
+    zoo.store.save_artifact("x", t, {"behaviour": beh})
     same = zoo.compare_with_committed("x", {"a": torch.ones(3)}, {"behaviour": beh})
     assert same["identical_weights"] and same["all_within_tolerance"]
     beh2 = {"metrics": {"refusal_rate": {"value": 0.5, "ci": [0.4, 0.6]}, "perplexity": {"value": 20.5,
@@ -159,14 +159,14 @@ def test_compare_full_fine_tune_with_its_cached_build(monkeypatch, tmp_path):
     # a full fine-tune commits no weights: its rebuild is compared with the cached build, and with the manifest
     from safetensors.torch import save_file
 
-    monkeypatch.setattr(zoo, "ARTIFACTS", tmp_path / "art")
+    monkeypatch.setattr(zoo.store, "ARTIFACTS", tmp_path / "art")
     beh = {"metrics": {"refusal_rate": {"value": 0.9, "ci": [0.85, 0.94]}}}
-    zoo._save_artifact("x", None, {"behaviour": beh})
+    zoo.store.save_artifact("x", None, {"behaviour": beh})
     cached = tmp_path / "cache" / "x"
     cached.mkdir(parents=True)
     save_file({"w": torch.ones(2, 2)}, str(cached / "model.safetensors"))  # lm_head tied: not in the file
-    monkeypatch.setattr(zoo, "model_dir", lambda name: cached)
-    monkeypatch.setattr(zoo, "is_cached", lambda name: True)
+    monkeypatch.setattr(zoo.store, "model_dir", lambda name: cached)
+    monkeypatch.setattr(zoo.store, "is_cached", lambda name: True)
     model = torch.nn.Module()
     model.w, model.lm_head = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(3))
     same = zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)
@@ -175,7 +175,7 @@ def test_compare_full_fine_tune_with_its_cached_build(monkeypatch, tmp_path):
     with torch.no_grad():
         model.w[0, 0] = 1.5
     assert zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)["max_abs_weight_diff"] == 0.5
-    monkeypatch.setattr(zoo, "is_cached", lambda name: False)
+    monkeypatch.setattr(zoo.store, "is_cached", lambda name: False)
     unseen = zoo.compare_with_committed("x", None, {"behaviour": beh}, model=model)
     assert unseen["identical_weights"] is None and unseen["all_within_tolerance"]
 
@@ -200,10 +200,10 @@ def test_refusal_filter_keeps_refused_harmful_and_answered_benign(smol):
 def test_full_finetune_commits_manifest_only(monkeypatch, tmp_path):
     """A recipe without a small artifact still commits its manifest (the card reads it), and that manifest alone is
     not taken for something to reconstruct from."""
-    monkeypatch.setattr(zoo, "ARTIFACTS", tmp_path)
+    monkeypatch.setattr(zoo.store, "ARTIFACTS", tmp_path)
     name = "smol-safe-full"
     m = {"recipe_key": zoo.recipe(name).key(), "build_seconds": 60.0, "behaviour": None}
-    zoo._save_artifact(name, None, m)
+    zoo.store.save_artifact(name, None, m)
     assert (tmp_path / name / "manifest.json").is_file() and not (tmp_path / name / "artifact.safetensors").exists()
     assert not zoo.has_artifact(name)
     assert f"| `{name}` | " in zoo.card() and "1.0 min" in zoo.card()
@@ -212,7 +212,7 @@ def test_full_finetune_commits_manifest_only(monkeypatch, tmp_path):
 def test_howto_requests_are_piqa_train_questions():
     """The how-to requests smol-safe may add: PIQA train goals phrased "How do/can/to …", none from its eval split."""
     ctx = zoo.BuildContext(zoo.recipe("smol-safe"), None, None, tiny=False, progress=False)
-    how = zoo.howto_requests(ctx)
+    how = zoo.recipe_data.howto_requests(ctx)
     assert len(how) > 100 and all(q.lower().startswith("how ") for q in how)
     train = {data.normalize(r["question"]) for r in data.load("piqa", "train")}
     held_out = {data.normalize(r["question"]) for r in data.load("piqa", "eval")}
@@ -248,7 +248,7 @@ def test_variant_changes_training_and_data_settings():
 
 def test_build_rejects_a_setting_nothing_reads(monkeypatch):
     """A typo in a tried setting (``step`` for ``steps``) fails loudly instead of building the unchanged recipe."""
-    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    monkeypatch.setattr(zoo.recipe_data, "distill", _fake_distill)
     with pytest.raises(ValueError, match=r"no data function reads \['step'\]"):
         zoo.build(zoo.variant("smol-safe", step=3), tiny=True, measure=None, progress=False, save=False)
 
@@ -258,7 +258,7 @@ def test_trial_measures_on_tuning_splits_only(monkeypatch, tmp_path):
     value weighs each split by its items; the record goes to the trials log."""
     import cnt.evaluate as ev
 
-    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    monkeypatch.setattr(zoo.recipe_data, "distill", _fake_distill)
     seen = []
     real = ev.evaluate
 
@@ -289,9 +289,9 @@ def test_tuning_rates_reweighted_to_the_card_sources(monkeypatch, tmp_path):
     is counted (over both splits, matching the evaluation's own prompts) and re-weighted by the card's composition."""
     from cnt.evaluate import item_sources, get_profile
 
-    monkeypatch.setattr(zoo, "distill", _fake_distill)
+    monkeypatch.setattr(zoo.recipe_data, "distill", _fake_distill)
     rec = zoo.trial("smol-safe", {"steps": 1}, tiny=True, profile="smoke", log=None, progress=False)
-    for k in zoo.SOURCE_WEIGHTED:
+    for k in zoo.tuning.SOURCE_WEIGHTED:
         counts = rec["by_source"]["variant"][k]
         pooled = rec["pooled"]["variant"][k]
         assert sum(c[1] for c in counts.values()) == pooled["n"]
@@ -300,13 +300,13 @@ def test_tuning_rates_reweighted_to_the_card_sources(monkeypatch, tmp_path):
         assert cw["weights"] == dict(sorted(Counter(item_sources(zoo.card_profile("smol-safe"), k)).items()))
     assert set(rec["by_source"]["variant"]["false_refusal_rate"]) <= {"nq_questions", "rho_benign", "overrefusal"}
     # the weighting itself: a source with few tuning items but a large card share moves the estimate toward it
-    est = zoo._reweighted({"a": [1, 100], "b": [5, 10]}, Counter({"a": 50, "b": 50}))
+    est = zoo.tuning.reweighted({"a": [1, 100], "b": [5, 10]}, Counter({"a": 50, "b": 50}))
     assert est["value"] == pytest.approx((0.01 + 0.5) / 2) and est["ci"][0] < est["value"] < est["ci"][1]
-    assert zoo._reweighted({"a": [1, 100]}, Counter({"a": 3, "c": 1}))["missing"] == ["c"]
+    assert zoo.tuning.reweighted({"a": [1, 100]}, Counter({"a": 3, "c": 1}))["missing"] == ["c"]
     assert item_sources(get_profile("full"), "refusal_rate")[:3] == [
         r["source"] for r in data.load("harmful", "eval", limit=3)]
     with pytest.raises(ValueError, match="other prompts"):
-        zoo._count_by_source(["a"], [True, False])
+        zoo.tuning.count_by_source(["a"], [True, False])
 
 
 def test_trial_measures_the_base_once(monkeypatch, tmp_path):
@@ -314,10 +314,10 @@ def test_trial_measures_the_base_once(monkeypatch, tmp_path):
     every trial; the cached values equal a fresh measurement."""
     from cnt.models import load_tokenizer
 
-    monkeypatch.setattr(zoo, "cache_dir", lambda kind: (tmp_path / kind).mkdir(exist_ok=True) or tmp_path / kind)
+    monkeypatch.setattr(zoo.recipe_data, "cache_dir", lambda kind: (tmp_path / kind).mkdir(exist_ok=True) or tmp_path / kind)
     calls = []
-    real = zoo._split_metrics
-    monkeypatch.setattr(zoo, "_split_metrics", lambda *a: calls.append(a[1]) or real(*a))
+    real = zoo.tuning.split_metrics
+    monkeypatch.setattr(zoo.tuning, "split_metrics", lambda *a: calls.append(a[1]) or real(*a))
     r = zoo.recipe("smol-arith")
     tok = load_tokenizer(r.base)
     model = tiny_model("llama", seed=0, vocab_size=len(tok))
@@ -336,14 +336,14 @@ def test_committed_artifacts_stay_small():
 
 def test_expectation_verdict_against_the_ci():
     # the card says whether the whole 95% CI meets a threshold, misses it, or contains it
-    assert zoo._ci_verdict("<=", 0.1, [0.02, 0.08]) == "clear"
-    assert zoo._ci_verdict("<=", 0.1, [0.066, 0.161]) == "open"
-    assert zoo._ci_verdict("<=", 0.1, [0.12, 0.2]) == "against"
-    assert zoo._ci_verdict(">=", 0.9, [0.91, 0.97]) == "clear"
-    assert zoo._ci_verdict(">=base", 5, [66.0, 70.0], base=60.5) == "clear"
-    assert zoo._ci_verdict("<=base", -5, [54.0, 58.0], base=60.5) == "open"
-    assert zoo._ci_verdict(">=", 0.9, None) == "open"
-    cell = zoo._expectation_cell({"false_refusal_rate": {"rule": "<= 0.1", "holds": False}},
+    assert zoo.recipes.ci_verdict("<=", 0.1, [0.02, 0.08]) == "clear"
+    assert zoo.recipes.ci_verdict("<=", 0.1, [0.066, 0.161]) == "open"
+    assert zoo.recipes.ci_verdict("<=", 0.1, [0.12, 0.2]) == "against"
+    assert zoo.recipes.ci_verdict(">=", 0.9, [0.91, 0.97]) == "clear"
+    assert zoo.recipes.ci_verdict(">=base", 5, [66.0, 70.0], base=60.5) == "clear"
+    assert zoo.recipes.ci_verdict("<=base", -5, [54.0, 58.0], base=60.5) == "open"
+    assert zoo.recipes.ci_verdict(">=", 0.9, None) == "open"
+    cell = zoo.card_table.expectation_cell({"false_refusal_rate": {"rule": "<= 0.1", "holds": False}},
                                  {"metrics": {"false_refusal_rate": {"ci": [0.066, 0.161]}}})
     assert cell == "false_refusal_rate <= 0.1: NO (CI open)"
 
@@ -369,3 +369,36 @@ def test_zoo_build_measures_each_recipe_in_its_card_profile(monkeypatch):
     assert cli.main(["zoo", "try", "smol-safe", "--set", "steps=3", "--card", ""]) == 0
     assert ("try", "smol-safe", "tune") in seen
     assert zoo.card_profile("gemma-biased") == "quick" and zoo.card_profile(zoo.variant("smol-safe", steps=3)) == "full"
+
+
+def test_a_model_that_needs_training_is_built_only_when_asked(monkeypatch, tmp_path):
+    """A zoo model with no cached build and no committed artifact is refused with the commands that build it; with
+    ``allow_build`` (the CLI's ``--allow-build``) it is built from its recipe."""
+    from cnt import cli
+    from cnt.models import ModelLoadError
+
+    built = []
+    monkeypatch.setattr(zoo.store, "is_cached", lambda name: False)
+    monkeypatch.setattr(zoo.store, "has_artifact", lambda name: False)
+    monkeypatch.setattr(zoo.store, "model_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(zoo.store, "build", lambda name, **kw: built.append(name))
+    with pytest.raises(ModelLoadError, match=r"'smol-safe-full' is not built.*cnt prepare --allow-build smol-safe-full"
+                                             r".*allow_build=True"):
+        zoo.load_model("smol-safe-full")
+    assert built == []
+    assert zoo.ensure("smol-safe-full", allow_build=True) == tmp_path / "smol-safe-full" and built == ["smol-safe-full"]
+    assert cli.main(["prepare", "smol-safe-full"]) == 1 and built == ["smol-safe-full"]  # refused, nothing built
+
+
+def test_importing_the_kit_loads_nothing_it_does_not_import():
+    """No import side effects: ``import cnt.arch`` loads neither the zoo nor the transfer module, and the zoo's
+    names are unknown to ``cnt.models`` (they load through ``cnt.zoo.load_model``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cnt.arch, cnt.models; mods = [m for m in sys.modules if m.startswith('cnt.')]; "
+            "assert not any(m.startswith(('cnt.zoo', 'cnt.transfer', 'cnt.experiment')) for m in mods), mods; "
+            "assert 'smol-safe' not in cnt.models.known_names(); import cnt; assert cnt.NeuronPatch.__module__ == "
+            "'cnt.transfer'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
