@@ -136,15 +136,16 @@ def neuron_map(scores, title: str = "neuron scores (layer × neuron)", top: int 
     """Heat map of per-neuron scores (a ``[layers, neurons]`` tensor/array); with ``top``, the chosen neurons are
     marked."""
     import numpy as np
+    import seaborn as sns
 
     arr = np.asarray(scores, dtype=float)
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    im = ax.imshow(np.abs(arr), aspect="auto", cmap="magma", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="|score|")
+    sns.heatmap(np.abs(arr), ax=ax, cmap="magma", cbar_kws={"label": "|score|"}, xticklabels=max(1, arr.shape[1] // 8),
+                yticklabels=max(1, arr.shape[0] // 6), rasterized=True)
     if top:
         flat = np.argsort(-arr, axis=None)[:top]
         rows, cols = np.unravel_index(flat, arr.shape)
-        ax.scatter(cols, rows, s=6, color="cyan", marker="o", label=f"top {top}")
+        ax.scatter(cols + 0.5, rows + 0.5, s=6, color="cyan", marker="o", label=f"top {top}")  # cell centres
         ax.legend(loc="upper right", fontsize=7)
     ax.set_xlabel("neuron (intermediate unit)")
     ax.set_ylabel("layer")
@@ -156,7 +157,8 @@ def neuron_map(scores, title: str = "neuron scores (layer × neuron)", top: int 
 def per_category(result: dict, key: str = "per_bias_type", title: str | None = None):
     """Grouped bars of a per-category score (StereoSet SS per bias type) for the target, the donor and each method's
     best setting (``details`` of each entry)."""
-    import numpy as np
+    import pandas as pd
+    import seaborn as sns
 
     rows = {"target": result.get("target_details", {}).get(key, {}),
             "donor": result.get("donor_details", {}).get(key, {})}
@@ -166,14 +168,13 @@ def per_category(result: dict, key: str = "per_bias_type", title: str | None = N
             rows[name] = best["details"][key]
     rows = {k: v for k, v in rows.items() if v}
     cats = sorted({c for v in rows.values() for c in v})
+    long = pd.DataFrame([{"category": c, "model": name, "SS": vals[c]} for name, vals in rows.items()
+                         for c in cats if c in vals])
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cats) * len(rows) / 3), 4))
-    w = 0.8 / max(1, len(rows))
-    for i, (name, vals) in enumerate(rows.items()):
-        ax.bar(np.arange(len(cats)) + i * w, [vals.get(c, np.nan) for c in cats], w, label=name,
-               color=_style(name)[0] if name in STYLE else ("k" if name == "target" else "C2"))
+    palette = {name: _style(name)[0] if name in STYLE else ("k" if name == "target" else "C2") for name in rows}
+    sns.barplot(long, x="category", y="SS", hue="model", order=cats, hue_order=list(rows), palette=palette, ax=ax)
     ax.axhline(50, color="k", lw=0.8, ls=":")
-    ax.set_xticks(np.arange(len(cats)) + 0.4 - w / 2)
-    ax.set_xticklabels(cats)
+    ax.set_xlabel("")
     ax.set_ylabel("SS")
     ax.legend(fontsize=7, ncol=3)
     ax.set_title(title or f"{result['application']}: SS per category (best setting of each method)")

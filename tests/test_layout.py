@@ -84,3 +84,13 @@ def test_no_private_names_across_modules():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 used.append(f"{m} uses {node.value.id}.{node.attr}")
     assert not used, used
+
+
+def test_readme_layout_names_every_module():
+    """README's layout block shows every module of the package, one line each."""
+    text = (PACKAGE.parent / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.index("```", layout.index("```") + 3)]
+    missing = [str(f.relative_to(PACKAGE)) for f in sorted(PACKAGE.rglob("*.py"))
+               if f.name != "__init__.py" and f" {f.name} " not in layout]
+    assert not missing, f"README's layout misses {missing}"

