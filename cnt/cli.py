@@ -354,100 +354,10 @@ def _parse_params(pairs: list[str]) -> dict:
 
 def _cmd_reproduce(args) -> int:
     """papermill runs every notebook (default parameters unless -p) into papers/runs/, then the report."""
-    import shutil
-    import tempfile
+    from .reproduce import reproduce
 
-    import papermill as pm
-
-    from . import report
-    from .atomic import write_json
-    from .experiment import DEFAULT_FAMILY
-
-    t_all = time.time()
-    papers, nb_dir = Path(args.papers).resolve(), Path(args.notebooks).resolve()
-    runs = papers / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    books = sorted(p for p in nb_dir.glob("*.ipynb") if not args.only or any(o in p.stem for o in args.only))
-    if not books:
-        print(f"no notebooks in {nb_dir} match {args.only}", file=sys.stderr)
-        return 2
-    extra = _parse_params(args.param)
-    if args.jobs < 1:
-        print(f"cnt reproduce: error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
-        return 2
-    declared_any = set().union(*(pm.inspect_notebook(str(b)) for b in books))
-    unknown = sorted(set(extra) - declared_any)
-    if unknown:
-        print(f"cnt reproduce: error: no notebook has parameter {', '.join(map(repr, unknown))}; their parameters: "
-              f"{', '.join(sorted(declared_any))}", file=sys.stderr)
-        return 2
-    timings_path = runs / "timings.json"
-    previous = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    notebooks = previous.get("notebooks", {})  # notebooks not run this time keep their last timing
-
-    def run(book: Path) -> None:
-        declared = pm.inspect_notebook(str(book))
-        params = {k: v for k, v in {"output_dir": str(papers), **extra}.items() if k in declared}
-        if set(extra) - set(declared):
-            print(f"[cnt reproduce] {book.name} has no parameter {', '.join(sorted(set(extra) - set(declared)))}: "
-                  f"ignored there (it declares {', '.join(declared)})", file=sys.stderr, flush=True)
-        # another family or a tagged variant keeps its own executed notebook beside the default one
-        variant = [str(v) for v in (params.get("family"), params.get("tag")) if v and v != DEFAULT_FAMILY]
-        run_name = ".".join([book.stem, *variant]) + ".ipynb"
-        t0 = time.time()
-        print(f"[cnt reproduce] {book.name} {params or ''}", flush=True)
-        fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=runs)
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the executed notebook is a shared artifact
-        try:
-            pm.execute_notebook(str(book), tmp, parameters=params, cwd=str(nb_dir), kernel_name=args.kernel,
-                                progress_bar=not args.quiet and args.jobs == 1)
-        except Exception:
-            os.unlink(tmp)  # a failed run never replaces the previous executed notebook
-            raise
-        shutil.move(tmp, runs / run_name)
-        seconds = round(time.time() - t0, 1)
-        notebooks[run_name] = {"seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "parameters": {k: v for k, v in params.items() if k != "output_dir"},
-                               "jobs": args.jobs}
-        print(f"[cnt reproduce] {run_name}: {seconds / 60:.1f} min", flush=True)
-
-    if args.jobs == 1:
-        for book in books:
-            run(book)
-    else:  # notebooks side by side, the cores split between their kernels (which inherit these variables)
-        from concurrent.futures import ThreadPoolExecutor
-
-        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-        saved = {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        os.environ.update(dict.fromkeys(saved, threads))
-        books.sort(key=lambda b: -notebooks.get(b.name, {}).get("seconds", 0))  # longest first
-        try:
-            with ThreadPoolExecutor(args.jobs) as pool:
-                for f in [pool.submit(run, b) for b in books]:
-                    f.result()  # the first failure is raised once every notebook has finished
-        finally:
-            for var, value in saved.items():  # later kernels (e.g. nbval's in the same process) get all cores
-                if value is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = value
-    total = round(time.time() - t_all, 1)
-    record = {"notebooks": dict(sorted(notebooks.items())),
-              "sum_of_latest_seconds": round(sum(v["seconds"] for k, v in notebooks.items()  # default runs only
-                                                 if (nb_dir / k).is_file()), 1),
-              "last_invocation": {"notebooks": sorted(b.name for b in books), "seconds": total, "jobs": args.jobs,
-                                  "all": not args.only, "parameters": extra}}
-    if args.only or extra:  # a partial or non-default run keeps the record of the last full default one
-        last = previous.get("last_invocation", {})
-        full = previous.get("last_full_invocation") or (last if last.get("all") and not last.get("parameters") else None)
-        if full:
-            record["last_full_invocation"] = full
-    else:
-        record["last_full_invocation"] = record["last_invocation"]
-    write_json(timings_path, record)
-    summary, rep = report.write(papers / "results", papers / "REPORT.md")  # (it states the invocation's time)
-    print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
+    reproduce(args.notebooks, args.papers, only=args.only or (), params=_parse_params(args.param), jobs=args.jobs,
+              kernel=args.kernel, progress=not args.quiet)
     return 0
 
 
