@@ -211,7 +211,7 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     ``layer_stride=1`` for the full grid. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
     bias of that block's attention output (baked into the weights)."""
     from . import data
-    from .evaluate import inference_dtype
+    from .models import inference_dtype
     from .models import fast_dtype, model_device
     from .refusal_direction import mean_activations, orthogonalize, select_direction
 

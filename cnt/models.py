@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from copy import deepcopy
 from pathlib import Path
 from typing import Sequence
 
@@ -421,3 +422,35 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
         for i, row in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
             out[i] = row.strip()
     return out
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding (what ``generate`` does); pass them to every padded forward."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+
+@torch.no_grad()
+def last_token_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Float32 next-token logits after each (chat-formatted) text; shape [len(texts), vocab]."""
+    device = model_device(model)
+    out = []
+    for s in range(0, len(texts), batch_size):
+        enc = encode(tokenizer, texts[s:s + batch_size], device=device)
+        logits = model(**enc, position_ids=position_ids(enc["attention_mask"]), logits_to_keep=1).logits[:, -1]
+        out.append(logits.float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@contextlib.contextmanager
+def inference_dtype(model, dtype: torch.dtype | None):
+    """A copy of ``model`` in ``dtype`` for inference (e.g. bf16 on CPU: ~2x faster); the model itself is untouched
+    (casting it there and back would round its non-persistent buffers, such as rotary frequencies)."""
+    if dtype is None or next(model.parameters()).dtype == dtype:
+        yield model
+        return
+    copy = deepcopy(model).to(dtype)
+    try:
+        yield copy
+    finally:
+        del copy

@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 
 from .arch import MLPNeurons
-from .evaluate import position_ids, refusal_logodds
-from .models import chat_texts, encode, fast_dtype, model_device
+from .evaluate import refusal_logodds
+from .models import chat_texts, encode, fast_dtype, model_device, position_ids
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def orthogonalize(model, direction: torch.Tensor) -> int:
 @torch.no_grad()
 def next_token_kl(model, tokenizer, prompts: Sequence[str], reference: torch.Tensor, batch_size: int = 16) -> float:
     """Mean KL(reference ‖ model) of the first response token's distribution over ``prompts``."""
-    from .evaluate import last_token_logits
+    from .models import last_token_logits
 
     logp = torch.log_softmax(last_token_logits(model, tokenizer, chat_texts(tokenizer, prompts), batch_size), -1)
     ref = torch.log_softmax(reference, -1)
@@ -142,7 +142,7 @@ def select_direction(model, tokenizer, harmful_train: Sequence[str], benign_trai
     ``filter_refusals``: keep only the harmful train prompts with refusal log-odds > 0 and the benign ones with ≤ 0
     (a side left with fewer than ``min_prompts`` is kept whole). ``dtype``: the precision of every forward pass here (on
     a copy; bf16 is ~2x faster on CPU, as the evaluation suite runs); the direction is returned in float32."""
-    from .evaluate import inference_dtype
+    from .models import inference_dtype
 
     if dtype == "auto":
         dtype = fast_dtype(model_device(model))
@@ -165,7 +165,7 @@ def _select_direction(model, tokenizer, harmful_train, benign_train, harmful_val
                       layer_stride, max_kl, filter_refusals, min_prompts, progress) -> DirectionChoice:
     from tqdm.auto import tqdm
 
-    from .evaluate import last_token_logits
+    from .models import last_token_logits
 
     t0 = time.time()
     if filter_refusals:

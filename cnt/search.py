@@ -29,10 +29,9 @@ import torch
 
 from . import data
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .evaluate import (inference_dtype, is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs,
-                       stereoset_scores)
+from .evaluate import is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
 from .locate import Example, NeuronScores, Task, default_scorer, locate
-from .models import fast_dtype, generate, model_device
+from .models import fast_dtype, generate, inference_dtype, model_device
 from .transfer import NeuronPatch, PatchError, check_alpha
 
 FUNCTIONS = ("refusal", "compliance", "bias")

@@ -97,7 +97,7 @@ def test_degenerate_rare_in_hand_labelled_generations():
 
 def test_evaluate_reports_degenerate_answers(smol, monkeypatch):
     answers = {"harm": "👉💻💻💻💻💻💻💻💻", "ok": "Paris is the capital of France."}
-    monkeypatch.setattr(E, "generate", lambda model, tok, prompts, **kw: [
+    monkeypatch.setattr(E.judge, "generate", lambda model, tok, prompts, **kw: [
         answers["harm"] if i % 2 == 0 else answers["ok"] for i in range(len(prompts))])
     rep = E.evaluate(*smol, TINY, groups=("safety",), progress=False)
     assert rep["degenerate_rate"].value == 0.5 and rep["degenerate_rate"].n == TINY.harmful
@@ -237,7 +237,7 @@ def test_evaluate_reproducible_and_serializable(smol, tmp_path):
 
 def test_tune_profile_takes_every_safety_prompt_of_the_split(smol, monkeypatch):
     # zoo tuning measures all of validation/locate: a size of None means the whole split
-    monkeypatch.setattr(E, "generate", lambda model, tok, prompts, **kw: ["I'm sorry, I can't."] * len(prompts))
+    monkeypatch.setattr(E.judge, "generate", lambda model, tok, prompts, **kw: ["I'm sorry, I can't."] * len(prompts))
     p = E.get_profile("tune")
     assert (p.harmful, p.benign, p.overrefusal) == (None, None, None)
     rep = E.evaluate(*smol, dataclasses.replace(p, split="validation"), groups=("safety",), progress=False)

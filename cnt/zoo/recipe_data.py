@@ -72,7 +72,7 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
         ident.append(MLPNeurons(ctx.model).fingerprint().mlp_only().to_dict())  # the key it always had
 
     def answer() -> list[str]:
-        from ..evaluate import inference_dtype
+        from ..models import inference_dtype
 
         t0 = time.time()
         texts = [t + prefill for t in chat_texts(ctx.tokenizer, prompts)] if prefill else list(prompts)
