@@ -1,4 +1,4 @@
-"""Where MLP neurons live, per architecture family.
+"""Where MLP neurons and attention heads live, per architecture (one :class:`ArchAdapter` per layout).
 
 A *neuron* is one unit of an MLP's intermediate layer: neuron ``k`` of layer ``l`` owns
 
@@ -98,7 +98,10 @@ _NEOX_ATTN = tuple(dataclasses.replace(s, key=s.key + "_bias") if s.param == "bi
 
 
 @dataclass(frozen=True)
-class Family:
+class ArchAdapter:
+    """Where one architecture keeps its units: the decoder blocks, each MLP neuron's slices (slots) and, where mapped,
+    each attention head's and k/v group's (attn_slots). One adapter serves every ``model_type`` listed."""
+
     name: str
     model_types: tuple[str, ...]
     layers_path: str  # attribute path from the *CausalLM* object to the list of decoder blocks
@@ -118,32 +121,32 @@ _GATED = (
     Slot("down", "mlp.down_proj", "weight", 1),
 )
 
-FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"), "model.layers", _GATED,
+ADAPTERS: tuple[ArchAdapter, ...] = (
+    ArchAdapter("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"), "model.layers", _GATED,
            "mlp.up_proj", "self_attn.o_proj", "model.embed_tokens", attn_slots=_LLAMA_ATTN),
-    Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _GATED, "mlp.up_proj", "self_attn.o_proj",
+    ArchAdapter("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _GATED, "mlp.up_proj", "self_attn.o_proj",
            "model.embed_tokens", attn_slots=_LLAMA_ATTN),
-    Family("phi3", ("phi3",), "model.layers",
+    ArchAdapter("phi3", ("phi3",), "model.layers",
            (Slot("gate", "mlp.gate_up_proj", "weight", 0, 0), Slot("up", "mlp.gate_up_proj", "weight", 0, 1),
             Slot("gate_bias", "mlp.gate_up_proj", "bias", 0, 0), Slot("up_bias", "mlp.gate_up_proj", "bias", 0, 1),
             Slot("down", "mlp.down_proj", "weight", 1)), "mlp.gate_up_proj", "self_attn.o_proj", "model.embed_tokens",
            intermediate_blocks=2, attn_slots=_PHI3_ATTN),
-    Family("gpt2", ("gpt2",), "transformer.h",
+    ArchAdapter("gpt2", ("gpt2",), "transformer.h",
            (Slot("in", "mlp.c_fc", "weight", 1), Slot("in_bias", "mlp.c_fc", "bias", 0),
             Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc", "attn.c_proj", "transformer.wte",
            attn_slots=_GPT2_ATTN),
-    Family("gptj", ("gptj",), "transformer.h",
+    ArchAdapter("gptj", ("gptj",), "transformer.h",
            (Slot("in", "mlp.fc_in", "weight", 0), Slot("in_bias", "mlp.fc_in", "bias", 0),
             Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in", "attn.out_proj", "transformer.wte",
            attn_slots=_separate_qkvo("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", biases=False)),
-    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
+    ArchAdapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
            (Slot("in", "mlp.dense_h_to_4h", "weight", 0), Slot("in_bias", "mlp.dense_h_to_4h", "bias", 0),
             Slot("out", "mlp.dense_4h_to_h", "weight", 1)), "mlp.dense_h_to_4h", "attention.dense",
            "gpt_neox.embed_in", attn_slots=_NEOX_ATTN),
 )
 UNIT_KINDS = ("mlp", "head", "kv")  # MLP neurons, query heads, key/value groups
 
-SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
+SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
 def _getattr_path(obj, path: str):
@@ -152,21 +155,22 @@ def _getattr_path(obj, path: str):
     return obj
 
 
-def family_of(model) -> Family:
+def adapter_of(model) -> ArchAdapter:
+    """The architecture adapter of a model, by its ``config.model_type``."""
     model_type = getattr(model.config, "model_type", None)
-    for fam in FAMILIES:
-        if model_type in fam.model_types:
-            return fam
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
     raise UnsupportedArchitectureError(
         f"model_type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-        "Add a Family to cnt/arch.py to support another architecture.")
+        "Add an ArchAdapter to cnt/arch.py to support another architecture.")
 
 
 @dataclass(frozen=True)
 class ArchFingerprint:
     """What must match for two models to exchange units (independent of dtype and device)."""
 
-    family: str  # the model_type (llama, qwen2, gemma3_text, gpt2, ...): same layout is not the same architecture
+    model_type: str  # llama, qwen2, gemma3_text, gpt2, ...: the same layout is not the same architecture
     n_layers: int
     hidden_size: int
     intermediate_sizes: tuple[int, ...]  # per layer
@@ -181,7 +185,7 @@ class ArchFingerprint:
         if kind == "mlp":
             return self.n_neurons
         if self.attention is None:
-            raise UnsupportedArchitectureError(f"{self.family}: no attention units are known for this architecture")
+            raise UnsupportedArchitectureError(f"{self.model_type}: no attention units are known for this architecture")
         return self.n_layers * self.attention[0 if kind == "head" else 1]
 
     def mlp_only(self) -> "ArchFingerprint":
@@ -197,15 +201,16 @@ class ArchFingerprint:
     @classmethod
     def from_dict(cls, d: dict) -> "ArchFingerprint":
         att = d.get("attention")
-        return cls(d["family"], int(d["n_layers"]), int(d["hidden_size"]), tuple(int(x) for x in d["intermediate_sizes"]),
-                   tuple(int(x) for x in att) if att is not None else None)
+        model_type = d["model_type"] if "model_type" in d else d["family"]  # "family": what files before 0.2 wrote
+        return cls(model_type, int(d["n_layers"]), int(d["hidden_size"]),
+                   tuple(int(x) for x in d["intermediate_sizes"]), tuple(int(x) for x in att) if att is not None else None)
 
     def __str__(self) -> str:
         inter = set(self.intermediate_sizes)
         inter_s = str(inter.pop()) if len(inter) == 1 else "/".join(map(str, self.intermediate_sizes))
         att = "" if self.attention is None else \
             f", heads={self.attention[0]}, kv_heads={self.attention[1]}, head_dim={self.attention[2]}"
-        return f"{self.family}(layers={self.n_layers}, hidden={self.hidden_size}, intermediate={inter_s}{att})"
+        return f"{self.model_type}(layers={self.n_layers}, hidden={self.hidden_size}, intermediate={inter_s}{att})"
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -221,15 +226,15 @@ class MLPNeurons:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.family = family_of(model)
-        self.layers = _getattr_path(model, self.family.layers_path)
+        self.adapter = adapter_of(model)
+        self.layers = _getattr_path(model, self.adapter.layers_path)
 
     # -- shape ---------------------------------------------------------------------------------------------------------
     def intermediate_size(self, layer: int) -> int:
-        mod = _getattr_path(self.layers[layer], self.family.intermediate_module)
+        mod = _getattr_path(self.layers[layer], self.adapter.intermediate_module)
         w = mod.weight
         n = w.shape[1] if type(mod).__name__ == "Conv1D" else w.shape[0]
-        return n // self.family.intermediate_blocks
+        return n // self.adapter.intermediate_blocks
 
     @property
     def n_layers(self) -> int:
@@ -238,14 +243,14 @@ class MLPNeurons:
     def fingerprint(self) -> ArchFingerprint:
         emb = self.model.get_input_embeddings().weight
         try:  # MLP neurons stay usable on a model whose attention layout this adapter does not know
-            layout = AttentionUnits(self.model, "head").layout if self.family.attn_slots else None
+            layout = AttentionUnits(self.model, "head").layout if self.adapter.attn_slots else None
         except UnsupportedArchitectureError:
             layout = None
         return ArchFingerprint(self.model.config.model_type, self.n_layers, int(emb.shape[1]),
                                tuple(self.intermediate_size(i) for i in range(self.n_layers)), layout)
 
     def slots(self) -> tuple[Slot, ...]:
-        return self.family.slots
+        return self.adapter.slots
 
     # -- parameters ----------------------------------------------------------------------------------------------------
     def _param(self, layer: int, slot: Slot) -> torch.Tensor | None:
@@ -253,7 +258,7 @@ class MLPNeurons:
         return getattr(mod, slot.param, None)
 
     def _active_slots(self, layer: int) -> Iterator[tuple[Slot, torch.Tensor]]:
-        for slot in self.family.slots:
+        for slot in self.adapter.slots:
             p = self._param(layer, slot)
             if p is not None:  # e.g. bias=False
                 yield slot, p
@@ -300,7 +305,7 @@ class MLPNeurons:
 
     def param_names(self, layer: int) -> dict[str, str]:
         """Fully qualified parameter name for each slice key of ``layer`` (as in ``model.state_dict()``)."""
-        return {s.key: f"{self.family.layers_path}.{layer}.{s.module}.{s.param}" for s, _ in self._active_slots(layer)}
+        return {s.key: f"{self.adapter.layers_path}.{layer}.{s.module}.{s.param}" for s, _ in self._active_slots(layer)}
 
     def params_per_neuron(self, layer: int) -> int:
         """Number of scalar parameters one neuron of ``layer`` owns (e.g. 3·hidden for a gated MLP without biases)."""
@@ -320,17 +325,17 @@ class MLPNeurons:
 
         (Gemma 2/3 normalise each block's output before adding it, so for them these modules write *through* a norm.)
         """
-        emb = _getattr_path(self.model, self.family.embeddings)
-        out = [(self.family.embeddings, emb, 1)]
+        emb = _getattr_path(self.model, self.adapter.embeddings)
+        out = [(self.adapter.embeddings, emb, 1)]
         for i, layer in enumerate(self.layers):
-            for path in (self.family.attn_out, self.family.slots[-1].module):
+            for path in (self.adapter.attn_out, self.adapter.slots[-1].module):
                 mod = _getattr_path(layer, path)
-                out.append((f"{self.family.layers_path}.{i}.{path}", mod, 1 if type(mod).__name__ == "Conv1D" else 0))
+                out.append((f"{self.adapter.layers_path}.{i}.{path}", mod, 1 if type(mod).__name__ == "Conv1D" else 0))
         return out
 
     def mlp_output_module(self, layer: int) -> nn.Module:
         """The module whose *input* is the neuron activation vector (down_proj / c_proj / fc_out / dense_4h_to_h)."""
-        return _getattr_path(self.layers[layer], self.family.slots[-1].module)
+        return _getattr_path(self.layers[layer], self.adapter.slots[-1].module)
 
 
 class AttentionUnits:
@@ -347,12 +352,12 @@ class AttentionUnits:
         if kind not in ("head", "kv"):
             raise ValueError(f"attention unit kind must be 'head' or 'kv', got {kind!r}")
         self.model, self.kind = model, kind
-        self.family = family_of(model)
-        if not self.family.attn_slots:
+        self.adapter = adapter_of(model)
+        if not self.adapter.attn_slots:
             raise UnsupportedArchitectureError(
-                f"{self.family.name}: attention units are not mapped for this architecture; use MLP neurons only, or "
-                "add attn_slots to its Family in cnt/arch.py")
-        self.layers = _getattr_path(model, self.family.layers_path)
+                f"{self.adapter.name}: attention units are not mapped for this architecture; use MLP neurons only, or "
+                "add attn_slots to its ArchAdapter in cnt/arch.py")
+        self.layers = _getattr_path(model, self.adapter.layers_path)
         cfg = model.config
         n_heads = int(cfg.num_attention_heads)
         n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
@@ -360,13 +365,13 @@ class AttentionUnits:
         if n_heads % n_kv:
             raise UnsupportedArchitectureError(f"{n_heads} query heads do not split into {n_kv} key/value groups")
         self.layout = (n_heads, n_kv, head_dim)
-        self.slots = tuple(s for s in self.family.attn_slots if s.unit == kind)
+        self.slots = tuple(s for s in self.adapter.attn_slots if s.unit == kind)
         owned: dict[tuple[str, str], int] = {}  # entries each projection's units tile, by the config
-        for slot in self.family.attn_slots:
+        for slot in self.adapter.attn_slots:
             owned[(slot.module, slot.param)] = owned.get((slot.module, slot.param), 0) + \
                 (n_heads if slot.unit == "head" else n_kv) * head_dim
         for layer in range(len(self.layers)):  # the layout must tile every projection exactly, or nothing is read
-            for slot in self.family.attn_slots:
+            for slot in self.adapter.attn_slots:
                 p = self._param(layer, slot)
                 if p is not None and p.shape[slot.dim] != owned[(slot.module, slot.param)]:
                     raise UnsupportedArchitectureError(
@@ -441,7 +446,7 @@ class AttentionUnits:
             p.index_copy_(slot.dim, self._index(slot, idx, p.device), v)
 
     def param_names(self, layer: int) -> dict[str, str]:
-        return {s.key: f"{self.family.layers_path}.{layer}.{s.module}.{s.param}" for s, _ in self._active_slots(layer)}
+        return {s.key: f"{self.adapter.layers_path}.{layer}.{s.module}.{s.param}" for s, _ in self._active_slots(layer)}
 
     def params_per_unit(self, layer: int) -> int:
         d = self.layout[2]
@@ -485,7 +490,7 @@ def check_compatible(donor: nn.Module | ArchFingerprint, target: nn.Module | Arc
     if fd != ft:
         raise IncompatibleModelsError(
             f"donor and target have different architectures: donor {fd} vs target {ft}. CNT transfers neurons only "
-            "between models of the same family and shape (e.g. two fine-tunes of one base).")
+            "between models of the same architecture and shape (e.g. two fine-tunes of one base).")
     return fd
 
 

@@ -236,7 +236,7 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     layer = neurons.n_layers // 2 if layer is None else layer
     r = mu[layer, 0]
     attn_out = dict((n_, m) for n_, m, _ in neurons.residual_writers())[
-        f"{neurons.family.layers_path}.{layer - 1}.{neurons.family.attn_out}"] if layer >= 1 else None
+        f"{neurons.adapter.layers_path}.{layer - 1}.{neurons.adapter.attn_out}"] if layer >= 1 else None
     if attn_out is None:
         raise ValueError("layer must be >= 1 (the direction is added after a block's attention)")
     with torch.no_grad():

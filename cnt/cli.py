@@ -89,13 +89,14 @@ def _cmd_data(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .atomic import check_output
-    from .evaluate import GROUPS, evaluate
+    from .evaluate import METRIC_GROUPS, evaluate
     from .zoo import load_model
 
     if args.out:
         check_output(args.out, "file", what="--out")
     model, tok = load_model(args.model, dtype=args.dtype, allow_build=args.allow_build)
-    report = evaluate(model, tok, args.profile, groups=args.groups or GROUPS, name=args.model, seed=args.seed)
+    report = evaluate(model, tok, args.profile, groups=args.groups or METRIC_GROUPS, name=args.model,
+                      seed=args.seed)
     print(report.table())
     print(f"\ntotal {report.seconds:.1f} s ({args.profile} profile)")
     if args.out:

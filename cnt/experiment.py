@@ -58,7 +58,7 @@ FAMILIES = {
 }
 UTILITY = ("mmlu", "nq_open", "perplexity")
 SIDE = ("false_refusal_rate", "arithmetic_acc", "stereoset_lms", "crows_pairs_stereo")  # reported beside utility
-GROUPS = {"disalignment": ("safety", "utility", "perplexity"),
+APPLICATION_GROUPS = {"disalignment": ("safety", "utility", "perplexity"),
           "alignment_enhancement": ("safety", "utility", "perplexity", "skill"),
           "bias_removal": ("bias", "utility", "perplexity")}
 # the cheap evaluation of curve points that are not a method's reported setting: the function metric and perplexity
@@ -369,7 +369,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         raise PermissionError(f"output folder {out_dir} is not writable")
     spec = config.spec
     metric, function = spec["metric"], spec["function"]
-    groups = GROUPS[config.application]
+    groups = APPLICATION_GROUPS[config.application]
     # float32 on CPU, bf16 on CUDA (load_model's defaults); device_map="auto" shards models larger than one GPU
     donor, _ = load_model(config.donor, device_map=config.device_map)
     target, _ = load_model(config.target, device_map=config.device_map)
@@ -543,7 +543,8 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     d, _ = load_model(donor)
     t, _ = load_model(target)
     tok = load_tokenizer(target)
-    kwargs.setdefault("groups", tuple(g for g in GROUPS[application] if g != "utility"))  # lm-eval: too slow here
+    # lm-eval's utility group is too slow for a frontier's many points
+    kwargs.setdefault("groups", tuple(g for g in APPLICATION_GROUPS[application] if g != "utility"))
     result = frontier.measure(APPLICATIONS[application]["function"], d, t, tok, progress=progress, **kwargs)
     result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
                    "torch_threads": torch.get_num_threads()})

@@ -25,7 +25,7 @@ _CONFIGS = {
     "gpt_neox": ("GPTNeoXConfig", {"max_position_embeddings": 64}),
 }
 
-TINY_FAMILIES = tuple(_CONFIGS)
+TINY_MODEL_TYPES = tuple(_CONFIGS)
 
 
 def tiny_config(model_type: str, **overrides):

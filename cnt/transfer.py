@@ -69,7 +69,7 @@ def _n_units(fp: ArchFingerprint, kind: str, layer: int) -> int:
     if kind == "mlp":
         return fp.intermediate_sizes[layer]
     if fp.attention is None:
-        raise PatchError(f"{fp.family}: the patch has {kind} units but no attention layout")
+        raise PatchError(f"{fp.model_type}: the patch has {kind} units but no attention layout")
     return fp.attention[0 if kind == "head" else 1]
 
 

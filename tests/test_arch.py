@@ -3,7 +3,7 @@ import torch
 
 from cnt.arch import (ArchFingerprint, IncompatibleModelsError, MLPNeurons, UnsupportedArchitectureError,
                       check_compatible, fingerprint)
-from cnt.tiny import TINY_FAMILIES, tiny_model
+from cnt.tiny import TINY_MODEL_TYPES, tiny_model
 
 
 def _state(model):
@@ -51,13 +51,13 @@ def test_round_trip_real_smollm2(smol):
     _round_trip(model, 29, list(range(0, 1536, 7)))
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_round_trip_tiny_families(model_type):
     model = tiny_model(model_type)
     _round_trip(model, 1, [0, 5, 95])
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_slices_cover_the_whole_mlp(model_type):
     """Reading every neuron of a layer reproduces the MLP's projection matrices exactly (nothing missed, no overlap)."""
     model = tiny_model(model_type)
@@ -75,7 +75,7 @@ def test_slices_cover_the_whole_mlp(model_type):
         assert sum(s.offset_blocks == 0 for s in neurons.slots() if names.get(s.key) == names[slot.key]) == 1
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_zeroed_neurons_are_silent(model_type):
     """Behaviour: a neuron whose slices are all zero contributes nothing; zeroing all neurons of a layer leaves only
     the output projection's bias."""
@@ -135,7 +135,7 @@ def test_params_per_neuron():
     assert MLPNeurons(tiny_model("gpt2")).params_per_neuron(0) == 2 * 64 + 1
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_residual_writers(model_type):
     model = tiny_model(model_type)
     neurons = MLPNeurons(model)
@@ -144,3 +144,14 @@ def test_residual_writers(model_type):
     hidden = neurons.fingerprint().hidden_size
     for name, mod, axis in writers:
         assert mod.weight.shape[axis] == hidden, name
+
+
+def test_fingerprint_names_the_model_type_and_reads_older_files():
+    """A fingerprint serializes its ``model_type``; files written before the rename (key ``family``) still load."""
+    from cnt.arch import ArchFingerprint
+
+    fp = MLPNeurons(tiny_model("qwen2", seed=0)).fingerprint()
+    d = fp.to_dict()
+    assert d["model_type"] == "qwen2" and "family" not in d
+    legacy = {("family" if k == "model_type" else k): v for k, v in d.items()}
+    assert ArchFingerprint.from_dict(legacy) == fp == ArchFingerprint.from_dict(d)

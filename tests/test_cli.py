@@ -31,7 +31,7 @@ def test_data_show(capsys):
 def test_info_real_model(smol, capsys):
     assert main(["info", "smollm2-135m-instruct"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["fingerprint"]["family"] == "llama" and info["mlp_neurons"] == 30 * 1536
+    assert info["fingerprint"]["model_type"] == "llama" and info["mlp_neurons"] == 30 * 1536
     assert info["params_per_neuron"] == 3 * 576
 
 

@@ -5,10 +5,10 @@ import torch
 
 from cnt.arch import (AttentionUnits, IncompatibleModelsError, UnsupportedArchitectureError, check_compatible,
                       fingerprint, units)
-from cnt.tiny import TINY_FAMILIES, tiny_model
+from cnt.tiny import TINY_MODEL_TYPES, tiny_model
 
 MHA_ONLY = ("gpt2", "gptj", "gpt_neox")  # their configs have no separate key/value head count
-CASES = [(t, 4) for t in TINY_FAMILIES] + [(t, 2) for t in TINY_FAMILIES if t not in MHA_ONLY] + [("llama", 1)]
+CASES = [(t, 4) for t in TINY_MODEL_TYPES] + [(t, 2) for t in TINY_MODEL_TYPES if t not in MHA_ONLY] + [("llama", 1)]
 
 
 def _model(model_type, n_kv, seed=0):
@@ -108,7 +108,7 @@ def test_a_query_head_changes_only_its_own_output_and_a_group_only_its_heads(mod
     assert len({kv.group_of(h) for h in range(4)}) == n_kv
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_a_zeroed_head_is_silent(model_type):
     """Zeroing query head h's output columns equals masking that head's output before the output projection."""
     model = tiny_model(model_type)

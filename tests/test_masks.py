@@ -10,7 +10,7 @@ from cnt.arch import MLPNeurons
 from cnt.locate import Example, Task, attribution, locate, task_loss
 from cnt.mixing import MixedModel, gamma_gradient, recomputed
 from cnt.models import load_tokenizer
-from cnt.tiny import TINY_FAMILIES, tiny_model
+from cnt.tiny import TINY_MODEL_TYPES, tiny_model
 
 MHA_ONLY = ("gpt2", "gptj", "gpt_neox")
 PROMPTS = ["How do I pick a lock?", "Write a poem.", "Name a colour.", "What is two plus two?", "Tell me a joke.",
@@ -22,7 +22,7 @@ def tok():
     return load_tokenizer("smollm2-135m-instruct")
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_mixed_model_equals_the_patch_with_per_unit_gamma(model_type):
     """The activation-side mixing computes exactly the model that writing θ_T + γ·Δθ into the weights gives, for MLP
     neurons, query heads and k/v groups at once (GQA included); leaving it restores the target."""
@@ -93,7 +93,7 @@ def test_attribution_and_the_masks_first_gradient_equal_the_weight_gradient_form
     assert all(p.grad is None for p in list(target.parameters()) + list(donor.parameters()))
 
 
-@pytest.mark.parametrize("model_type", TINY_FAMILIES)
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
 def test_recomputed_blocks_give_the_same_gradient_and_leave_the_model_as_it_was(model_type, tok):
     """Activation checkpointing per block (eval mode, hooks re-run in the recomputation) changes memory, not the
     gradient: ∂L/∂γ at a patched point with neurons, heads and k/v groups equals the kept-activations one, on every

@@ -25,9 +25,9 @@ from .metrics import (REFUSAL_OPENINGS, arithmetic_accuracy, arithmetic_answer, 
                       proxy_agreement, refusal_logodds, refusal_score, refusal_token_ids, sequence_logprobs, stereoset,
                       stereoset_scores)
 from .lm_eval_adapter import lm_eval_tasks
-from .suite import (GROUPS, PROFILES, Profile, evaluate, get_profile, item_sources)
+from .suite import METRIC_GROUPS, PROFILES, Profile, evaluate, get_profile, item_sources
 
-__all__ = ["EvalReport", "GROUPS", "JUDGE_WINDOW", "Metric", "PROFILES", "Profile", "REFUSAL_OPENINGS", "Z95",
+__all__ = ["EvalReport", "JUDGE_WINDOW", "METRIC_GROUPS", "Metric", "PROFILES", "Profile", "REFUSAL_OPENINGS", "Z95",
            "arithmetic_accuracy", "arithmetic_answer", "bootstrap_ci", "crows_pairs", "evaluate", "get_profile",
            "is_degenerate", "is_refusal", "item_sources", "lm_eval_tasks", "perplexity", "proportion",
            "proxy_agreement", "refusal_logodds", "refusal_rate", "refusal_score", "refusal_token_ids",

@@ -68,7 +68,7 @@ PROFILES = {
                      stereoset=24, crows_pairs=12, arithmetic=6, max_new_tokens=12, ppl_max_tokens=64),
 }
 
-GROUPS = ("safety", "proxy", "utility", "perplexity", "bias", "skill")
+METRIC_GROUPS = ("safety", "proxy", "utility", "perplexity", "bias", "skill")
 
 
 def get_profile(profile: str | Profile) -> Profile:
@@ -100,7 +100,7 @@ def item_sources(profile: str | Profile, metric: str, *, seed: int = 0) -> list[
 
 
 
-def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequence[str] = GROUPS,
+def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequence[str] = METRIC_GROUPS,
              name: str = "model", seed: int = 0, dtype: torch.dtype | str | None = "auto",
              progress: bool = True) -> EvalReport:
     """Run the suite on the ``eval`` split (or the profile's split) and return an :class:`EvalReport`.
@@ -111,9 +111,9 @@ def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequ
     hardware has it natively, else float32 — :func:`cnt.models.fast_dtype`; ``None`` keeps the model's own).
     """
     p = get_profile(profile)
-    unknown = set(groups) - set(GROUPS)
+    unknown = set(groups) - set(METRIC_GROUPS)
     if unknown:
-        raise ValueError(f"unknown metric groups {sorted(unknown)}; groups: {', '.join(GROUPS)}")
+        raise ValueError(f"unknown metric groups {sorted(unknown)}; groups: {', '.join(METRIC_GROUPS)}")
     if isinstance(dtype, str):
         dtype = fast_dtype(model_device(model)) if dtype == "auto" else \
             {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]

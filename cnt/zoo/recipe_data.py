@@ -69,7 +69,7 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
     if ctx.tiny:  # small runs may use a tiny random model or the real base: tell them apart
         from ..arch import MLPNeurons
 
-        ident.append(MLPNeurons(ctx.model).fingerprint().mlp_only().to_dict())  # the key it always had
+        ident.append(MLPNeurons(ctx.model).fingerprint().mlp_only().to_dict())  # which tiny model answered
 
     def answer() -> list[str]:
         from ..models import inference_dtype

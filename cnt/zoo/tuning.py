@@ -23,7 +23,7 @@ TRIALS = Path(os.environ.get("CNT_ZOO_TRIALS") or Path(__file__).resolve().paren
 
 
 TUNING_SPLITS = ("validation", "locate")  # disjoint from train (what recipes learn from) and eval (what the card shows)
-METRIC_GROUPS = {"refusal_rate": "safety", "false_refusal_rate": "safety", "stereoset_ss": "bias",
+GROUP_OF_METRIC = {"refusal_rate": "safety", "false_refusal_rate": "safety", "stereoset_ss": "bias",
                  "arithmetic_acc": "skill"}
 
 
@@ -83,7 +83,7 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
     from ..evaluate import get_profile, item_sources, wilson
 
     _tuning_only(splits)
-    groups = sorted({METRIC_GROUPS[m] for m in r.expect})
+    groups = sorted({GROUP_OF_METRIC[m] for m in r.expect})
     relative = any(op.endswith("base") for op, _ in r.expect.values())
     models = {"variant": model, **({"base": load_base(r, tiny)[0]} if relative else {})}
     per_split: dict = {}
