@@ -59,7 +59,8 @@ import json, resource, sys, time, dataclasses
 import torch
 from cnt.zoo import load_model
 from cnt import baselines as B, zoo
-from cnt.search import ALPHAS, build_task, Proxy, minimal_subset, pick
+from cnt.functions import build_task, Proxy
+from cnt.search import ALPHAS, minimal_subset, pick
 from cnt.locate import locate
 from cnt.transfer import NeuronPatch
 from cnt.models import chat_texts, encode

@@ -300,7 +300,7 @@ def _cmd_locate(args) -> int:
     from .arch import check_compatible
     from .atomic import check_output, write_file
     from .locate import default_scorer, locate
-    from .search import build_task
+    from .functions import build_task
     from .zoo import load_model, load_tokenizer
 
     check_output(args.out, "file", what="--out")

@@ -34,7 +34,8 @@ from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
 from .locate import default_scorer, locate
 from .zoo import load_model, load_tokenizer
-from .search import ALPHAS, Proxy, Validator, build_task, choose, minimal_subset, pick
+from .functions import Proxy, Validator, build_task, choose
+from .search import ALPHAS, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
 APPLICATIONS = {

@@ -4,7 +4,7 @@ and weight-delta, and the ceilings — every MLP neuron, attention only, every u
 the donor itself.
 
 Protocol (nothing tuned on eval): each point's amplitude (α; a learned mask also brings its own per-unit γ, scaled by
-α) is chosen on the validation proxies by the kit's rule (:func:`cnt.search.choose`: the furthest toward the donor
+α) is chosen on the validation proxies by the kit's rule (:func:`cnt.functions.choose`: the furthest toward the donor
 with utility held, else the furthest), then that one setting is evaluated on the eval split. The share of the gap and
 its 95% interval come from the metric and its Wilson / bootstrap interval mapped through the same affine map.
 Results are plain records written as JSON; :func:`cnt.plots.frontier` draws them.
@@ -20,7 +20,8 @@ from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import evaluate
 from .locate import locate
-from .search import ALPHAS, Proxy, Validator, build_task, choose
+from .functions import Proxy, Validator, build_task, choose
+from .search import ALPHAS
 from .transfer import NeuronPatch, transfer_all
 
 BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
@@ -85,7 +86,7 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     ``proxy_size``: validation prompts per proxy.
     ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
     evaluation's metric groups (default: the function's metric and perplexity; add ``"skill"`` for a specialist).
-    ``task_kwargs``: :func:`cnt.search.build_task`'s settings."""
+    ``task_kwargs``: :func:`cnt.functions.build_task`'s settings."""
     from tqdm.auto import tqdm
 
     t0 = time.time()

@@ -132,7 +132,7 @@ This walkthrough uses two real models from the kit's zoo, both fine-tunes of Smo
                      f'scorer = "{default_scorer("refusal")}"  # the default for adding refusal; "attribution": its first-order start\n'
                      'seed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
-                  "from cnt import NeuronPatch, arch, data, experiment, locate, plots, search\n"
+                  "from cnt import NeuronPatch, arch, data, experiment, functions, locate, plots, search\n"
                   "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.zoo import load_model, load_tokenizer\n\n"
                   "experiment.check_walkthrough(donor=donor, target=target, budget=budget, scorer=scorer, seed=seed, "
                   "prompts=prompts)\n"
@@ -158,7 +158,7 @@ first-order effect of moving it to the donor's values, minus the same on the uti
 the *learned mask*, starts there and then chooses jointly: it gives every neuron an amplitude γ, trains the amplitudes
 at the patched model and prunes neurons down to a budget, re-measuring each removal — so neurons that only matter
 together are kept together. Its map shows how long each neuron survived the pruning."""),
-    new_code_cell("task = search.build_task(\"refusal\", donor_model, target_model, tok, seed=seed)\n"
+    new_code_cell("task = functions.build_task(\"refusal\", donor_model, target_model, tok, seed=seed)\n"
                   "scores = locate.locate(scorer, task, donor_model, target_model, tok)\n"
                   "k = round(budget * fp.n_neurons)\n"
                   "display(plots.neuron_map(torch.stack(list(scores.scores)), f'{scorer} scores', top=k))"),
@@ -168,7 +168,7 @@ The patch moves each chosen neuron by α·γ of the donor–target difference (�
 attribution). α is chosen on the *validation* split among 1, 2, 4, 8: the furthest toward the donor with perplexity
 within 2%, false refusal within 5 points and no more broken answers than the target's."""),
     new_code_cell("selection, gamma = search.pick(scores, k)\n"
-                  "alpha, _ = search.best_alpha(scores, k, donor_model, target_model, tok, search.Proxy.for_function(\"refusal\", seed))\n"
+                  "alpha, _ = search.best_alpha(scores, k, donor_model, target_model, tok, functions.Proxy.for_function(\"refusal\", seed))\n"
                   "patch = NeuronPatch.extract(donor_model, target_model, selection, alpha=alpha, gamma=gamma, donor_name=donor,\n"
                   "                            target_name=target)\n"
                   "harmful = data.texts(data.load(\"harmful\", \"eval\", seed=seed, limit=prompts))\n"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cnt import search
+from cnt import functions, search
 from cnt.tiny import tiny_model
 from cnt.transfer import NeuronPatch, PatchError
 
@@ -59,10 +59,10 @@ def test_incompatible_refused_before_compute(fixture, monkeypatch):  # noqa: F81
 
 def test_unknown_function(fixture):  # noqa: F811
     with pytest.raises(ValueError, match="functions: refusal"):
-        search.build_task("honesty", *fixture)
+        functions.build_task("honesty", *fixture)
 
 
-class _ScriptedProxy(search.Proxy):
+class _ScriptedProxy(functions.Proxy):
     """A proxy whose share grows with the number of transferred neurons and whose perplexity breaks above ``k_bad``."""
 
     def __init__(self, k_bad: int, k_goal: int):
@@ -112,9 +112,39 @@ def test_search_stops_galloping_once_utility_breaks(fixture, monkeypatch, growth
     assert [s.k for s in res.steps] == ks  # 8 broke perplexity: no trials beyond it
 
 
+def _plain_trial(k_goal: float, k_bad: float = float("inf"), gain: dict | None = None):
+    """A ``(k, alpha) -> step`` function without any model: the share grows linearly in ``gain[alpha] * k`` and
+    perplexity breaks above ``k_bad``."""
+    tried = []
+
+    def trial(k, alpha):
+        share = min(1.0, (gain or {}).get(alpha, 1.0) * k / k_goal)
+        utility_ok = k <= k_bad
+        tried.append((k, alpha))
+        return search.SearchStep(k, alpha, share, share, 10.0, None, share >= 0.9 and utility_ok, utility_ok)
+
+    return trial, tried
+
+
+def test_the_search_algorithm_runs_on_a_plain_function():
+    """search_k needs no model: on k -> share it finds the smallest accepted k within 10%, stops galloping once
+    utility breaks, and a later alpha only searches below the best k found."""
+    trial, tried = _plain_trial(k_goal=200)
+    best = search.search_k(trial, k_min=2, k_max=10_000, alphas=(1.0,))
+    assert 180 <= best.k <= 198 and best.ok and all(k < 180 for k, _ in tried if k < best.k)
+    assert [k for k, _ in tried][:4] == [2, 8, 32, 128]  # the gallop, growth 4
+    trial, tried = _plain_trial(k_goal=200, k_bad=20)
+    assert search.search_k(trial, k_min=2, k_max=10_000, alphas=(1.0,)) is None and tried == [(2, 1.0), (8, 1.0),
+                                                                                           (32, 1.0)]
+    trial, tried = _plain_trial(k_goal=200, gain={2.0: 2.0})
+    best = search.search_k(trial, k_min=2, k_max=10_000, alphas=(1.0, 2.0))
+    assert best.alpha == 2.0 and 90 <= best.k <= 99
+    assert all(k < best.k for k, a in tried if a == 1.0) and [k for k, a in tried if a == 1.0] == [best.k - 1]
+
+
 def test_task_never_reads_the_eval_split(fixture):  # noqa: F811
     with pytest.raises(ValueError, match="eval split"):
-        search.build_task("refusal", *fixture, split="eval")
+        functions.build_task("refusal", *fixture, split="eval")
 
 
 def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # noqa: F811
@@ -143,12 +173,12 @@ def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # 
 def test_choose_counts_overshooting_the_donor_as_reaching_it():
     a = [{"share": 0.5, "utility_ok": True}, {"share": 1.05, "utility_ok": True}, {"share": 1.4, "utility_ok": True},
          {"share": 2.0, "utility_ok": False}]
-    assert search.choose(a) == 1  # 1.05 and 1.4 both reach the donor: the milder (first) wins
-    assert search.choose([{**x, "utility_ok": False} for x in a]) == 1  # none held: the furthest, capped the same
-    assert search.choose([{"share": 0.2, "utility_ok": True}, {"share": 0.9, "utility_ok": False}]) == 0
+    assert functions.choose(a) == 1  # 1.05 and 1.4 both reach the donor: the milder (first) wins
+    assert functions.choose([{**x, "utility_ok": False} for x in a]) == 1  # none held: the furthest, capped the same
+    assert functions.choose([{"share": 0.2, "utility_ok": True}, {"share": 0.9, "utility_ok": False}]) == 0
 
 
-class _AlphaProxy(search.Proxy):
+class _AlphaProxy(functions.Proxy):
     """Target and donor first; then the share is alpha x 0.3 and perplexity breaks from alpha 8 on."""
 
     def __init__(self):
@@ -165,7 +195,7 @@ class _AlphaProxy(search.Proxy):
 def test_fixed_budget_with_several_alphas_chooses_on_validation(fixture, monkeypatch):  # noqa: F811
     donor, target, tok = fixture
     proxy = _AlphaProxy()
-    monkeypatch.setattr(search.Proxy, "for_function", classmethod(lambda cls, *a, **k: proxy))
+    monkeypatch.setattr(functions.Proxy, "for_function", classmethod(lambda cls, *a, **k: proxy))
     real_extract = search.NeuronPatch.extract
 
     def extract(d, t, picked, alpha=1.0, **kw):
@@ -186,9 +216,9 @@ def test_judge_names_each_utility_check_that_failed():
     """The rule says which check stopped a setting, with its value and limit, and nothing when utility held."""
     base = {"score": 0.0, "ppl": 20.0, "degenerate": 0.02, "false_refusal": 0.05}
     donor = {"score": 1.0, "ppl": 30.0}
-    held = search.judge({"score": 0.95, "ppl": 20.3, "degenerate": 0.04, "false_refusal": 0.10}, base, donor, "refusal")
+    held = functions.judge({"score": 0.95, "ppl": 20.3, "degenerate": 0.04, "false_refusal": 0.10}, base, donor, "refusal")
     assert held["ok"] and held["utility_ok"] and held["failed"] == []
-    broke = search.judge({"score": 0.95, "ppl": 21.0, "degenerate": 0.02, "false_refusal": 0.1333}, base, donor,
+    broke = functions.judge({"score": 0.95, "ppl": 21.0, "degenerate": 0.02, "false_refusal": 0.1333}, base, donor,
                          "refusal")
     assert not broke["ok"] and not broke["utility_ok"] and broke["share"] == pytest.approx(0.95)
     assert broke["failed"] == ["perplexity +5.0% (limit +2%)", "false refusal +8.3 points (limit +5)"]
