@@ -1,9 +1,11 @@
 """Baselines: what a researcher would try instead of CNT, behind one interface (a registry, like mergekit's methods).
 
-Each method takes ``(donor, target, tokenizer, function, setting)`` and returns a :class:`Modified` — the modified target
-(a new model; the inputs are untouched) or a :class:`~cnt.transfer.NeuronPatch` where it is neuron-level — and the
-number of parameters it changed. Settings (λ, density, k, layer, α) are swept by the caller and chosen on the
-validation split by the same rule as CNT.
+Each baseline is a registered :class:`Baseline` (``BASELINES[name]``): it declares its settings (``run``'s keyword
+parameters; an unknown setting is refused by name), the grid an application sweeps (:meth:`Baseline.grid`, from a
+:class:`Sweep`) and whether it is neuron-level. ``run(donor, target, tokenizer, function, **setting)`` returns a
+:class:`Modified` — the modified target (a new model; the inputs are untouched) or a
+:class:`~cnt.transfer.NeuronPatch` where it is neuron-level — and the number of parameters it changed. The swept
+settings (λ, density, k, layer, α) are chosen on the validation split by the same rule as CNT.
 
 =====================  ==================================================================================================
 ``random``             the same k neurons as CNT would move, drawn uniformly (seeded)
@@ -21,10 +23,11 @@ validation split by the same rule as CNT.
 
 from __future__ import annotations
 
+import inspect
 import time
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -87,13 +90,13 @@ def _patch_result(method, donor, target, indices, setting, t0, **prov) -> Modifi
     return Modified(method, setting, patch.n_params, round(time.time() - t0, 2), patch=patch)
 
 
-def run_random(donor, target, tokenizer=None, function=None, *, k: int, seed: int = 0, **_) -> Modified:
+def run_random(donor, target, tokenizer=None, function=None, *, k: int, seed: int = 0) -> Modified:
     t0 = time.time()
     return _patch_result("random", donor, target, random_neurons(donor, target, k, seed), {"k": k, "seed": seed}, t0,
                          seed=seed)
 
 
-def run_weight_delta(donor, target, tokenizer=None, function=None, *, k: int, **_) -> Modified:
+def run_weight_delta(donor, target, tokenizer=None, function=None, *, k: int) -> Modified:
     from .locate import NeuronScores
 
     t0 = time.time()
@@ -128,7 +131,7 @@ def _merged(target, fn: Callable[[str, torch.Tensor], torch.Tensor | None]) -> t
     return out, changed
 
 
-def run_linear(donor, target, tokenizer=None, function=None, *, lam: float, **_) -> Modified:
+def run_linear(donor, target, tokenizer=None, function=None, *, lam: float) -> Modified:
     """θ_T + λ(θ_D − θ_T): λ = 0 is the target, λ = 1 the donor (exactly)."""
     t0 = time.time()
     check_compatible(donor, target)
@@ -146,7 +149,7 @@ def _require_base(base):
     return _floating(base)
 
 
-def run_task_arithmetic(donor, target, tokenizer=None, function=None, *, lam: float, base=None, **_) -> Modified:
+def run_task_arithmetic(donor, target, tokenizer=None, function=None, *, lam: float, base=None) -> Modified:
     """θ_T + λ(θ_D − θ_base)."""
     t0 = time.time()
     check_compatible(donor, target)
@@ -181,16 +184,16 @@ def _merge_utils(method: str, donor, target, base, lam: float, density: float, s
         torch.random.set_rng_state(gen_state)
 
 
-def run_ties(donor, target, tokenizer=None, function=None, *, lam: float, density: float, base=None, seed: int = 0,
-             **_) -> Modified:
+def run_ties(donor, target, tokenizer=None, function=None, *, lam: float, density: float, base=None,
+             seed: int = 0) -> Modified:
     t0 = time.time()
     check_compatible(donor, target)
     model, changed = _merge_utils("ties", donor, target, base, lam, density, seed)
     return Modified("ties", {"lambda": lam, "density": density}, changed, round(time.time() - t0, 2), model=model)
 
 
-def run_dare(donor, target, tokenizer=None, function=None, *, lam: float, density: float, base=None, seed: int = 0,
-             **_) -> Modified:
+def run_dare(donor, target, tokenizer=None, function=None, *, lam: float, density: float, base=None,
+             seed: int = 0) -> Modified:
     t0 = time.time()
     check_compatible(donor, target)
     model, changed = _merge_utils("dare", donor, target, base, lam, density, seed)
@@ -203,7 +206,7 @@ def run_dare(donor, target, tokenizer=None, function=None, *, lam: float, densit
 # ---------------------------------------------------------------------------------------------------------------------
 
 def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int | None = None, alpha: float = 1.0,
-                          seed: int = 0, n: int = 64, layer_stride: int = 2, progress: bool = False, **_) -> Modified:
+                          seed: int = 0, n: int = 64, layer_stride: int = 2, progress: bool = False) -> Modified:
     """Remove refusal (``compliance``): the target's own difference-of-means direction, chosen on validation, projected
     out of every residual write. The candidates are every ``layer_stride``-th layer in the middle 60% × the last five
     prompt positions, scored with bf16 forward passes. A cost choice: stride 1 on SmolLM2 is 95 candidates (413 s
@@ -249,7 +252,7 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
                     round(time.time() - t0, 2), model=model)
 
 
-def run_sft(donor, target, tokenizer, function: str | None = None, *, examples: list[dict], config, **_) -> Modified:
+def run_sft(donor, target, tokenizer, function: str | None = None, *, examples: list[dict], config) -> Modified:
     """Fine-tune (a copy of) the target on the donor's own training data (``examples``, ``config``: e.g. the zoo
     recipe that made the donor)."""
     from .train import sft
@@ -262,22 +265,134 @@ def run_sft(donor, target, tokenizer, function: str | None = None, *, examples: 
                     round(time.time() - t0, 2), model=model, info={"train_seconds": res.seconds})
 
 
-BASELINES: dict[str, Callable[..., Modified]] = {
-    "random": run_random,
-    "weight_delta": run_weight_delta,
-    "linear": run_linear,
-    "task_arithmetic": run_task_arithmetic,
-    "ties": run_ties,
-    "dare": run_dare,
-    "refusal_direction": run_refusal_direction,
-    "sft": run_sft,
-}
+# ---------------------------------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sweep:
+    """What an application sweeps the baselines over (its settings); ``n_neurons`` / ``n_layers``: the target's.
+    ``donor_training``: the donor's own training examples and config, when the kit knows them (the zoo's recipe)."""
+
+    budgets: Sequence[float] = (0.01,)  # fractions of MLP neurons
+    random_seeds: Sequence[int] = (0,)
+    lambdas: Sequence[float] = (0.5, 1.0)
+    densities: Sequence[float] = (0.2, 0.5)
+    seed: int = 0
+    n_neurons: int = 0
+    n_layers: int = 0
+    donor_training: Callable[[], tuple[list[dict], object]] | None = None
+
+
+class Baseline:
+    """One baseline: ``name``, ``level`` (``"neuron"``: a patch of k MLP neurons, evaluated at every budget;
+    ``"model"``: a whole modified model, its setting chosen on validation), ``run`` (its settings are its keyword
+    parameters) and ``grid`` (the settings an application sweeps; empty: it does not apply)."""
+
+    name: ClassVar[str]
+    level: ClassVar[str] = "model"
+    run: ClassVar[Callable[..., Modified]]
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        sig = inspect.signature(type(self).run)
+        return tuple(n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+    def grid(self, sweep: Sweep, base, function: str) -> list[dict]:
+        return [{}]
+
+    def __call__(self, donor, target, tokenizer=None, function: str | None = None, **setting) -> Modified:
+        unknown = sorted(set(setting) - set(self.parameters))
+        if unknown:
+            raise ValueError(f"baseline {self.name!r} has no setting {', '.join(map(repr, unknown))}; its settings: "
+                             f"{', '.join(self.parameters)}")
+        return type(self).run(donor, target, tokenizer, function, **setting)
+
+
+BASELINES: dict[str, Baseline] = {}
+
+
+def register(cls: type[Baseline]) -> type[Baseline]:
+    """Add a :class:`Baseline` subclass to :data:`BASELINES` under its ``name``."""
+    BASELINES[cls.name] = cls()
+    return cls
+
+
+@register
+class Random(Baseline):
+    name, level, run = "random", "neuron", staticmethod(run_random)
+
+    def grid(self, sweep, base, function):
+        return [{"k": max(1, round(b * sweep.n_neurons)), "seed": s} for b in sweep.budgets for s in sweep.random_seeds]
+
+
+@register
+class WeightDelta(Baseline):
+    name, level, run = "weight_delta", "neuron", staticmethod(run_weight_delta)
+
+    def grid(self, sweep, base, function):
+        return [{"k": max(1, round(b * sweep.n_neurons))} for b in sweep.budgets]
+
+
+@register
+class Linear(Baseline):
+    name, run = "linear", staticmethod(run_linear)
+
+    def grid(self, sweep, base, function):
+        return [{"lam": lam} for lam in sweep.lambdas]
+
+
+@register
+class TaskArithmetic(Baseline):
+    name, run = "task_arithmetic", staticmethod(run_task_arithmetic)
+
+    def grid(self, sweep, base, function):
+        return [{"lam": lam, "base": base} for lam in sweep.lambdas]
+
+
+@register
+class Ties(Baseline):
+    name, run = "ties", staticmethod(run_ties)
+
+    def grid(self, sweep, base, function):
+        return [{"lam": lam, "density": d, "base": base, "seed": sweep.seed}
+                for lam in sweep.lambdas for d in sweep.densities]
+
+
+@register
+class Dare(Ties):
+    name, run = "dare", staticmethod(run_dare)
+
+
+@register
+class RefusalDirection(Baseline):
+    name, run = "refusal_direction", staticmethod(run_refusal_direction)
+
+    def grid(self, sweep, base, function):
+        if function == "compliance":
+            return [{"seed": sweep.seed}]  # layer and position chosen on validation inside
+        if function == "refusal":
+            n = sweep.n_layers
+            layers = sorted({max(1, n // 3), max(1, n // 2), max(1, 2 * n // 3)})
+            return [{"seed": sweep.seed, "layer": layer, "alpha": a} for layer in layers for a in (1.0, 2.0)]
+        return []
+
+
+@register
+class SFT(Baseline):
+    name, run = "sft", staticmethod(run_sft)
+
+    def grid(self, sweep, base, function):
+        if sweep.donor_training is None:
+            return []
+        examples, config = sweep.donor_training()
+        return [{"examples": examples, "config": config}]
 
 
 def run(method: str, donor, target, tokenizer=None, function: str | None = None, **setting) -> Modified:
-    """Run baseline ``method`` (one of :data:`BASELINES`) with ``setting`` (k, lam, density, base, seed, ...)."""
+    """Run baseline ``method`` (a name in :data:`BASELINES`) with ``setting`` (its declared settings only)."""
     try:
-        fn = BASELINES[method]
+        baseline = BASELINES[method]
     except KeyError:
         raise ValueError(f"unknown baseline {method!r}; baselines: {', '.join(BASELINES)}") from None
-    return fn(donor, target, tokenizer, function, **setting)
+    return baseline(donor, target, tokenizer, function, **setting)

@@ -16,12 +16,11 @@ application                function      donor               target             
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -318,34 +317,20 @@ def notebook_config(application: str, *, family: str = DEFAULT_FAMILY, donor: st
     return config, out
 
 
-def _settings(name: str, config: ApplicationConfig, fp, base, function: str, tok) -> list[dict]:
-    if name in ("random", "weight_delta"):
-        seeds = config.random_seeds if name == "random" else (0,)
-        return [{"k": max(1, round(b * fp.n_neurons)), "seed": s, "budget": b} for b in config.budgets for s in seeds]
-    if name in ("linear", "task_arithmetic"):
-        return [{"lam": lam, "base": base} for lam in config.lambdas]
-    if name in ("ties", "dare"):
-        return [{"lam": lam, "density": d, "base": base, "seed": config.seed}
-                for lam in config.lambdas for d in config.densities]
-    if name == "refusal_direction":
-        if function == "compliance":
-            return [{"seed": config.seed}]  # layer and position chosen on validation inside
-        if function == "refusal":
-            n = fp.n_layers
-            layers = sorted({max(1, n // 3), max(1, n // 2), max(1, 2 * n // 3)})
-            return [{"seed": config.seed, "layer": layer, "alpha": a} for layer in layers for a in (1.0, 2.0)]
-        return []
-    if name == "sft":
-        from . import zoo
+def _sweep(config: ApplicationConfig, fp, base, tok) -> B.Sweep:
+    """The application's baseline grid settings; the SFT reference trains on the donor's own data when the donor is a
+    zoo model trained by SFT (made as its recipe makes it: self-distillation from the common base)."""
+    from . import zoo
 
-        if config.donor not in zoo.RECIPES or zoo.recipe(config.donor).method != "sft":
-            return []
+    def donor_training():
         r = zoo.recipe(config.donor)
-        # the donor's own training data, made as its recipe makes it (self-distillation from the common base)
         parts = r.data(zoo.BuildContext(r, base, tok, tiny=config.sft_small_data, progress=False))
         cfg = r.train if config.sft_steps is None else dataclasses.replace(r.train, steps=config.sft_steps)
-        return [{"examples": [e for v in parts.values() for e in v], "config": cfg}]
-    raise ValueError(f"no settings for baseline {name!r}")
+        return [e for v in parts.values() for e in v], cfg
+
+    trained = config.donor in zoo.RECIPES and zoo.recipe(config.donor).method == "sft"
+    return B.Sweep(config.budgets, config.random_seeds, config.lambdas, config.densities, config.seed, fp.n_neurons,
+                   fp.n_layers, donor_training if trained else None)
 
 
 def _public(setting: dict) -> dict:
@@ -452,24 +437,27 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
                                  + timings.get("search", 0.0), 1)
 
     # -- baselines -------------------------------------------------------------------------------------------------
+    sweep = _sweep(config, fp, base, tok)
     for name in config.baselines:
         t0 = time.time()
-        settings = _settings(name, config, fp, base, function, tok)
+        baseline = B.BASELINES[name]
+        settings = baseline.grid(sweep, base, function)
         if not settings:
             continue
         entries = []
-        if name in ("random", "weight_delta"):  # the curve: every budget on eval (metric and perplexity)
-            for s in settings:
-                mod = B.run(name, donor, target, tok, function, **s)
-                model = mod.materialize(target)
-                rep = ev(model, name, only_metric=True)
-                entries.append(_entry(rep, metric, mod.patch.neuron_fraction, mod.params_changed / n_params,
-                                      setting=mod.setting | {"budget": s["budget"]}, seconds=mod.seconds))
-                del model
+        if baseline.level == "neuron":  # the curve: every budget on eval (metric and perplexity)
+            for b in config.budgets:
+                for s in baseline.grid(dataclasses.replace(sweep, budgets=(b,)), base, function):
+                    mod = baseline(donor, target, tok, function, **s)
+                    model = mod.materialize(target)
+                    rep = ev(model, name, only_metric=True)
+                    entries.append(_entry(rep, metric, mod.patch.neuron_fraction, mod.params_changed / n_params,
+                                          setting=mod.setting | {"budget": b}, seconds=mod.seconds))
+                    del model
         else:  # swept: judge each setting on validation, evaluate the chosen one
             assessed, mod, model = [], None, None
             for s in settings:
-                mod = B.run(name, donor, target, tok, function, **s)
+                mod = baseline(donor, target, tok, function, **s)
                 if len(settings) == 1:  # nothing to choose (SFT, the ablation that picks its own layer)
                     model = mod.materialize(target)
                     break
@@ -478,7 +466,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
                 del candidate, mod
             i = choose(assessed) if assessed else 0
             if model is None:  # rebuild the chosen setting (deterministic: every baseline is seeded)
-                mod = B.run(name, donor, target, tok, function, **settings[i])
+                mod = baseline(donor, target, tok, function, **settings[i])
                 model = mod.materialize(target)
             public = {k: v for k, v in _public(settings[i]).items() if k != "lam"}  # mod.setting has "lambda"
             swept = [{"setting": _public(s),

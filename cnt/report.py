@@ -13,15 +13,16 @@ import time
 from pathlib import Path
 
 from . import atomic
+from .baselines import BASELINES as REGISTRY
 from .plots import best_entry, gap_share
 
 APPLICATION_ORDER = ("disalignment", "alignment_enhancement", "bias_removal")
-SUMMARY_METHODS = ("cnt", "cnt_minimal", "random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
-                   "refusal_direction", "sft")
-BASELINES = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", "refusal_direction", "sft")
-PAPER = {  # the paper's claims, from its abstract and public summaries (arXiv 2603.18449)
-    "sparsity": "0.012–0.24% of weights suffice",
-    "utility": "utility (MMLU, NQ-Open, perplexity) stays within ~1%",
+BASELINES = tuple(REGISTRY)  # the baseline registry's names, in its order
+SUMMARY_METHODS = ("cnt", "cnt_minimal", *BASELINES)
+PAPER = {  # the paper's claims, from its abstract (arXiv 2603.18449): it states no sparsity figure
+    "sparsity": "a minimal subset of neurons carries the function (no figure in the abstract; the kit's goal: "
+                "≥ 90% of the gap with ≤ 0.25% of the weights)",
+    "utility": "utility degrades by less than 1% for most models",
     "effect": "the function is added or removed (refusal up / down, StereoSet SS toward 50)",
     "baselines": "CNT outperforms five baselines",
 }
@@ -144,6 +145,7 @@ def _fmt_delta(d: dict) -> str:
 
 
 SPARSITY_GOAL = 0.9  # share of the gap the sparsity claim is judged at
+SPARSITY_BUDGET = 0.0025  # the kit's own goal for a minimal subset, in weights (the paper's abstract gives none)
 
 
 def headline(r: dict) -> dict | None:
@@ -270,9 +272,9 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
         sh, (slo, shi) = _share(r, h), _share_ci(r, h)
         pf = h["param_fraction"]
         verdict = (INCONCLUSIVE if not gap_significant(r) else
-                   "supported" if pf <= 0.0024 and sh >= SPARSITY_GOAL else
-                   "partly: sparse but short of 90% of the gap" if pf <= 0.0024 else
-                   "not reproduced: needs more than 0.24% of weights")
+                   "supported" if pf <= SPARSITY_BUDGET and sh >= SPARSITY_GOAL else
+                   "partly: sparse but short of 90% of the gap" if pf <= SPARSITY_BUDGET else
+                   f"not reached: needs more than {_pct(SPARSITY_BUDGET, 2)} of weights")
         L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {h['label']}: {_pct(pf, 3)} of weights "
                  f"({_pct(h['neuron_fraction'], 2)} of MLP neurons) → {_pct(sh, 0)} of the gap [{_pct(slo, 0)}, "
                  f"{_pct(shi, 0)}] | {verdict} |")

@@ -97,3 +97,37 @@ def test_weight_delta_finds_the_changed_neuron(trio):
 def test_unknown_baseline(trio):
     with pytest.raises(ValueError, match="baselines: random"):
         B.run("magic", trio[2], trio[1])
+
+
+def test_registry_declares_settings_and_refuses_unknown_ones(trio):
+    """Every baseline is found by name, declares its settings (run's keyword parameters) and refuses any other one by
+    name — a misspelled sweep setting is an error, not silently ignored."""
+    assert B.BASELINES["ties"].parameters == ("lam", "density", "base", "seed")
+    assert B.BASELINES["random"].level == "neuron" and B.BASELINES["linear"].level == "model"
+    with pytest.raises(ValueError, match=r"baseline 'linear' has no setting 'lamda'; its settings: lam"):
+        B.run("linear", trio[2], trio[1], lamda=0.5)
+    sweep = B.Sweep(budgets=(0.01, 0.02), random_seeds=(0, 1), lambdas=(0.5,), densities=(0.2,), n_neurons=1000,
+                    n_layers=12)
+    assert B.BASELINES["random"].grid(sweep, None, "refusal") == [{"k": 10, "seed": 0}, {"k": 10, "seed": 1},
+                                                                   {"k": 20, "seed": 0}, {"k": 20, "seed": 1}]
+    assert [s["layer"] for s in B.BASELINES["refusal_direction"].grid(sweep, None, "refusal")] == [4, 4, 6, 6, 8, 8]
+    assert B.BASELINES["refusal_direction"].grid(sweep, None, "bias") == []  # does not apply
+    assert B.BASELINES["sft"].grid(sweep, None, "refusal") == []  # no donor training data known
+
+
+def test_a_new_baseline_is_one_registered_class(trio, monkeypatch):
+    """Adding a baseline: one class; the application config accepts it by name and run() finds it."""
+    from cnt.experiment import ApplicationConfig
+
+    monkeypatch.setattr(B, "BASELINES", dict(B.BASELINES))
+
+    @B.register
+    class Donor(B.Baseline):
+        name = "donor_copy"
+
+        @staticmethod
+        def run(donor, target, tokenizer=None, function=None, *, lam: float = 1.0):
+            return B.run_linear(donor, target, lam=lam)
+
+    assert B.run("donor_copy", trio[2], trio[1]).params_changed > 0
+    assert "donor_copy" in ApplicationConfig("disalignment", baselines=["donor_copy"]).baselines
