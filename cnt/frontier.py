@@ -80,17 +80,22 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
             locators: Sequence[tuple[str, Sequence[str]]] = LOCATORS, alphas: Sequence[float] = ALPHAS,
             random_seeds: Sequence[int] = (0,), profile: str = "frontier", seed: int = 0, dtype="auto",
             locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
-            task_kwargs: dict | None = None, progress: bool = True) -> dict:
+            task_kwargs: dict | None = None, baselines: Sequence[str] = ("random", "weight_delta"),
+            progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
     ``dtype``: the evaluation precision (``"auto"``: bf16 where native, as the proxies; ``None``: the models' own);
     ``proxy_size``: validation prompts per proxy.
     ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
     evaluation's metric groups (default: the function's metric and perplexity; add ``"skill"`` for a specialist).
-    ``task_kwargs``: :func:`cnt.functions.build_task`'s settings."""
+    ``task_kwargs``: :func:`cnt.functions.build_task`'s settings. ``baselines``: the neuron-level baselines beside
+    the locators at every budget (a subset of ``random``, ``weight_delta``; empty for a reduced run)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     check_compatible(donor, target)
+    unknown = sorted(set(baselines) - {"random", "weight_delta"})
+    if unknown:
+        raise ValueError(f"frontier baselines: {unknown} unknown; the neuron-level ones are random, weight_delta")
     metric, default_groups = METRICS[function]
     groups = tuple(groups or default_groups)
     n_weights = total_params(target)
@@ -141,14 +146,15 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     per_neuron = NeuronPatch.extract(donor, target, {0: [0]}).n_params  # weights of one MLP neuron
     for b in budgets:  # neuron-level baselines at the same weights
         k = max(1, int(b * n_weights) // per_neuron)
-        for s in random_seeds:
+        for s in random_seeds if "random" in baselines else ():
             mod = B.run("random", donor, target, tokenizer, function, k=k, seed=s)
             add("random", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
                                        for a in alphas])
             points[-1].extra["seed"] = s
-        mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
-        add("weight_delta", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
-                                         for a in alphas])
+        if "weight_delta" in baselines:
+            mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
+            add("weight_delta", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
+                                             for a in alphas])
     for name, kinds in CEILINGS.items():
         whole = transfer_all(donor, target, kinds)
         add(name, kinds, None, [(NeuronPatch.extract(donor, target, whole.units, alpha=a), a) for a in alphas])
@@ -163,6 +169,7 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
             "task": {"settings": task.meta, "utility_weight": task.utility_weight, "n_function": len(task.function),
                      "n_utility": len(task.utility)},
             "validation": {"target": v_target, "donor": v_donor}, "points": [asdict(p) for p in points],
-            "budgets": list(budgets), "alphas": list(alphas), "profile": profile, "seed": seed,
+            "budgets": list(budgets), "alphas": list(alphas), "baselines": list(baselines), "profile": profile,
+            "seed": seed,
             "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S")}

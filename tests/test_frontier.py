@@ -73,6 +73,8 @@ def test_frontier_on_tiny_models(tmp_path):
     json.dumps(res)  # plain records
     fig = plots.frontier({**res, "name": "tiny"})
     assert fig.axes[0].get_lines() and fig.axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match=r"\['randm'\] unknown"):  # refused before any compute
+        measure("compliance", donor, target, tok, baselines=("randm",))
 
 
 def test_utility_change_checks_each_goal():
@@ -90,3 +92,18 @@ def test_utility_change_checks_each_goal():
     for bad in (report(20.5, 0.10, 0.80), report(20.0, 0.16, 0.80), report(20.0, 0.10, 0.70)):
         out, held = utility_change(bad, target)
         assert not held and sum(not u["held"] for u in out.values()) == 1
+
+
+def test_a_reduced_frontier_skips_the_baselines(tmp_path):
+    """``baselines=()``: the locators and the ceilings only (what a slow pair can afford); recorded in the result."""
+    from cnt.experiment import smoke_models
+    from cnt.frontier import measure
+    from cnt.models import load_model, load_tokenizer
+
+    d, t, _ = smoke_models("disalignment")
+    donor, _ = load_model(d)
+    target, _ = load_model(t)
+    res = measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,), locators=(("attribution", ("mlp",)),),
+                  profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(), progress=False)
+    assert {p["method"] for p in res["points"]} == {"attribution", "every MLP neuron", "attention only", "every unit"}
+    assert res["baselines"] == []
