@@ -103,7 +103,9 @@ def test_a_reduced_frontier_skips_the_baselines(tmp_path):
     d, t, _ = smoke_models("disalignment")
     donor, _ = load_model(d)
     target, _ = load_model(t)
-    res = measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,), locators=(("attribution", ("mlp",)),),
+    res = measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,),
+                  locators=(("attribution", ("mlp",)),), profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(),
+                  progress=False)
                   profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(), progress=False)
     assert {p["method"] for p in res["points"]} == {"attribution", "every MLP neuron", "attention only", "every unit"}
     assert res["baselines"] == []
