@@ -106,6 +106,5 @@ def test_a_reduced_frontier_skips_the_baselines(tmp_path):
     res = measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,),
                   locators=(("attribution", ("mlp",)),), profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(),
                   progress=False)
-                  profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(), progress=False)
     assert {p["method"] for p in res["points"]} == {"attribution", "every MLP neuron", "attention only", "every unit"}
     assert res["baselines"] == []
