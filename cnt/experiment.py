@@ -81,8 +81,7 @@ class ApplicationConfig:
     budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
     scorers: tuple[str, ...] | None = None  # None: the function's default locator (cnt.locate.default_scorer)
     alphas: tuple[float, ...] = ALPHAS
-    baselines: tuple[str, ...] = ("random", "weight_delta", "linear", "task_arithmetic", "ties", "dare",
-                                  "refusal_direction", "sft")
+    baselines: tuple[str, ...] = tuple(B.BASELINES)  # every registered baseline
     lambdas: tuple[float, ...] = (0.5, 1.0)
     densities: tuple[float, ...] = (0.2, 0.5)
     random_seeds: tuple[int, ...] = (0, 1, 2)

@@ -2,17 +2,17 @@
 structure and no logic: every computation is a call into ``cnt``). Run ``python notebooks/_make_notebooks.py`` after
 editing; ``--store-checked`` also executes them as smoke runs and stores the outputs of the cells nbval checks."""
 
+import json
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cnt.experiment import APPLICATIONS
-from cnt.locate import default_scorer
+from cnt.baselines import BASELINES
+from cnt.experiment import APPLICATIONS, FAMILIES, ApplicationConfig
+from cnt.locate import SCORERS, default_scorer
 
 HERE = Path(__file__).parent
-FAMILIES = {"disalignment": "smollm2 | qwen2.5-coder-0.5b", "alignment_enhancement": "smollm2 | qwen2.5-coder-0.5b",
-            "bias_removal": "smollm2 | gemma-3-270m"}
 CHECK = "# NBVAL_CHECK_OUTPUT\n"
 
 
@@ -62,24 +62,27 @@ target's SS toward 50 and below, category by category, without hurting its langu
 
 
 def application_notebook(app: str, title: str, story: str):
+    """An application's notebook; its parameters and their documentation come from the registries (families,
+    scorers, baselines) and :class:`cnt.experiment.ApplicationConfig`'s defaults."""
     scorer = default_scorer(APPLICATIONS[app]["function"])
+    defaults = ApplicationConfig(app)
+    families = " | ".join(f for f, apps in FAMILIES.items() if app in apps)
     return nb([
         new_markdown_cell(f"# {title} with Cross-Model Neuron Transfer\n\n{story}\n\n"
                           "Everything below is parameterized: papermill can run this notebook for another family, other "
                           "budgets or the full evaluation profile (`papermill in.ipynb out.ipynb -p family "
                           "qwen2.5-coder-0.5b -p profile full`). Results go to JSON first; every figure and table is "
                           "drawn from that JSON."),
-        *parameter_cells(f'family = "smollm2"  # model family (zoo pairs for this application): {FAMILIES[app]}\n'
+        *parameter_cells(f'family = "{defaults.family}"  # model family (zoo pairs for this application): {families}\n'
                     "donor = None  # None: the family's zoo donor for this application; or an embedded or zoo name, a folder or a hub id\n"
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
-                    "budgets = [0.001, 0.005, 0.02]  # fractions of all MLP neurons\n"
-                    f'scorers = ["{scorer}"]  # the default locator; any of learned_mask, attribution, activation_contrast, '
-                    "iterative (each adds a locate and evaluations)\n"
-                    'baselines = ["random", "weight_delta", "linear", "task_arithmetic", "ties", "dare", '
-                    '"refusal_direction", "sft"]\n'
-                    'profile = "sweep"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
-                    "seed = 0\n"
+                    f"budgets = {list(defaults.budgets)}  # fractions of all MLP neurons\n"
+                    f'scorers = ["{scorer}"]  # the default locator; any of {", ".join(SCORERS)} '
+                    "(each adds a locate and evaluations)\n"
+                    f"baselines = {json.dumps(list(defaults.baselines))}  # any of cnt.baselines.BASELINES\n"
+                    f'profile = "{defaults.profile}"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
+                    f"seed = {defaults.seed}\n"
                     "tag = None  # names a variant run: results/<application>[.<family>].<tag>.json beside the default\n"
                     'output_dir = "../papers"  # results/ and figures/ go under it'),
         new_markdown_cell("The first code cell checks every parameter and stops with a message that names a wrong "
