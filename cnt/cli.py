@@ -240,6 +240,24 @@ def _scorers() -> list[str]:
     return list(SCORERS)
 
 
+def _functions() -> list[str]:
+    from .functions import FUNCTIONS
+
+    return list(FUNCTIONS)
+
+
+def _applications() -> list[str]:
+    from .experiment import APPLICATIONS
+
+    return list(APPLICATIONS)
+
+
+def _metric_groups() -> list[str]:
+    from .evaluate import METRIC_GROUPS
+
+    return list(METRIC_GROUPS)
+
+
 def _alphas() -> tuple[float, ...]:
     from .search import ALPHAS
 
@@ -457,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the full profile about three.")
     s.add_argument("model", help="embedded name, local folder or hub id")
     s.add_argument("--profile", choices=["quick", "full"], default="quick")
-    s.add_argument("--groups", nargs="+", choices=["safety", "proxy", "utility", "perplexity", "bias", "skill"],
+    s.add_argument("--groups", nargs="+", choices=_metric_groups(),
                    help="metric groups (default: all)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="load dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -491,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "search on the validation split.")
     s.add_argument("--donor", required=True, help="model with the function (an embedded or zoo name, a folder or a hub id)")
     s.add_argument("--target", required=True, help="model to change")
-    s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
+    s.add_argument("--function", required=True, choices=_functions())
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
     s.add_argument("--scorer", choices=_scorers(),
                    help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
@@ -512,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score all MLP neurons (layer x unit) with a scorer and save the scores (torch).")
     s.add_argument("--donor", required=True)
     s.add_argument("--target", required=True)
-    s.add_argument("--function", required=True, choices=["refusal", "compliance", "bias"])
+    s.add_argument("--function", required=True, choices=_functions())
     s.add_argument("--scorer", choices=_scorers(),
                    help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
     s.add_argument("--units", type=_units, default=("mlp",),
@@ -538,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs an application (what its notebook runs) and writes <out>/results/"
                                    "<application>.json and <out>/figures/. Parameters as in the notebooks: "
                                    "-p budgets='[0.001,0.01]' -p profile=full -p baselines='[\"random\"]'.")
-    s.add_argument("application", choices=["disalignment", "alignment_enhancement", "bias_removal"])
+    s.add_argument("application", choices=_applications())
     s.add_argument("--family", default="smollm2", help="model family whose zoo pair to use (smollm2, "
                                                         "qwen2.5-coder-0.5b)")
     s.add_argument("--donor", help="override the donor (an embedded or zoo name, a folder or a hub id)")
@@ -554,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "neurons, weight-delta and the ceilings (every MLP neuron, attention only, every "
                                    "unit): alpha chosen on validation, the share of the gap measured on eval. Writes "
                                    "<out>/results/<name>.frontier.json and <out>/figures/<name>_frontier.png.")
-    s.add_argument("application", choices=["disalignment", "alignment_enhancement", "bias_removal"])
+    s.add_argument("application", choices=_applications())
     s.add_argument("--family", default="smollm2")
     s.add_argument("--donor")
     s.add_argument("--target")
