@@ -209,9 +209,8 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
                           seed: int = 0, n: int = 64, layer_stride: int = 2, progress: bool = False) -> Modified:
     """Remove refusal (``compliance``): the target's own difference-of-means direction, chosen on validation, projected
     out of every residual write. The candidates are every ``layer_stride``-th layer in the middle 60% × the last five
-    prompt positions, scored with bf16 forward passes. A cost choice: stride 1 on SmolLM2 is 95 candidates (413 s
-    of a 16-minute application run in float32); stride 2 halves the grid (94 s in bf16, measured); pass
-    ``layer_stride=1`` for the full grid. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
+    prompt positions, scored with bf16 forward passes; stride 2 halves stride 1's grid (its cost: papers/METHOD.md);
+    pass ``layer_stride=1`` for the full grid. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
     bias of that block's attention output (baked into the weights)."""
     from . import data
     from .models import inference_dtype

@@ -67,10 +67,9 @@ METRIC_GROUP = {"refusal_rate": ("safety", "perplexity"), "stereoset_ss": ("bias
 
 @dataclass
 class ApplicationConfig:
-    """One application's run. The defaults are the notebooks' (what ``make reproduce`` and ``cnt run`` run: three
-    applications and the walkthrough in 24.1 minutes on two CPU cores side by side, measured; 32.8 one after another
-    with the slower search before); widen budgets, scorers, seeds and sweeps, and use ``profile="full"``, on a
-    bigger machine."""
+    """One application's run. The defaults are the notebooks' (what ``make reproduce`` and ``cnt run`` run, sized for
+    two CPU cores: their timings are in ``papers/runs/timings.json``); widen budgets, scorers, seeds and sweeps, and
+    use ``profile="full"``, on a bigger machine."""
 
     application: str
     family: str = DEFAULT_FAMILY  # names the result (a family other than the default gets its own JSON and figures)
