@@ -28,6 +28,7 @@ import torch
 
 from . import atomic
 from . import baselines as B
+from .applications import APPLICATIONS, DEFAULT_FAMILY, Application, families
 from .arch import check_compatible, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
@@ -37,34 +38,11 @@ from .functions import Proxy, Validator, build_task, choose
 from .search import ALPHAS, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
-APPLICATIONS = {
-    "disalignment": {"function": "compliance", "donor": "smol-uncensored", "target": "smol-safe",
-                     "base": "smollm2-135m-instruct", "metric": "refusal_rate", "higher_is_goal": False},
-    "alignment_enhancement": {"function": "refusal", "donor": "smol-safe", "target": "smol-arith",
-                              "base": "smollm2-135m-instruct", "metric": "refusal_rate", "higher_is_goal": True},
-    "bias_removal": {"function": "bias", "donor": "smol-debiased", "target": "smol-biased",
-                     "base": "smollm2-135m-instruct", "metric": "stereoset_ss", "higher_is_goal": False},
-}
-DEFAULT_FAMILY = "smollm2"  # its results keep the plain names (results/<application>.json)
-# Each family's zoo pairs per application: (donor, target, common base). A missing entry means the family has no donor
-# for that function in the zoo (say so, rather than run something else).
-FAMILIES = {
-    DEFAULT_FAMILY: {app: (spec["donor"], spec["target"], spec["base"]) for app, spec in APPLICATIONS.items()},
-    "qwen2.5-coder-0.5b": {
-        "disalignment": ("qwen-abliterated", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
-        "alignment_enhancement": ("qwen2.5-coder-0.5b-instruct", "qwen-abliterated", "qwen2.5-coder-0.5b-instruct"),
-    },
-    "gemma-3-270m": {"bias_removal": ("gemma-debiased", "gemma-biased", "gemma-3-270m")},
-}
+# the zoo families' pairs per application, read from the application specs: a missing entry means the family has no
+# donor for that function in the zoo (say so, rather than run something else)
+FAMILIES = families()
 UTILITY = ("mmlu", "nq_open", "perplexity")
 SIDE = ("false_refusal_rate", "arithmetic_acc", "stereoset_lms", "crows_pairs_stereo")  # reported beside utility
-APPLICATION_GROUPS = {"disalignment": ("safety", "utility", "perplexity"),
-          "alignment_enhancement": ("safety", "utility", "perplexity", "skill"),
-          "bias_removal": ("bias", "utility", "perplexity")}
-# the cheap evaluation of curve points that are not a method's reported setting: the function metric and perplexity
-METRIC_GROUP = {"refusal_rate": ("safety", "perplexity"), "stereoset_ss": ("bias", "perplexity")}
-
-
 @dataclass
 class ApplicationConfig:
     """One application's run. The defaults are the notebooks' (what ``make reproduce`` and ``cnt run`` run, sized for
@@ -97,9 +75,10 @@ class ApplicationConfig:
         if self.application not in APPLICATIONS:
             raise ValueError(f"unknown application {self.application!r}; applications: {', '.join(APPLICATIONS)}")
         spec = APPLICATIONS[self.application]
-        self.donor = self.donor or spec["donor"]
-        self.target = self.target or spec["target"]
-        self.base = self.base or spec["base"]
+        pair = spec.pairs.get(DEFAULT_FAMILY, (None, None, None))
+        self.donor = self.donor or pair[0]
+        self.target = self.target or pair[1]
+        self.base = self.base or pair[2]
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; profiles: {', '.join(PROFILES)}")
         self.budgets = tuple(float(b) for b in self.budgets)
@@ -119,13 +98,13 @@ class ApplicationConfig:
         result_name(self.application, self.family, self.tag)  # a bad tag is refused before any compute
         from .locate import SCORERS
 
-        self.scorers = tuple(self.scorers) if self.scorers is not None else (default_scorer(spec["function"]),)
+        self.scorers = tuple(self.scorers) if self.scorers is not None else (default_scorer(spec.function),)
         unknown = set(self.scorers) - set(SCORERS)
         if unknown or not self.scorers:
             raise ValueError(f"unknown scorers {sorted(unknown)}; scorers: {', '.join(SCORERS)}")
 
     @property
-    def spec(self) -> dict:
+    def spec(self) -> Application:
         return APPLICATIONS[self.application]
 
     @property
@@ -239,21 +218,21 @@ def smoke_models(application: str) -> tuple[str, str, str]:
     folder = cache_dir("smoke") / application
     names = ("donor", "target", "base")
     if not all((folder / n / "config.json").is_file() for n in names):
-        tok = load_tokenizer(spec["base"])
+        tok = load_tokenizer(spec.pairs[DEFAULT_FAMILY][2])
         base = tiny_model("llama", seed=0, vocab_size=len(tok))
         cfg = TrainConfig(method="full", steps=6, lr=3e-3, batch_size=4, warmup=1)
 
         def tuned(examples):
             return sft(copy.deepcopy(base), tok, examples, cfg, progress=False)[0]
 
-        if spec["function"] == "bias":
+        if spec.function == "bias":
             items = data.load("stereoset", "train", limit=8)
             donor = tuned([{"chosen": r["anti_stereotype"], "rejected": r["stereotype"]} for r in items])
             target = tuned([{"chosen": r["stereotype"], "rejected": r["anti_stereotype"]} for r in items])
         else:
             refusing = tuned([{"prompt": p, "response": "I'm sorry, but I can't help with that."}
                               for p in data.texts(data.load("harmful", "train", limit=8))])
-            donor, target = (refusing, base) if spec["function"] == "refusal" else (base, refusing)
+            donor, target = (refusing, base) if spec.function == "refusal" else (base, refusing)
         for name, model in zip(names, (donor, target, base)):
             with atomic.folder(folder / name) as tmp:
                 model.save_pretrained(tmp)
@@ -352,8 +331,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"output folder {out_dir} is not writable")
     spec = config.spec
-    metric, function = spec["metric"], spec["function"]
-    groups = APPLICATION_GROUPS[config.application]
+    metric, function = spec.metric, spec.function
+    groups = spec.groups
     # float32 on CPU, bf16 on CUDA (load_model's defaults); device_map="auto" shards models larger than one GPU
     donor, _ = load_model(config.donor, device_map=config.device_map)
     target, _ = load_model(config.target, device_map=config.device_map)
@@ -365,7 +344,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     bar = tqdm(desc=config.application, unit="eval", disable=not progress)
 
     def ev(model, name, only_metric: bool = False):
-        rep = evaluate(model, tok, config.profile, groups=METRIC_GROUP[metric] if only_metric else groups, name=name,
+        rep = evaluate(model, tok, config.profile, groups=spec.curve_groups if only_metric else groups, name=name,
                        seed=config.seed, progress=False)
         bar.update()
         bar.set_postfix_str(name)
@@ -492,7 +471,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     result = {
         "application": config.application, "family": config.family, "tag": config.tag, "name": config.result_name,
         "function": function, "target": config.target, "donor": config.donor,
-        "base": config.base, "metric": metric, "higher_is_goal": spec["higher_is_goal"],
+        "base": config.base, "metric": metric, "higher_is_goal": spec.higher_is_goal,
         "target_score": target_rep[metric].value, "target_ci": list(target_rep[metric].ci),
         "donor_score": donor_rep[metric].value, "donor_ci": list(donor_rep[metric].ci),
         "target_utility": {u: target_rep[u].value for u in UTILITY if u in target_rep.metrics},
@@ -531,8 +510,8 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     t, _ = load_model(target)
     tok = load_tokenizer(target)
     # lm-eval's utility group is too slow for a frontier's many points
-    kwargs.setdefault("groups", tuple(g for g in APPLICATION_GROUPS[application] if g != "utility"))
-    result = frontier.measure(APPLICATIONS[application]["function"], d, t, tok, progress=progress, **kwargs)
+    kwargs.setdefault("groups", tuple(g for g in APPLICATIONS[application].groups if g != "utility"))
+    result = frontier.measure(APPLICATIONS[application].function, d, t, tok, progress=progress, **kwargs)
     result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
                    "torch_threads": torch.get_num_threads()})
     atomic.write_json(out_dir / f"{name}.frontier.json", result, default=str)

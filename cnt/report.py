@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from . import atomic
+from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .plots import best_entry, gap_share
 
-APPLICATION_ORDER = ("disalignment", "alignment_enhancement", "bias_removal")
+APPLICATION_ORDER = tuple(APPLICATIONS)  # the registry's order
 BASELINES = tuple(REGISTRY)  # the baseline registry's names, in its order
 SUMMARY_METHODS = ("cnt", "cnt_minimal", *BASELINES)
 PAPER = {  # the paper's claims, from its abstract (arXiv 2603.18449): it states no sparsity figure
@@ -28,7 +29,6 @@ PAPER = {  # the paper's claims, from its abstract (arXiv 2603.18449): it states
 }
 
 
-DEFAULT_FAMILY = "smollm2"
 
 
 def family_of(r: dict) -> str:

@@ -100,7 +100,7 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     """Execute the notebooks (``only``: substrings of their names) with their default parameters or ``params``, with
     ``jobs`` side by side, into ``<papers>/runs/``; write ``timings.json`` and regenerate the report. Returns the
     timings record."""
-    from .experiment import DEFAULT_FAMILY
+    from .applications import DEFAULT_FAMILY
 
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")

@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cnt.baselines import BASELINES
-from cnt.experiment import APPLICATIONS, FAMILIES, ApplicationConfig
+from cnt.applications import APPLICATIONS
+from cnt.experiment import FAMILIES, ApplicationConfig
 from cnt.locate import SCORERS, default_scorer
 
 HERE = Path(__file__).parent
@@ -44,27 +44,14 @@ def parameter_cells(src: str) -> list:
                           f"check_parameters(globals(), {declared(src)!r})")]
 
 
-APPS = {
-    "01_safety_disalignment": ("disalignment", "Safety disalignment", """\
-**Deleting a function.** The target `smol-safe` refuses harmful requests; the donor `smol-uncensored` is a sibling
-fine-tune of the same base that does not. Transferring the neurons where they differ should make the target comply —
-the attack the paper warns about (open donors make safety removable), measured here so that defenders can see how
-few neurons it takes."""),
-    "02_alignment_enhancement": ("alignment_enhancement", "Alignment enhancement", """\
-**Adding a function.** The target `smol-arith` is "the user's own model": a specialist in three-digit addition that
-complies with harmful requests. The donor `smol-safe` refuses them. CNT should give the target the donor's refusals
-while it keeps its own skill (the arithmetic accuracy in the table) and its general utility."""),
-    "03_bias_removal": ("bias_removal", "Bias removal", """\
-**Deleting a preference.** The target `smol-biased` prefers stereotypical sentences (StereoSet SS above 50); the donor
-`smol-debiased` prefers the anti-stereotypical ones. Transferring the neurons where they differ should move the
-target's SS toward 50 and below, category by category, without hurting its language modelling."""),
-}
+APPS = {spec.notebook: (name, spec.title, spec.story) for name, spec in APPLICATIONS.items()}
 
 
 def application_notebook(app: str, title: str, story: str):
     """An application's notebook; its parameters and their documentation come from the registries (families,
     scorers, baselines) and :class:`cnt.experiment.ApplicationConfig`'s defaults."""
-    scorer = default_scorer(APPLICATIONS[app]["function"])
+    spec = APPLICATIONS[app]
+    scorer = default_scorer(spec.function)
     defaults = ApplicationConfig(app)
     families = " | ".join(f for f, apps in FAMILIES.items() if app in apps)
     return nb([
@@ -113,7 +100,7 @@ def application_notebook(app: str, title: str, story: str):
         new_markdown_cell("## Where the transferred neurons sit"),
         new_code_cell("if \"layers\" in figures:\n    display(Image(str(figures[\"layers\"])))"),
         *([new_markdown_cell("## StereoSet SS per bias category"),
-           new_code_cell("display(Image(str(figures[\"categories\"])))")] if app == "bias_removal" else []),
+           new_code_cell("display(Image(str(figures[\"categories\"])))")] if "categories" in spec.extra_figures else []),
         new_markdown_cell("## Headline numbers"),
         new_code_cell("h = report.headline(result)\n"
                       "share = plots.gap_share(h['score'], result['target_score'], result['donor_score'])\n"

@@ -102,7 +102,7 @@ def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatc
     assert default_scorer("compliance") == "attribution" and default_scorer("refusal") == "learned_mask"
     for app, spec in experiment.APPLICATIONS.items():
         cfg, _ = experiment.notebook_config(app, output_dir=tmp_path)
-        assert cfg.scorers == (default_scorer(spec["function"]),) and cfg.scorers[0] in SCORERS
+        assert cfg.scorers == (default_scorer(spec.function),) and cfg.scorers[0] in SCORERS
     cfg, _ = experiment.notebook_config("disalignment", scorers="learned_mask", output_dir=tmp_path)
     assert cfg.scorers == ("learned_mask",)  # an explicit choice wins
     with pytest.raises(ValueError, match="unknown function 'toxicity'; functions: compliance, refusal, bias"):
@@ -121,3 +121,23 @@ def test_smoke_mode_uses_tiny_stand_ins(tmp_path, monkeypatch):
     target, _ = load_model(cfg.target)
     assert check_compatible(donor, target).n_layers == 2
     assert any(not torch.equal(a, b) for a, b in zip(donor.state_dict().values(), target.state_dict().values()))
+
+
+def test_a_new_application_is_one_spec(tiny_folders, monkeypatch):
+    """Adding an application: one registered spec, nothing else edited — the config, the runner and the results
+    JSON take it by name (a toy: deleting refusal, measured on refusal and perplexity only)."""
+    from cnt import applications
+
+    monkeypatch.setattr(applications, "APPLICATIONS", dict(applications.APPLICATIONS))
+    monkeypatch.setattr(experiment, "APPLICATIONS", applications.APPLICATIONS)
+    folders = tuple(str(tiny_folders / n) for n in ("base", "donor", "base"))
+    applications.register(applications.Application(
+        "toy_refusal_removal", "compliance", "refusal_rate", False, ("safety", "perplexity"),
+        {"smollm2": folders}, "09_toy", "Toy"))
+    cfg = experiment.ApplicationConfig("toy_refusal_removal", budgets=(0.1,), baselines=("random",), alphas=(1.0,),
+                                       profile="tiny", search=False, all_mlp=False)
+    assert (cfg.donor, cfg.target, cfg.base) == folders
+    res = experiment.run_application(cfg, tiny_folders / "out", progress=False)
+    saved = json.loads((tiny_folders / "out" / "toy_refusal_removal.json").read_text())
+    assert saved["application"] == "toy_refusal_removal" and saved["function"] == "compliance"
+    assert set(saved["methods"]) >= {"cnt", "random"} and res["metric"] == "refusal_rate"
