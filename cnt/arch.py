@@ -1,5 +1,8 @@
 """Where MLP neurons and attention heads live, per architecture (one :class:`ArchAdapter` per layout).
 
+(Over 400 lines on purpose: the adapter table and the two unit readers it drives are one piece of knowledge — where
+units live — and a new architecture is one table entry here.)
+
 A *neuron* is one unit of an MLP's intermediate layer: neuron ``k`` of layer ``l`` owns
 
 * gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2/3): row ``k`` of ``gate_proj`` and ``up_proj`` (and entry ``k`` of

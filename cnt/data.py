@@ -1,5 +1,7 @@
 """Named datasets with fixed, seeded, disjoint splits — offline from pip packages, online from their hub sources.
 
+(Just over 400 lines: mostly the registry of dataset specs.)
+
 Every dataset is a list of plain dict records. Offline, the records come from files that pip packages ship (installed with
 ``--no-deps``; located with ``importlib.metadata``, never imported). Online, ``source="hub"`` loads the public original
 with ``datasets.load_dataset``; ``source=<folder>`` reads ``<folder>/<name>.jsonl`` written in the same record schema.

@@ -1,5 +1,8 @@
 """One application end to end: CNT (variants and budgets) + every baseline + evaluation -> typed records -> JSON.
 
+(Over 400 lines: the runner, its config with the checks it makes before any compute, the smoke stand-ins and the
+frontier entry point; the protocol reads top to bottom in :func:`run_application`.)
+
 Both the notebooks and the CLI call :func:`run_application`; figures and tables are drawn from the JSON it writes.
 
 Applications (defaults on the SmolLM2 zoo; any compatible donor/target/base by parameters):

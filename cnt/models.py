@@ -1,5 +1,8 @@
 """Loading models (embedded offline defaults or anything ``from_pretrained`` accepts), chat formatting, generation.
 
+(Over 400 lines: loading, the embedded GGUF conversion with its integrity checks, and the few model utilities every
+layer above uses — chat formatting, encoding, generation, position ids, a bf16 inference copy.)
+
 Three real models ship inside pip packages as GGUF files, so the kit works with no hub:
 
 =============================  =========================================  =========================================

@@ -1,5 +1,7 @@
 """The reproduction report: every claim of the paper beside what the kit measured, from the results JSON only.
 
+(Just over 400 lines: the report's sections, each a function of the results JSON.)
+
 ``write(results_dir)`` reads ``<results_dir>/<application>.json`` (written by :func:`cnt.experiment.run_application`),
 writes ``summary.json`` beside them and ``REPORT.md`` one folder up (``papers/REPORT.md``). Every number in the
 report is formatted from those files, so the report and the JSON cannot disagree.

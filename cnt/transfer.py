@@ -1,5 +1,8 @@
 """``NeuronPatch``: a reversible transfer of units — MLP neurons, attention heads, k/v groups — from a donor into a target.
 
+(Over 400 lines: one concept, the patch — extract, apply / revert bit-exact, and its file format with every check a
+loaded file gets — kept together so that save and load stay symmetric.)
+
 A patch holds, for each kind of unit (``cnt.arch.UNIT_KINDS``) and layer, the transferred unit indices, the donor's
 slices of those units and the target's original slices, a per-unit amplitude ``γ`` (optional) and one global ``alpha``,
 plus provenance. Applying it writes ``θ_T,i + α·γ_i·(θ_D,i − θ_T,i)`` into each chosen unit ``i`` (exactly ``θ_D,i``

@@ -94,3 +94,11 @@ def test_readme_layout_names_every_module():
     missing = [str(f.relative_to(PACKAGE)) for f in sorted(PACKAGE.rglob("*.py"))
                if f.name != "__init__.py" and f" {f.name} " not in layout]
     assert not missing, f"README's layout misses {missing}"
+
+
+def test_long_modules_say_why_at_their_top():
+    """A module over ~400 lines states at its top why it is one module."""
+    long = [f for f in sorted(PACKAGE.rglob("*.py")) if len(f.read_text().splitlines()) > 420]
+    silent = [str(f.relative_to(PACKAGE)) for f in long
+              if "400 lines" not in (ast.get_docstring(ast.parse(f.read_text())) or "")]
+    assert not silent, f"over 400 lines without a reason at the top: {silent}"
