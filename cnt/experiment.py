@@ -497,7 +497,8 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
                  target: str | None = None, tag: str | None = None, progress: bool = True, **kwargs) -> dict:
     """The sparsity frontier of an application (:func:`cnt.frontier.measure`) for its zoo pair (or ``donor`` /
     ``target``), written atomically to ``<out_dir>/<name>.frontier.json`` with its figure in
-    ``<out_dir>/../figures/<name>_frontier.png`` when ``out_dir`` is a ``results`` folder. Returns the result."""
+    ``<out_dir>/../figures/<name>_frontier.png`` when ``out_dir`` is a ``results`` folder; while it runs, the points
+    so far are in ``<name>.frontier.partial.json`` (removed when it completes). Returns the result."""
     from . import frontier, plots
 
     if application not in APPLICATIONS:
@@ -514,10 +515,18 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     tok = load_tokenizer(target)
     # lm-eval's utility group is too slow for a frontier's many points
     kwargs.setdefault("groups", tuple(g for g in APPLICATIONS[application].groups if g != "utility"))
-    result = frontier.measure(APPLICATIONS[application].function, d, t, tok, progress=progress, **kwargs)
-    result.update({"application": application, "family": family, "name": name, "donor": donor, "target": target,
-                   "torch_threads": torch.get_num_threads()})
+    about = {"application": application, "family": family, "name": name, "donor": donor, "target": target,
+             "torch_threads": torch.get_num_threads()}
+    partial = out_dir / f"{name}.frontier.partial.json"  # every point as it is measured: a killed run keeps them
+
+    def checkpoint(so_far: dict) -> None:
+        atomic.write_json(partial, {**so_far, **about}, default=str)
+
+    result = frontier.measure(APPLICATIONS[application].function, d, t, tok, progress=progress, checkpoint=checkpoint,
+                              **kwargs)
+    result.update(about)
     atomic.write_json(out_dir / f"{name}.frontier.json", result, default=str)
+    partial.unlink(missing_ok=True)
     figures = out_dir.parent / "figures" if out_dir.name == "results" else out_dir
     plots.save(plots.frontier(result), figures / f"{name}_frontier.png")
     return result

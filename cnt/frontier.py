@@ -12,9 +12,10 @@ Results are plain records written as JSON; :func:`cnt.plots.frontier` draws them
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import baselines as B
 from .arch import check_compatible, total_params
@@ -22,7 +23,7 @@ from .evaluate import evaluate
 from .locate import locate
 from .functions import Proxy, Validator, build_task, choose
 from .search import ALPHAS
-from .transfer import NeuronPatch, transfer_all
+from .transfer import NeuronPatch, check_alpha, transfer_all
 
 BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
 LOCATORS = (("attribution", ("mlp",)), ("attribution", ("mlp", "head", "kv")),
@@ -81,14 +82,17 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
             random_seeds: Sequence[int] = (0,), profile: str = "frontier", seed: int = 0, dtype="auto",
             locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
             task_kwargs: dict | None = None, baselines: Sequence[str] = ("random", "weight_delta"),
-            progress: bool = True) -> dict:
+            checkpoint: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
     """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
     ``dtype``: the evaluation precision (``"auto"``: bf16 where native, as the proxies; ``None``: the models' own);
     ``proxy_size``: validation prompts per proxy.
     ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
     evaluation's metric groups (default: the function's metric and perplexity; add ``"skill"`` for a specialist).
     ``task_kwargs``: :func:`cnt.functions.build_task`'s settings. ``baselines``: the neuron-level baselines beside
-    the locators at every budget (a subset of ``random``, ``weight_delta``; empty for a reduced run)."""
+    the locators at every budget (a subset of ``random``, ``weight_delta``; empty for a reduced run).
+    ``checkpoint``: called with the result so far after every point (a killed run keeps what it measured).
+    Every α of a point shares one extracted patch (the candidates differ only in their amplitude), so a ceiling of
+    every unit costs one copy of the slices, not one per α."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -113,6 +117,10 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     t_score, d_score = r_target[metric].value, r_donor[metric].value
     points: list[FrontierPoint] = []
 
+    def at_alphas(patch: NeuronPatch) -> list[tuple[NeuronPatch, float]]:
+        """The candidates of one point: the same slices at each α (tensors shared, not copied)."""
+        return [(dataclasses.replace(patch, alpha=check_alpha(a)), a) for a in alphas]
+
     def add(method, kinds, budget, candidates):
         """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval."""
         assessed = [validator.assess(patch) for patch, _ in candidates]
@@ -132,6 +140,23 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
                                     {"candidates": [{"alpha": a, "validation_share": x["share"],
                                                      "utility_ok": x["utility_ok"], "proxy": x["proxy"]}
                                                     for (_, a), x in zip(candidates, assessed)]}))
+        if checkpoint is not None:
+            checkpoint(result(partial=True))
+
+    def result(partial: bool) -> dict:
+        """The frontier so far (``partial``) or whole, as plain records."""
+        return {"function": function, "metric": metric, "target_score": t_score,
+                "target_ci": list(r_target[metric].ci), "donor_score": d_score, "donor_ci": list(r_donor[metric].ci),
+                "target_perplexity": r_target["perplexity"].value, "donor_perplexity": r_donor["perplexity"].value,
+                "target_metrics": {k: v.value for k, v in r_target.metrics.items()},
+                "donor_metrics": {k: v.value for k, v in r_donor.metrics.items()},
+                "donor_utility": utility_change(r_donor, r_target)[0], "groups": list(groups),
+                "task": {"settings": task.meta, "utility_weight": task.utility_weight,
+                         "n_function": len(task.function), "n_utility": len(task.utility)},
+                "validation": {"target": v_target, "donor": v_donor}, "points": [asdict(p) for p in points],
+                "budgets": list(budgets), "alphas": list(alphas), "baselines": list(baselines), "profile": profile,
+                "seed": seed, "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "partial": partial}
 
     t_task = time.time()
     task = build_task(function, donor, target, tokenizer, seed=seed, **(task_kwargs or {}))
@@ -142,34 +167,19 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         timings[f"{name}:{'+'.join(kinds)}"] = scores.seconds
         for b in budgets:
             sel, gamma = scores.select(int(b * n_weights))
-            add(name, kinds, b, [(NeuronPatch.extract(donor, target, sel, alpha=a, gamma=gamma), a) for a in alphas])
+            add(name, kinds, b, at_alphas(NeuronPatch.extract(donor, target, sel, gamma=gamma)))
     per_neuron = NeuronPatch.extract(donor, target, {0: [0]}).n_params  # weights of one MLP neuron
     for b in budgets:  # neuron-level baselines at the same weights
         k = max(1, int(b * n_weights) // per_neuron)
         for s in random_seeds if "random" in baselines else ():
             mod = B.run("random", donor, target, tokenizer, function, k=k, seed=s)
-            add("random", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
-                                       for a in alphas])
+            add("random", ["mlp"], b, at_alphas(mod.patch))
             points[-1].extra["seed"] = s
         if "weight_delta" in baselines:
             mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
-            add("weight_delta", ["mlp"], b, [(NeuronPatch.extract(donor, target, mod.patch.units, alpha=a), a)
-                                             for a in alphas])
+            add("weight_delta", ["mlp"], b, at_alphas(mod.patch))
     for name, kinds in CEILINGS.items():
-        whole = transfer_all(donor, target, kinds)
-        add(name, kinds, None, [(NeuronPatch.extract(donor, target, whole.units, alpha=a), a) for a in alphas])
-        del whole
+        add(name, kinds, None, at_alphas(transfer_all(donor, target, kinds)))
     bar.close()
-    return {"function": function, "metric": metric, "target_score": t_score, "target_ci": list(r_target[metric].ci),
-            "donor_score": d_score, "donor_ci": list(r_donor[metric].ci),
-            "target_perplexity": r_target["perplexity"].value, "donor_perplexity": r_donor["perplexity"].value,
-            "target_metrics": {k: v.value for k, v in r_target.metrics.items()},
-            "donor_metrics": {k: v.value for k, v in r_donor.metrics.items()},
-            "donor_utility": utility_change(r_donor, r_target)[0], "groups": list(groups),
-            "task": {"settings": task.meta, "utility_weight": task.utility_weight, "n_function": len(task.function),
-                     "n_utility": len(task.utility)},
-            "validation": {"target": v_target, "donor": v_donor}, "points": [asdict(p) for p in points],
-            "budgets": list(budgets), "alphas": list(alphas), "baselines": list(baselines), "profile": profile,
-            "seed": seed,
-            "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return result(partial=False)
+

@@ -107,4 +107,9 @@ def test_a_reduced_frontier_skips_the_baselines(tmp_path):
                   locators=(("attribution", ("mlp",)),), profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(),
                   progress=False)
     assert {p["method"] for p in res["points"]} == {"attribution", "every MLP neuron", "attention only", "every unit"}
-    assert res["baselines"] == []
+    assert res["baselines"] == [] and res["partial"] is False
+    seen = []  # every point is handed to the checkpoint as it is measured
+    measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,), locators=(("attribution", ("mlp",)),),
+            profile="smoke", alphas=(1.0, 2.0), proxy_size=8, baselines=(), progress=False,
+            checkpoint=lambda r: seen.append((len(r["points"]), r["partial"])))
+    assert seen == [(1, True), (2, True), (3, True), (4, True)]
