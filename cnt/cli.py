@@ -250,7 +250,7 @@ def _functions() -> list[str]:
 
 
 def _applications() -> list[str]:
-    from .experiment import APPLICATIONS
+    from .applications import APPLICATIONS
 
     return list(APPLICATIONS)
 

@@ -35,11 +35,11 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY, Application, families
 from .arch import check_compatible, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
-from .locate import default_scorer, locate
-from .zoo import load_model, load_tokenizer
 from .functions import Proxy, Validator, build_task, choose
+from .locate import default_scorer, locate
 from .search import ALPHAS, minimal_subset, pick
 from .transfer import NeuronPatch, check_alpha, transfer_all
+from .zoo import load_model, load_tokenizer
 
 # the zoo families' pairs per application, read from the application specs: a missing entry means the family has no
 # donor for that function in the zoo (say so, rather than run something else)
@@ -421,19 +421,22 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     for name in config.baselines:
         t0 = time.time()
         baseline = B.BASELINES[name]
-        settings = baseline.grid(sweep, base, function)
+        if baseline.level == "neuron":  # each budget's settings, to record the budget beside them
+            settings = [(b, s) for b in config.budgets
+                        for s in baseline.grid(dataclasses.replace(sweep, budgets=(b,)), base, function)]
+        else:
+            settings = baseline.grid(sweep, base, function)
         if not settings:
             continue
         entries = []
         if baseline.level == "neuron":  # the curve: every budget on eval (metric and perplexity)
-            for b in config.budgets:
-                for s in baseline.grid(dataclasses.replace(sweep, budgets=(b,)), base, function):
-                    mod = baseline(donor, target, tok, function, **s)
-                    model = mod.materialize(target)
-                    rep = ev(model, name, only_metric=True)
-                    entries.append(_entry(rep, metric, mod.patch.neuron_fraction, mod.params_changed / n_params,
-                                          setting=mod.setting | {"budget": b}, seconds=mod.seconds))
-                    del model
+            for b, s in settings:
+                mod = baseline(donor, target, tok, function, **s)
+                model = mod.materialize(target)
+                rep = ev(model, name, only_metric=True)
+                entries.append(_entry(rep, metric, mod.patch.neuron_fraction, mod.params_changed / n_params,
+                                      setting=mod.setting | {"budget": b}, seconds=mod.seconds))
+                del model
         else:  # swept: judge each setting on validation, evaluate the chosen one
             assessed, mod, model = [], None, None
             for s in settings:

@@ -21,7 +21,7 @@ from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import evaluate
 from .locate import locate
-from .functions import Proxy, Validator, build_task, choose
+from .functions import Proxy, Validator, build_task, choose, gap_share
 from .search import ALPHAS
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
@@ -51,10 +51,6 @@ class FrontierPoint:
     utility: dict = field(default_factory=dict)  # eval: each utility metric's change from the target, and held or not
     utility_held: bool | None = None  # every utility goal met on eval (perplexity, false refusal, broken text, skill)
     extra: dict = field(default_factory=dict)
-
-
-def _share(v: float, t: float, d: float) -> float:
-    return (v - t) / (d - t) if d != t else float("nan")
 
 
 # the kit's utility goals, checked on eval for every point: (metric, largest allowed change from the target, relative?)
@@ -97,9 +93,10 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
 
     t0 = time.time()
     check_compatible(donor, target)
-    unknown = sorted(set(baselines) - {"random", "weight_delta"})
+    neuron_level = [n for n, b in B.BASELINES.items() if b.level == "neuron"]
+    unknown = sorted(set(baselines) - set(neuron_level))
     if unknown:
-        raise ValueError(f"frontier baselines: {unknown} unknown; the neuron-level ones are random, weight_delta")
+        raise ValueError(f"frontier baselines: {unknown} unknown; the neuron-level ones are {', '.join(neuron_level)}")
     metric, default_groups = METRICS[function]
     groups = tuple(groups or default_groups)
     n_weights = total_params(target)
@@ -121,8 +118,9 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         """The candidates of one point: the same slices at each α (tensors shared, not copied)."""
         return [(dataclasses.replace(patch, alpha=check_alpha(a)), a) for a in alphas]
 
-    def add(method, kinds, budget, candidates):
-        """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval."""
+    def add(method, kinds, budget, candidates, **extra):
+        """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval. ``extra``: recorded
+        with the point."""
         assessed = [validator.assess(patch) for patch, _ in candidates]
         i = choose(assessed)
         patch, alpha = candidates[i]
@@ -130,16 +128,16 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         rep = ev(target)
         patch.revert(target)
         m = rep[metric]
-        lo, hi = sorted((_share(m.ci[0], t_score, d_score), _share(m.ci[1], t_score, d_score)))
+        lo, hi = sorted((gap_share(m.ci[0], t_score, d_score), gap_share(m.ci[1], t_score, d_score)))
         utility, held = utility_change(rep, r_target)
         points.append(FrontierPoint(method, list(kinds), budget, patch.param_fraction,
                                     {k: patch.n_units(k) for k in patch.units}, alpha, assessed[i]["share"],
                                     assessed[i]["utility_ok"], m.value, list(m.ci),
-                                    _share(m.value, t_score, d_score), [lo, hi],
+                                    gap_share(m.value, t_score, d_score), [lo, hi],
                                     rep["perplexity"].value if "perplexity" in rep.metrics else None, utility, held,
                                     {"candidates": [{"alpha": a, "validation_share": x["share"],
                                                      "utility_ok": x["utility_ok"], "proxy": x["proxy"]}
-                                                    for (_, a), x in zip(candidates, assessed)]}))
+                                                    for (_, a), x in zip(candidates, assessed)], **extra}))
         if checkpoint is not None:
             checkpoint(result(partial=True))
 
@@ -173,8 +171,7 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         k = max(1, int(b * n_weights) // per_neuron)
         for s in random_seeds if "random" in baselines else ():
             mod = B.run("random", donor, target, tokenizer, function, k=k, seed=s)
-            add("random", ["mlp"], b, at_alphas(mod.patch))
-            points[-1].extra["seed"] = s
+            add("random", ["mlp"], b, at_alphas(mod.patch), seed=s)
         if "weight_delta" in baselines:
             mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
             add("weight_delta", ["mlp"], b, at_alphas(mod.patch))

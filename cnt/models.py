@@ -432,7 +432,6 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-
 @torch.no_grad()
 def last_token_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Float32 next-token logits after each (chat-formatted) text; shape [len(texts), vocab]."""

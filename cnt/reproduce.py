@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import atomic, report
+from .applications import DEFAULT_FAMILY
 
 
 def select(notebooks: str | Path, only: Sequence[str] | None = None) -> list[Path]:
@@ -37,14 +38,14 @@ def check_parameters(books: Sequence[Path], params: dict) -> None:
                          f"{', '.join(sorted(declared))}")
 
 
-def run_name(book: Path, params: dict, default_family: str) -> str:
+def run_name(book: Path, params: dict) -> str:
     """The executed notebook's file name: another family or a tagged variant keeps its own beside the default one."""
-    variant = [str(v) for v in (params.get("family"), params.get("tag")) if v and v != default_family]
+    variant = [str(v) for v in (params.get("family"), params.get("tag")) if v and v != DEFAULT_FAMILY]
     return ".".join([book.stem, *variant]) + ".ipynb"
 
 
-def execute(book: Path, runs: Path, params: dict, *, kernel: str = "python3", progress: bool = True,
-            default_family: str = "smollm2") -> tuple[str, float, dict]:
+def execute(book: Path, runs: Path, params: dict, *, kernel: str = "python3",
+            progress: bool = True) -> tuple[str, float, dict]:
     """Execute one notebook with the parameters it declares (the others named as ignored there) into ``runs``;
     a failed run never replaces the previous executed notebook. Returns its file name, seconds and the parameters
     it was given."""
@@ -56,7 +57,7 @@ def execute(book: Path, runs: Path, params: dict, *, kernel: str = "python3", pr
         print(f"[cnt reproduce] {book.name} has no parameter {', '.join(ignored)}: ignored there (it declares "
               f"{', '.join(declared)})", file=sys.stderr, flush=True)
     params = {k: v for k, v in params.items() if k in declared}
-    name = run_name(book, params, default_family)
+    name = run_name(book, params)
     t0 = time.time()
     print(f"[cnt reproduce] {book.name} {params or ''}", flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=runs)
@@ -100,8 +101,6 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     """Execute the notebooks (``only``: substrings of their names) with their default parameters or ``params``, with
     ``jobs`` side by side, into ``<papers>/runs/``; write ``timings.json`` and regenerate the report. Returns the
     timings record."""
-    from .applications import DEFAULT_FAMILY
-
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     t_all = time.time()
@@ -117,7 +116,7 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
 
     def run(book: Path) -> None:
         name, seconds, used = execute(book, runs, {"output_dir": str(papers), **extra}, kernel=kernel,
-                                      progress=progress and jobs == 1, default_family=DEFAULT_FAMILY)
+                                      progress=progress and jobs == 1)
         timings[name] = {"seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          "parameters": {k: v for k, v in used.items() if k != "output_dir"}, "jobs": jobs}
 
