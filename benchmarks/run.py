@@ -226,7 +226,8 @@ def scaling(family: str, sizes=SIZES) -> dict:
 def figure(results: dict, path: Path) -> None:
     """Left: locate time against prompts (with the linear fit). Middle: locate's peak memory against prompts, beside
     the weights of donor + target (what locating must not exceed by more than per-neuron statistics and one gradient
-    buffer). Right: wall time of every step, CNT against the baselines and the SFT reference."""
+    buffer). Right: CPU time of CNT with each locator against the baselines and the SFT reference (entries recorded
+    without CPU times are left out)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
@@ -249,13 +250,14 @@ def figure(results: dict, path: Path) -> None:
     axes[1].set_ylabel("peak memory (GiB)")
     axes[1].set_ylim(bottom=0)
     axes[1].legend(fontsize=8)
-    for i, c in enumerate(results.get("cnt", [])):
-        rows = {f"cnt ({loc})": r["cnt_total_s"] for loc, r in c.get("locators", {}).items()}
-        rows.update({k.removesuffix("_s"): v for k, v in c.get("baselines", {}).items()
-                     if k.endswith("_s") and not k.endswith("_cpu_s") and k not in ("forward_s", "task_s")})
+    for i, c in enumerate(results.get("cnt", [])):  # CPU time: what the cost goal is judged on (load-independent)
+        rows = {f"cnt ({loc})": r["cnt_total_cpu_s"] for loc, r in c.get("locators", {}).items()
+                if "cnt_total_cpu_s" in r}
+        rows.update({k.removesuffix("_cpu_s"): v for k, v in c.get("baselines", {}).items()
+                     if k.endswith("_cpu_s") and k not in ("forward_cpu_s", "task_cpu_s")})
         axes[2].barh([f"{c['family']}: {k}" for k in rows], [max(v, 1e-2) for v in rows.values()], color=f"C{i}")
     axes[2].set_xscale("log")
-    axes[2].set_xlabel("wall time (s, 2 CPU cores)")
+    axes[2].set_xlabel("CPU time (s, all threads)")
     fig.tight_layout()
     with atomic.write_file(path) as f:
         fig.savefig(f, format="png", dpi=110)
