@@ -7,6 +7,8 @@ cnt: locate + search + transfer for a zoo pair (goal for SmolLM2: <= 60 s on 2 C
      other jobs share the cores) and peak memory, with ratios to one forward pass over the same prompts.
 scaling: locate's time against the number of function prompts (32 -> 512), with a linear fit.
 
+`cnt --reuse-reference` measures CNT again and keeps the baselines and the SFT reference from bench.json (same pair).
+
 Every measurement runs in a fresh subprocess (peak RSS is that process's own). `python benchmarks/run.py cnt scaling
 --family qwen --sizes 32,64,128` measures the Qwen pair (needs `make setup-extra` and the qwen-abliterated zoo model).
 """
@@ -188,12 +190,14 @@ def _run(family: str, what: str, n: int = 48, sft_steps: int = 20, locator: str 
     return res
 
 
-def time_cnt(family: str, sft_steps: int = 20) -> dict:
+def time_cnt(family: str, sft_steps: int = 20, reference: dict | None = None) -> dict:
     """CNT's whole cost (task + locate + search + transfer) with each locator, its peak memory through locate, and
     the baselines and SFT reference on the same pair (goals: CNT with the default locator <= 1/5 of the SFT
-    reference; locate's peak <= 1.5x the donor's + target's weights; SmolLM2 CNT <= 60 s)."""
+    reference; locate's peak <= 1.5x the donor's + target's weights; SmolLM2 CNT <= 60 s). ``reference``: an earlier
+    measurement of the baselines and the SFT reference on the same pair, kept instead of measuring them again (its
+    date is recorded beside it)."""
     runs = {loc: _run(family, "cnt", locator=loc) for loc in LOCATORS}
-    ref = _run(family, "baselines", sft_steps=sft_steps)
+    ref = reference or _run(family, "baselines", sft_steps=sft_steps)
     res = {"family": family, "donor": ref["donor"], "target": ref["target"], "default_locator": LOCATORS[0],
            "locators": runs, "baselines": ref}
     for loc, r in runs.items():  # the goal is judged on CPU time (unchanged when other jobs share the cores)
@@ -275,20 +279,29 @@ def main() -> None:
         i = args.index("--sizes")
         sizes = tuple(int(x) for x in args[i + 1].split(","))
         args = args[:i] + args[i + 2:]
+    reuse = "--reuse-reference" in args  # CNT measured again, the baselines and SFT reference kept from bench.json
+    args = [a for a in args if a != "--reuse-reference"]
     which = args or ["load", "eval", "cnt", "scaling"]
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out = ROOT / "papers" / "results" / "bench.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
     if "load" in which:
         results["load"] = [time_fresh_load("smollm2-135m-instruct")]
     if "eval" in which:
         results["eval"] = [time_eval("smollm2-135m-instruct", "quick", 60.0),
                            time_eval("smollm2-135m-instruct", "full", 300.0)]
     if "cnt" in which:
-        results["cnt"] = [time_cnt(f) for f in families]
+        earlier = {c["family"]: c for c in previous.get("cnt", [])}
+        if reuse and not all(f in earlier for f in families):
+            raise SystemExit(f"--reuse-reference: {out} has no earlier measurement for "
+                             f"{', '.join(f for f in families if f not in earlier)}; run without it")
+        results["cnt"] = [time_cnt(f, reference=earlier[f]["baselines"] if reuse else None) for f in families]
+        if reuse:
+            for c in results["cnt"]:
+                c["reference_measured"] = earlier[c["family"]].get("reference_measured", previous.get("when"))
     if "scaling" in which:
         results["scaling"] = [scaling(f, sizes) for f in families]
-    out = ROOT / "papers" / "results" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
     for key in ("cnt", "scaling"):  # keep other families' entries
         if key in results:
             results[key] = [r for r in previous.get(key, []) if r["family"] not in families] + results[key]

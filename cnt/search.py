@@ -109,21 +109,38 @@ def search_k(trial: Callable[[int, float], SearchStep], *, k_min: int, k_max: in
     below it, and bisection under it only if that trial reaches the goal (more neurons are assumed to move the
     function further). Galloping stops early once utility breaks (perplexity or false refusal over the limit):
     transferring *more* neurons moves the target further from itself, so a larger k is not expected to restore it —
-    trials stay few."""
+    trials stay few. A k that a larger alpha left short of the goal *with utility held* is not tried again at a smaller
+    alpha (the share is assumed to grow with alpha as with k: a smaller amplification of the same subset moves the
+    function less): when the goal is out of reach within ``k_max``, the largest alpha gallops to the limit and each
+    smaller one is then settled without a trial, instead of galloping there again."""
     accepted: dict[tuple[int, float], SearchStep] = {}
     best: SearchStep | None = None
+    short = 0  # the largest k a larger alpha left short of the goal with utility held: short here too
+
+    def tried(k: int, alpha: float) -> SearchStep:
+        nonlocal short
+        s = trial(k, alpha)
+        if s.utility_ok and not s.share >= goal:
+            short = max(short, k)
+        return s
+
     for alpha in sorted(alphas, reverse=True):  # larger alpha usually needs fewer neurons: it sets the bar early
         lo, hi, k = 0, None, k_min
         limit = k_max if best is None else min(k_max, best.k - 1)  # a later alpha wins only with a smaller k
+        if limit <= short:  # a larger alpha fell short at the limit with utility held: this one would too
+            continue
         if best is not None and limit >= 1:  # one trial at the limit: short of the goal there, short below it too
-            s = trial(limit, alpha)
+            s = tried(limit, alpha)
             if s.ok:
                 hi, accepted[limit, alpha] = limit, s
             elif not s.share >= goal:  # (only a utility failure leaves room below: then gallop as usual)
                 continue
         while hi is None and lo < limit:  # gallop: k, 4k, 16k, ... (the last try at the limit itself)
             k = min(k, limit)
-            s = trial(k, alpha)
+            if k <= short:  # known short (a larger alpha fell short there): no trial
+                lo, k = k, k * growth
+                continue
+            s = tried(k, alpha)
             if s.ok:
                 hi, accepted[k, alpha] = k, s
                 break
@@ -134,7 +151,10 @@ def search_k(trial: Callable[[int, float], SearchStep], *, k_min: int, k_max: in
             continue
         while hi - lo > max(1, hi // 10):  # bisect to ~10%
             mid = (lo + hi) // 2
-            s = trial(mid, alpha)
+            if mid <= short:
+                lo = mid
+                continue
+            s = tried(mid, alpha)
             if s.ok:
                 hi, accepted[mid, alpha] = mid, s
             else:

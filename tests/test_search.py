@@ -142,6 +142,27 @@ def test_the_search_algorithm_runs_on_a_plain_function():
     assert all(k < best.k for k, a in tried if a == 1.0) and [k for k, a in tried if a == 1.0] == [best.k - 1]
 
 
+def test_a_smaller_alpha_skips_what_a_larger_one_left_short():
+    """Out of reach within k_max: the largest alpha gallops to the limit and the smaller ones are settled without a
+    trial; where the larger alpha broke utility instead, the smaller one gallops again, but not through the k values
+    the larger one already left short with utility held."""
+    trial, tried = _plain_trial(k_goal=1e9, gain={1.0: 1.0, 2.0: 2.0, 4.0: 4.0})
+    assert search.search_k(trial, k_min=2, k_max=10_000, alphas=(1.0, 2.0, 4.0)) is None
+    assert {a for _, a in tried} == {4.0} and [k for k, _ in tried] == [2, 8, 32, 128, 512, 2048, 8192, 10_000]
+
+    def trial(k, alpha):  # alpha 2 breaks perplexity above k = 100; alpha 1 holds it and reaches the goal at 500
+        share = min(1.0, alpha * k / 556)
+        ok_util = alpha == 1.0 or k <= 100
+        seen.append((k, alpha))
+        return search.SearchStep(k, alpha, share, share, 10.0, None, share >= 0.9 and ok_util, ok_util)
+
+    seen = []
+    best = search.search_k(trial, k_min=2, k_max=10_000, alphas=(1.0, 2.0))
+    assert best.alpha == 1.0 and 501 <= best.k <= 556  # 90% of the gap from k = 501; bisection within 10%
+    assert [k for k, a in seen if a == 2.0] == [2, 8, 32, 128]  # 128 broke utility
+    assert not [k for k, a in seen if a == 1.0 and k <= 32]  # 2, 8, 32 were short at alpha 2: not tried at alpha 1
+
+
 def test_task_never_reads_the_eval_split(fixture):  # noqa: F811
     with pytest.raises(ValueError, match="eval split"):
         functions.build_task("refusal", *fixture, split="eval")
@@ -166,8 +187,10 @@ def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # 
     assert res.reached and res.alpha == 2.0 and 9 <= res.k <= 10
     assert [s.alpha for s in res.steps][0] == 2.0
     assert all(s.k < res.k for s in res.steps if s.alpha == 1.0)  # alpha 1 never tried at or above alpha 2's k
-    # alpha 1 falls short just below alpha 2's k, so it gets that one trial and no gallop from k_min
-    assert [s.k for s in res.steps if s.alpha == 1.0] == [res.k - 1]
+    # alpha 1 gets no gallop from k_min: one trial just below alpha 2's k, or none where alpha 2's bisection already
+    # left that k short with utility held (a smaller alpha moves the function less)
+    short = max(s.k for s in res.steps if s.alpha == 2.0 and not s.ok)
+    assert [s.k for s in res.steps if s.alpha == 1.0] == ([res.k - 1] if res.k - 1 > short else [])
 
 
 def test_choose_counts_overshooting_the_donor_as_reaching_it():
