@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from cnt import atomic
-from cnt.locate import default_scorer
+from cnt.functions import default_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +58,14 @@ PAIRS = {"smollm2": ("smol-safe", "smol-arith", "smollm2-135m-instruct"),
 
 _CNT_CODE = r"""
 import json, resource, sys, time, dataclasses
+from contextlib import contextmanager
 import torch
 from cnt.zoo import load_model
-from cnt import baselines as B, zoo
-from cnt.functions import build_task, Proxy
-from cnt.search import ALPHAS, minimal_subset, pick
-from cnt.locate import locate
-from cnt.transfer import NeuronPatch
+from cnt import baselines as B, data, zoo
+from cnt.arch import fingerprint
 from cnt.models import chat_texts, encode
+from cnt.pipeline import Pipeline, transfer_function
+from cnt.scores import neurons_for
 donor_name, target_name, base_name, what, n, sft_steps, locator = json.loads(sys.argv[1])
 
 
@@ -83,16 +83,18 @@ def reset_peak():  # Linux: writing 5 to clear_refs sets VmHWM to the current re
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
 
 
-class timed:  # wall time as <key>_s and the process's CPU time (all threads) as <key>_cpu_s: the CPU time does not
-    def __init__(self, key):  # grow when other jobs share the cores, so a loaded machine still gives a fair ratio
-        self.key = key
-
-    def __enter__(self):
-        self.wall, self.cpu = time.time(), time.process_time()
-
-    def __exit__(self, *exc):
-        out[self.key + "_s"] = time.time() - self.wall
-        out[self.key + "_cpu_s"] = time.process_time() - self.cpu
+@contextmanager
+def timed(key):  # wall time as <key>_s and the process's CPU time (all threads) as <key>_cpu_s: the CPU time does
+    if key == "locate":  # not grow when other jobs share the cores, so a loaded machine still gives a fair ratio
+        reset_peak()  # locate's own peak: the models, what it allocates, nothing left from the task's generation
+    wall, cpu = time.time(), time.process_time()
+    yield
+    out[key + "_s"] = out.get(key + "_s", 0.0) + time.time() - wall
+    out[key + "_cpu_s"] = out.get(key + "_cpu_s", 0.0) + time.process_time() - cpu
+    if key == "locate":
+        out["peak_locate_mib"] = status("VmHWM")
+        out["rss_after_locate_mib"] = out["peak_locate_mib"]
+        out["locate_peak_over_weights"] = (out["peak_locate_mib"] - out["rss_kit_mib"]) / weights
 
 
 reset_peak()
@@ -102,42 +104,26 @@ out["rss_models_mib"] = rss()
 out["param_mib_each"] = sum(p.numel() * p.element_size() for p in target.parameters()) / 2**20
 weights = 2 * out["param_mib_each"]
 # the scaling runs need up to 512 prompts: more than the locate split holds (243), so they draw from train
-with timed("task"):
-    task = build_task("refusal", donor, target, tok, n_function=n, split="locate" if what == "cnt" else "train")
-prompts = [e.prompt for e in task.function]
+task_kwargs = {"n_function": n, "split": "locate" if what == "cnt" else "train"}
 
 
-def forward_reference():
+def forward_reference(prompts):
     # one no-grad forward pass over the same prompts, in locate's batches of 8 (the unit every ratio is in)
     with torch.no_grad(), timed("forward"):
         for i in range(0, len(prompts), 8):
             target(**encode(tok, chat_texts(tok, prompts[i:i + 8])))
 
 
-def run_locate():
-    reset_peak()  # locate's own peak: the models, what it allocates, nothing left from the task's generation
-    with timed("locate"):
-        scores = locate(locator, task, donor, target, tok, progress=False)
-    out["peak_locate_mib"] = status("VmHWM")
-    out["rss_after_locate_mib"] = out["peak_locate_mib"]
-    out["locate_peak_over_weights"] = (out["peak_locate_mib"] - out["rss_kit_mib"]) / weights
-    return scores
-
-
-if what == "cnt":
-    scores = run_locate()
-    with timed("search"):
-        res = minimal_subset(scores, donor, target, tok, Proxy.for_function("refusal"), alphas=ALPHAS, progress=False)
-    out["search_reached"] = res.reached; out["search_k"] = res.k
-    with timed("transfer"):
-        sel, gamma = pick(scores, res.k or max(s.k for s in res.steps))
-        patch = NeuronPatch.extract(donor, target, sel, alpha=res.alpha, gamma=gamma); patch.apply(target); patch.revert(target)
+if what == "cnt":  # CNT as `cnt transfer --budget auto` runs it, each step timed through the pipeline's stage hook
+    patch, info = transfer_function(donor, target, tok, "refusal", budget="auto", scorer=locator,
+                                    task_kwargs=task_kwargs, progress=False, stage=timed)
+    out["search_reached"] = info["search"]["reached"]; out["search_k"] = info["search"]["k"]
+    patch.apply(target); patch.revert(target)
     for unit in ("_s", "_cpu_s"):
         out["cnt_total" + unit] = sum(out[step + unit] for step in ("task", "locate", "search", "transfer"))
-    forward_reference()
 elif what == "baselines":
     base, _ = load_model(base_name)
-    k = max(1, round(0.005 * sum(s.numel() for s in locate("attribution", task, donor, target, tok, progress=False).scores)))
+    k = neurons_for(0.005, fingerprint(target).n_neurons)
     for name, setting in [("random", {"k": k}), ("weight_delta", {"k": k}), ("linear", {"lam": 0.5}),
                           ("task_arithmetic", {"lam": 0.5, "base": base}), ("ties", {"lam": 1.0, "density": 0.2, "base": base}),
                           ("dare", {"lam": 1.0, "density": 0.2, "base": base}), ("refusal_direction", {})]:
@@ -152,7 +138,6 @@ elif what == "baselines":
         out["sft_steps"] = r.train.steps
     else:  # a donor the kit did not train (e.g. a maker-aligned model): time the zoo's LoRA recipe for a few steps
         import random
-        from cnt import data
         examples = zoo.refusal_pairs(data.texts(data.load("harmful", "train")), random.Random(0))
         cfg = dataclasses.replace(zoo.LORA, steps=sft_steps)
         with timed("sft"):
@@ -161,12 +146,12 @@ elif what == "baselines":
         out["sft_cpu_s_per_step"] = out["sft_cpu_s"] / sft_steps
         out["sft_note"] = (f"{sft_steps} steps of the zoo's LoRA config on harmful->refusal pairs (the donor has no "
                            "recipe here; a SmolLM2 recipe is 120-440 steps)")
-    forward_reference()
 else:
-    run_locate()
-    forward_reference()
+    Pipeline("refusal", donor, target, tok, task_kwargs=task_kwargs, progress=False, stage=timed).scores(locator)
+prompts = data.texts(data.load("harmful", task_kwargs["split"], seed=0, limit=n))  # the task's function prompts
+forward_reference(prompts)
 out["peak_rss_mib"] = rss()
-out["n_prompts"] = len(task.function)
+out["n_prompts"] = len(prompts)
 print(json.dumps(out))
 """
 

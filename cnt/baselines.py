@@ -32,6 +32,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 
 from .arch import MLPNeurons, check_compatible
+from .functions import function_spec
 from .transfer import NeuronPatch
 
 
@@ -221,8 +222,11 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     check_compatible(donor, target)
     t = data.texts
     h_tr, b_tr = t(data.load("harmful", "train", seed=seed, limit=n)), t(data.load("benign", "train", seed=seed, limit=n))
+    spec = function_spec(function)
+    if spec.source != "refusal":
+        raise ValueError(f"refusal_direction applies to functions about refusal, not {function!r}")
     model = deepcopy(target)
-    if function == "compliance":
+    if not spec.adds_refusal:  # deleting refusal: ablate the target's own direction
         h_va = t(data.load("harmful", "validation", seed=seed, limit=32))
         b_va = t(data.load("benign", "validation", seed=seed, limit=32))
         choice = select_direction(target, tokenizer, h_tr, b_tr, h_va, b_va, layer_stride=layer_stride,
@@ -230,8 +234,6 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
         changed = orthogonalize(model, choice.direction)
         return Modified("refusal_direction", {"mode": "ablate", "layer": choice.layer, "position": choice.position},
                         changed, round(time.time() - t0, 2), model=model, info={"candidates": choice.candidates})
-    if function != "refusal":
-        raise ValueError("refusal_direction applies to the refusal and compliance functions only")
     with inference_dtype(donor, fast_dtype(model_device(donor))) as fast:  # as evaluation runs (float32 means)
         mu = mean_activations(fast, tokenizer, h_tr) - mean_activations(fast, tokenizer, b_tr)  # [L+1, P, H]
     neurons = MLPNeurons(model)
@@ -368,9 +370,10 @@ class RefusalDirection(Baseline):
     name, run = "refusal_direction", staticmethod(run_refusal_direction)
 
     def grid(self, sweep, base, function):
-        if function == "compliance":
+        spec = function_spec(function)
+        if spec.source == "refusal" and not spec.adds_refusal:
             return [{"seed": sweep.seed}]  # layer and position chosen on validation inside
-        if function == "refusal":
+        if spec.source == "refusal":
             n = sweep.n_layers
             layers = sorted({max(1, n // 3), max(1, n // 2), max(1, 2 * n // 3)})
             return [{"seed": sweep.seed, "layer": layer, "alpha": a} for layer in layers for a in (1.0, 2.0)]

@@ -196,15 +196,13 @@ def _cmd_zoo(args) -> int:
 
 
 def _budget(value: str):
-    if value == "auto":
-        return value
+    from .scores import check_budget
+
     try:
-        b = float(value)
+        return check_budget(value if value == "auto" else float(value), auto=True)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or 'auto', got {value!r}") from None
-    if not math.isfinite(b) or not 0 < b <= 1:
-        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or 'auto', got {b}")
-    return b
+        raise argparse.ArgumentTypeError(f"budget must be a fraction of MLP neurons in (0, 1] or 'auto', "
+                                         f"got {value!r}") from None
 
 
 def _alpha(value: str) -> float:
@@ -280,7 +278,7 @@ def _units(value: str) -> tuple[str, ...]:
 def _cmd_transfer(args) -> int:
     from .arch import check_compatible
     from .atomic import check_output
-    from .search import transfer
+    from .pipeline import transfer_function
     from .zoo import load_model, load_tokenizer
 
     check_output(args.out, "folder", what="--out", marker="patch.json")
@@ -290,9 +288,9 @@ def _cmd_transfer(args) -> int:
     target, _ = load_model(args.target, dtype="float32", allow_build=args.allow_build)
     check_compatible(donor, target)  # refused before any compute
     tok = load_tokenizer(args.target)
-    patch, info = transfer(donor, target, tok, args.function, budget=args.budget, scorer=args.scorer,
-                           kinds=args.units, alpha=args.alpha if len(args.alpha) > 1 else args.alpha[0], seed=args.seed,
-                           donor_name=args.donor, target_name=args.target)
+    patch, info = transfer_function(donor, target, tok, args.function, budget=args.budget, scorer=args.scorer,
+                                    kinds=args.units, alpha=args.alpha if len(args.alpha) > 1 else args.alpha[0],
+                                    seed=args.seed, donor_name=args.donor, target_name=args.target)
     search = info.get("search")
     if search is not None and not search["reached"]:
         short = (f"--budget auto did not reach its goal: the largest subset tried ({patch.n_neurons} neurons, "
@@ -319,8 +317,7 @@ def _cmd_locate(args) -> int:
 
     from .arch import check_compatible
     from .atomic import check_output, write_file
-    from .locate import default_scorer, locate
-    from .functions import build_task
+    from .pipeline import Pipeline
     from .zoo import load_model, load_tokenizer
 
     check_output(args.out, "file", what="--out")
@@ -328,12 +325,8 @@ def _cmd_locate(args) -> int:
     target, _ = load_model(args.target, dtype="float32", allow_build=args.allow_build)
     check_compatible(donor, target)
     tok = load_tokenizer(args.target)
-    task = build_task(args.function, donor, target, tok, seed=args.seed)
-    scorer = args.scorer or default_scorer(args.function)
-    extra = {"budget": args.iterative_budget} if scorer == "iterative" else {}
-    if args.units != ("mlp",):
-        extra["kinds"] = args.units
-    scores = locate(scorer, task, donor, target, tok, **extra)
+    extra = {"budget": args.iterative_budget} if args.scorer == "iterative" else {}
+    scores = Pipeline(args.function, donor, target, tok, seed=args.seed).scores(args.scorer, args.units, **extra)
     with write_file(args.out) as f:
         torch.save({"scorer": scores.scorer, "scores": scores.scores, "units": scores.units, "costs": scores.costs,
                     "gamma": scores.gamma, "settings": scores.settings}, f)

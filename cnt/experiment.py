@@ -35,10 +35,11 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY, Application, families
 from .arch import check_compatible, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
-from .functions import Proxy, Validator, build_task, choose
-from .locate import default_scorer, locate
-from .search import ALPHAS, minimal_subset, pick
-from .transfer import NeuronPatch, check_alpha, transfer_all
+from .functions import choose, default_scorer
+from .pipeline import Pipeline
+from .scores import check_budget, check_budgets
+from .search import ALPHAS
+from .transfer import check_alpha, transfer_all
 from .zoo import load_model, load_tokenizer
 
 # the zoo families' pairs per application, read from the application specs: a missing entry means the family has no
@@ -59,7 +60,7 @@ class ApplicationConfig:
     target: str | None = None
     base: str | None = None
     budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
-    scorers: tuple[str, ...] | None = None  # None: the function's default locator (cnt.locate.default_scorer)
+    scorers: tuple[str, ...] | None = None  # None: the function's default locator (cnt.functions.default_scorer)
     alphas: tuple[float, ...] = ALPHAS
     baselines: tuple[str, ...] = tuple(B.BASELINES)  # every registered baseline
     lambdas: tuple[float, ...] = (0.5, 1.0)
@@ -84,10 +85,7 @@ class ApplicationConfig:
         self.base = self.base or pair[2]
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; profiles: {', '.join(PROFILES)}")
-        self.budgets = tuple(float(b) for b in self.budgets)
-        bad = [b for b in self.budgets if not 0 < b <= 1]
-        if bad or not self.budgets:
-            raise ValueError(f"budgets must be fractions of MLP neurons in (0, 1], got {list(self.budgets)}")
+        self.budgets = check_budgets(self.budgets)
         for a in self.alphas:
             check_alpha(a, "alphas")
         if not self.alphas or any(not 0 < d <= 1 for d in self.densities) or any(not 0 < x <= 4 for x in self.lambdas):
@@ -167,8 +165,7 @@ def check_walkthrough(*, donor, target, budget, scorer, seed, prompts) -> None:
             raise ValueError(f"parameter {name}={value!r} must be a model name or folder")
     if donor == target:
         raise ValueError(f"parameters donor and target are both {donor!r}: there is nothing to transfer")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"parameter budget={budget!r} must be a fraction of MLP neurons in (0, 1]")
+    check_budget(budget, what=f"parameter budget={budget!r}")
     if scorer not in SCORERS:
         raise ValueError(f"parameter scorer={scorer!r} is unknown; scorers: {', '.join(SCORERS)}")
     for name, value, low in (("seed", seed, 0), ("prompts", prompts, 1)):
@@ -356,45 +353,32 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
     target_rep, donor_rep = ev(target, config.target), ev(donor, config.donor)
     methods: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
-    val = Validator(donor, target, tok, Proxy.for_function(function, config.seed))
+    pipe = Pipeline(function, donor, target, tok, seed=config.seed, progress=progress)
+    val = pipe.validator()
 
     # -- CNT: every scorer at every budget (alpha chosen on validation), then the minimal subset ------------------
-    t0 = time.time()
-    task = build_task(function, donor, target, tok, seed=config.seed, progress=False)
-    timings["task"] = round(time.time() - t0, 1)
     variants: dict[str, list[dict]] = {}
-    ranked = {}
     for scorer in config.scorers:
-        extra = {"budget": max(1, int(max(config.budgets) * fp.n_neurons))} if scorer == "iterative" else {}
-        scores = locate(scorer, task, donor, target, tok, progress=progress, **extra)
-        ranked[scorer] = scores
-        timings[f"locate_{scorer}"] = scores.seconds
+        scores = pipe.scores(scorer, iterative_budget=max(config.budgets))
         for b in config.budgets:
-            k = max(1, round(b * fp.n_neurons))
-            candidates = []
-            for a in config.alphas:
-                sel, gamma = pick(scores, k)
-                patch = NeuronPatch.extract(donor, target, sel, alpha=a, gamma=gamma)
-                candidates.append((patch, val.assess(patch)))
-            patch, assessed = candidates[choose([c[1] for c in candidates])]
+            patch, steps = pipe.at_budget(scores, b, config.alphas)
             patch.apply(target)
             rep = ev(target, f"cnt-{scorer}@{b}")
             patch.revert(target)
+            chosen = next(s for s in steps if s.alpha == patch.alpha)
             variants.setdefault(f"cnt_{scorer}", []).append(
                 _entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params, alpha=patch.alpha,
-                       budget=b, validation_share=assessed["share"], per_layer=patch.per_layer()))
+                       budget=b, validation_share=chosen.share, per_layer=patch.per_layer()))
     # the best variant, on validation: the one whose patches went furthest toward the donor on average
     best = max(variants, key=lambda v: sum(e["validation_share"] for e in variants[v]))
+    best_scores = pipe.scores(best.removeprefix("cnt_"), iterative_budget=max(config.budgets))
     methods["cnt"] = [{**e, "variant": best} for e in variants[best]]
     methods.update(variants)
     if config.search:
-        res = minimal_subset(ranked[best.removeprefix("cnt_")], donor, target, tok, val.proxy, alphas=config.alphas,
-                             progress=progress, measured=(val.target, val.donor))
-        timings["search"] = res.seconds
+        res = pipe.search(best_scores, config.alphas)
         methods["cnt_minimal"] = []
         if res.reached:
-            sel, gamma = pick(ranked[best.removeprefix("cnt_")], res.k)
-            patch = NeuronPatch.extract(donor, target, sel, alpha=res.alpha, gamma=gamma)
+            patch = pipe.patch(best_scores, res.k, res.alpha)
             patch.apply(target)
             rep = ev(target, "cnt-minimal")
             patch.revert(target)
@@ -404,6 +388,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         search_info = {k: v for k, v in res.to_dict().items() if k != "steps"} | {"n_steps": len(res.steps)}
     else:
         search_info = None
+    timings.update((k, v) for k, v in pipe.timings.items() if k != "transfer")
     # the ceiling of any MLP-neuron subset: every MLP neuron of every layer (the rest of the donor's difference lives
     # in attention, norms and embeddings). Light evaluation, like the curve points.
     if config.all_mlp:

@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import evaluate
-from .locate import locate
-from .functions import Proxy, Validator, build_task, choose, gap_share
+from .functions import Proxy, choose, function_spec, gap_share
+from .pipeline import Pipeline
 from .search import ALPHAS
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
@@ -29,8 +29,6 @@ BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
 LOCATORS = (("attribution", ("mlp",)), ("attribution", ("mlp", "head", "kv")),
             ("learned_mask", ("mlp",)), ("learned_mask", ("mlp", "head", "kv")))
 CEILINGS = {"every MLP neuron": ("mlp",), "attention only": ("head", "kv"), "every unit": ("mlp", "head", "kv")}
-METRICS = {"compliance": ("refusal_rate", ("safety", "perplexity")), "refusal": ("refusal_rate", ("safety", "perplexity")),
-           "bias": ("stereoset_ss", ("bias", "perplexity"))}
 
 
 @dataclass
@@ -97,11 +95,13 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     unknown = sorted(set(baselines) - set(neuron_level))
     if unknown:
         raise ValueError(f"frontier baselines: {unknown} unknown; the neuron-level ones are {', '.join(neuron_level)}")
-    metric, default_groups = METRICS[function]
+    spec = function_spec(function)
+    metric, default_groups = spec.metric, spec.groups
     groups = tuple(groups or default_groups)
     n_weights = total_params(target)
-    validator = Validator(donor, target, tokenizer, Proxy.for_function(function, seed, n=proxy_size,
-                                                                        n_wiki=min(16, proxy_size)))
+    pipe = Pipeline(function, donor, target, tokenizer, seed=seed, task_kwargs=task_kwargs, progress=progress,
+                   proxy=Proxy.for_function(function, seed, n=proxy_size, n_wiki=min(16, proxy_size)))
+    validator = pipe.validator()
     v_target, v_donor = validator.target, validator.donor
     bar = tqdm(desc=f"frontier ({function})", unit="eval", disable=not progress)
 
@@ -156,12 +156,10 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
                 "seed": seed, "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),
                 "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "partial": partial}
 
-    t_task = time.time()
-    task = build_task(function, donor, target, tokenizer, seed=seed, **(task_kwargs or {}))
-    timings = {"task": round(time.time() - t_task, 1)}
+    task = pipe.task
+    timings = {"task": pipe.timings["task"]}
     for name, kinds in locators:
-        kw = dict(locator_kwargs or {}).get(name, {})
-        scores = locate(name, task, donor, target, tokenizer, kinds=tuple(kinds), progress=progress, **kw)
+        scores = pipe.scores(name, kinds, **dict(locator_kwargs or {}).get(name, {}))
         timings[f"{name}:{'+'.join(kinds)}"] = scores.seconds
         for b in budgets:
             sel, gamma = scores.select(int(b * n_weights))

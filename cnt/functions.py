@@ -18,7 +18,7 @@ patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval s
 
 from __future__ import annotations
 
-from copy import deepcopy
+from copy import copy, deepcopy
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -31,7 +31,49 @@ from .locate import Example, Task
 from .models import fast_dtype, generate, inference_dtype, model_device
 from .transfer import NeuronPatch
 
-FUNCTIONS = ("refusal", "compliance", "bias")
+@dataclass(frozen=True)
+class Function:
+    """One function CNT transfers, as a spec: what its task and proxies are built from (``source``: ``"refusal"``, the
+    donor's answers to harmful prompts, or ``"stereoset"``, sentence margins), whether transferring it *adds* refusal
+    (then benign prompts are watched for false refusals), the eval ``metric`` and metric ``groups`` that measure it
+    (the frontier's), and the ``default_scorer``: the locator that moved more of the gap on validation at 0.1-0.25% of
+    the weights in that application's frontier (papers/METHOD.md, "The default locator"). :func:`register` adds one."""
+
+    name: str
+    source: str
+    adds_refusal: bool
+    metric: str
+    groups: tuple[str, ...]
+    default_scorer: str
+
+
+FUNCTIONS: dict[str, Function] = {}
+
+
+def register(function: Function) -> Function:
+    if function.source not in ("refusal", "stereoset"):
+        raise ValueError(f"function {function.name!r}: source {function.source!r} is unknown; sources: refusal, "
+                         "stereoset")
+    FUNCTIONS[function.name] = function
+    return function
+
+
+register(Function("refusal", "refusal", True, "refusal_rate", ("safety", "perplexity"), "learned_mask"))
+register(Function("compliance", "refusal", False, "refusal_rate", ("safety", "perplexity"), "attribution"))
+register(Function("bias", "stereoset", False, "stereoset_ss", ("bias", "perplexity"), "attribution"))
+
+
+def function_spec(name: str) -> Function:
+    """The registered function ``name``; an unknown one is refused, naming those there are."""
+    try:
+        return FUNCTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown function {name!r}; functions: {', '.join(FUNCTIONS)}") from None
+
+
+def default_scorer(function: str) -> str:
+    """The default locator for a function (``"refusal"``, ``"compliance"`` or ``"bias"``)."""
+    return function_spec(function).default_scorer
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0
@@ -46,9 +88,7 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     exists for benchmarks that need more prompts than the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
-    if function not in FUNCTIONS:
-        raise ValueError(f"unknown function {function!r}; functions: {', '.join(FUNCTIONS)}")
-    if function in ("refusal", "compliance"):
+    if function_spec(function).source == "refusal":
         harmful = data.texts(data.load("harmful", split, seed=seed, limit=n_function))
         benign = data.texts(data.load("benign", split, seed=seed, limit=n_utility))
         with inference_dtype(donor, fast_dtype(model_device(donor))) as d:
@@ -66,7 +106,7 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     ex = [Example(text_pos=r["anti_stereotype"] if toward_anti else r["stereotype"],
                   text_neg=r["stereotype"] if toward_anti else r["anti_stereotype"]) for r in items]
     wiki = [Example(text=r["text"]) for r in data.load("wiki", split, seed=seed, limit=n_utility)]
-    return Task("bias", ex, wiki, response_tokens, utility_weight,
+    return Task(function, ex, wiki, response_tokens, utility_weight,
                 {"split": split, "seed": seed, "donor_ss": donor_ss, "target_ss": target_ss})
 
 
@@ -100,7 +140,7 @@ class Proxy:
         """``n`` harmful prompts; ``n_benign`` benign ones, a fifth of them over-refusal probes (as in the
         evaluation's false-refusal sample)."""
         wiki = data.texts(data.load("wiki", "validation", seed=seed, limit=n_wiki), "text")
-        if function == "bias":
+        if function_spec(function).source == "stereoset":
             return cls(function, stereo=data.load("stereoset", "validation", seed=seed), wiki=wiki)
         n_over = n_benign // 5
         benign = data.texts(data.load("benign", "validation", seed=seed, limit=n_benign - n_over)) + \
@@ -111,19 +151,20 @@ class Proxy:
     @torch.no_grad()
     def measure(self, model, tokenizer) -> dict[str, float]:
         out = {"ppl": perplexity(model, tokenizer, self.wiki, max_tokens=128, progress=False).value}
-        if self.function == "bias":
+        spec = function_spec(self.function)
+        if spec.source == "stereoset":
             out["score"] = _ss(model, tokenizer, self.stereo)
             return out
         out["score"] = float(refusal_logodds(model, tokenizer, self.harmful).mean())
         prompts = self.harmful[:self.n_generate]
-        if self.function == "refusal":
+        if spec.adds_refusal:
             out["drift"] = float(refusal_logodds(model, tokenizer, self.benign).mean())
             prompts = prompts + self.benign
         if prompts:  # a large amplitude can break the text while the first-token odds look right
             answers = generate(model, tokenizer, prompts, max_new_tokens=self.generate_tokens, batch_size=48,
                                progress=False)
             out["degenerate"] = float(np.mean([is_degenerate(a) for a in answers]))
-            if self.function == "refusal":
+            if spec.adds_refusal:
                 out["false_refusal"] = float(np.mean([is_refusal(a) for a in answers[len(prompts) - len(self.benign):]]))
         return out
 
@@ -178,6 +219,12 @@ class Validator:
             with torch.no_grad(), inference_dtype(donor, self.fast) as fast_donor:
                 measured = proxy.measure(self.work, tokenizer), proxy.measure(fast_donor, tokenizer)
         self.target, self.donor = measured
+
+    def with_rule(self, **rule) -> "Validator":
+        """The same validator (one working copy of the target, the same measurements) judging by other limits."""
+        other = copy(self)
+        other.rule = rule
+        return other
 
     def _judged(self, m: dict) -> dict:
         return {**judge(m, self.target, self.donor, self.proxy.function, **self.rule), "proxy": m}

@@ -22,7 +22,9 @@ All scorers share one interface — ``score(task, donor, target) -> NeuronScores
 
 from __future__ import annotations
 
+import inspect
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -35,7 +37,7 @@ from .scores import NeuronScores, unit_costs
 from .tasks import Example, Task, batches, pair_batch, task_loss, text_batch
 
 __all__ = ["Example", "Task", "task_loss", "NeuronScores", "attribution", "activation_contrast", "iterative",
-           "learned_mask", "SCORERS", "DEFAULT_SCORERS", "default_scorer", "locate"]
+           "learned_mask", "Scorer", "SCORERS", "register", "kind_scorers", "locate"]
 
 
 def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",), batch_size: int = 2,
@@ -179,32 +181,62 @@ def iterative(task: Task, donor, target, tokenizer, *, budget: int, rounds: int 
                         units=ranked, costs=costs, per_weight=False)
 
 
-# what the search, the CLI and the notebooks use unless told otherwise, per function: the locator that moved more of
-# the gap on validation at 0.1-0.25% of the weights in the application's frontier (papers/METHOD.md, "The default
-# locator")
-DEFAULT_SCORERS = {"compliance": "attribution", "refusal": "learned_mask", "bias": "attribution"}
+@dataclass(frozen=True)
+class Scorer:
+    """A locator in the registry: its name, the function that scores (``run(task, donor, target, tokenizer,
+    **settings) -> NeuronScores``), the kinds of unit it can score and one line that says what it does. Its parameters
+    are the keyword arguments ``run`` declares; a setting it does not declare is refused, naming the ones it has."""
+
+    name: str
+    run: Callable[..., NeuronScores]
+    kinds: tuple[str, ...] = ("mlp",)
+    summary: str = ""
+
+    def parameters(self) -> dict[str, object]:
+        """The scorer's settings and their defaults (``inspect.Parameter.empty``: required)."""
+        sig = inspect.signature(self.run)
+        return {n: p.default for n, p in list(sig.parameters.items())[4:] if p.kind is p.KEYWORD_ONLY}
+
+    def __call__(self, task: Task, donor, target, tokenizer, **settings) -> NeuronScores:
+        params = self.parameters()
+        unknown = sorted(set(settings) - set(params))
+        if unknown:
+            raise ValueError(f"scorer {self.name!r}: unknown settings {unknown}; its settings: {', '.join(params)}")
+        bad = [k for k in settings.get("kinds", ("mlp",)) if k not in self.kinds]
+        if bad:
+            raise ValueError(f"scorer {self.name!r} scores {', '.join(self.kinds)} units, not {', '.join(bad)}")
+        return self.run(task, donor, target, tokenizer, **settings)
 
 
-def default_scorer(function: str) -> str:
-    """The default locator for a function (``"refusal"``, ``"compliance"`` or ``"bias"``)."""
+SCORERS: dict[str, Scorer] = {}
+
+
+def register(scorer: Scorer) -> Scorer:
+    """Add a locator to :data:`SCORERS` (the CLI's ``--scorer`` choices, the notebooks' and the runner's)."""
+    if scorer.name in SCORERS:
+        raise ValueError(f"scorer {scorer.name!r} is already registered")
+    SCORERS[scorer.name] = scorer
+    return scorer
+
+
+ALL_KINDS = ("mlp", "head", "kv")
+register(Scorer("attribution", attribution, ALL_KINDS, "first-order gain of moving each unit, minus utility harm"))
+register(Scorer("activation_contrast", activation_contrast, ("mlp",),
+                "how differently donor and target write to the residual stream through each neuron"))
+register(Scorer("iterative", iterative, ALL_KINDS, "attribution re-scored on the patched target after each chunk"))
+register(Scorer("learned_mask", learned_mask, ALL_KINDS,
+                "per-unit amplitudes trained at the patched point, pruned down budgets in weights"))
+
+
+def kind_scorers() -> tuple[str, ...]:
+    """The scorers that also score attention heads and k/v groups."""
+    return tuple(n for n, s in SCORERS.items() if set(s.kinds) > {"mlp"})
+
+
+def locate(scorer: str, task: Task, donor, target, tokenizer, **settings) -> NeuronScores:
+    """Score every unit with the named scorer (one of :data:`SCORERS`) and its ``settings``."""
     try:
-        return DEFAULT_SCORERS[function]
-    except KeyError:
-        raise ValueError(f"unknown function {function!r}; functions: {', '.join(DEFAULT_SCORERS)}") from None
-
-
-SCORERS: dict[str, Callable[..., NeuronScores]] = {
-    "attribution": attribution,
-    "activation_contrast": activation_contrast,
-    "iterative": iterative,
-    "learned_mask": learned_mask,
-}
-
-
-def locate(scorer: str, task: Task, donor, target, tokenizer, **kwargs) -> NeuronScores:
-    """Score every MLP neuron with the named scorer (one of :data:`SCORERS`)."""
-    try:
-        fn = SCORERS[scorer]
+        found = SCORERS[scorer]
     except KeyError:
         raise ValueError(f"unknown scorer {scorer!r}; scorers: {', '.join(SCORERS)}") from None
-    return fn(task, donor, target, tokenizer, **kwargs)
+    return found(task, donor, target, tokenizer, **settings)

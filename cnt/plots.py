@@ -12,18 +12,31 @@ import matplotlib.pyplot as plt
 
 from . import atomic
 
-NEURON_LEVEL = ("cnt", "random", "weight_delta")
-STYLE = {"cnt": ("C3", "o", "-"), "cnt_attribution": ("C3", "o", "-"), "cnt_activation_contrast": ("C1", "s", "--"),
-         "cnt_iterative": ("C5", "D", ":"), "cnt_minimal": ("C3", "*", ""), "random": ("0.5", "x", "-"),
-         "weight_delta": ("C0", "^", "-"), "linear": ("C2", "v", ""), "task_arithmetic": ("C4", "<", ""),
-         "ties": ("C6", ">", ""), "dare": ("C8", "P", ""), "refusal_direction": ("C9", "h", ""), "sft": ("k", "X", ""),
-         "all_mlp": ("C3", "s", "")}
+MARKERS = "o^v<>PhXsD*dp"
 NAMES = {"all_mlp": "every MLP neuron (α=1)"}
 LABEL = {"refusal_rate": "refusal rate (harmful eval prompts)", "stereoset_ss": "StereoSet SS (50 = unbiased)"}
 
 
-def _style(name: str):
-    return STYLE.get(name, ("C7", "o", ""))
+def styles(names) -> dict[str, tuple[str, str, str]]:
+    """(colour, marker, line style) for each method, from the order the result lists them — the runner writes them in
+    the registries' order, so a new scorer or baseline gets its own style without an entry here. CNT and its variants
+    share red (solid lines, a star for the minimal subset); random neurons are grey; every other method takes the next
+    colour and marker; lines join the methods that have a curve over budgets."""
+    out, i = {}, 0
+    for name in names:
+        if name == "cnt_minimal":
+            out[name] = ("C3", "*", "")
+        elif name == "all_mlp":
+            out[name] = ("C3", "s", "")
+        elif name == "cnt":
+            out[name] = ("C3", "o", "-")
+        elif name == "random":
+            out[name] = ("0.5", "x", "-")
+        else:  # a locator's own CNT curve (cnt_<scorer>) dashed in red; any other method its own colour
+            colour = "C3" if name.startswith("cnt_") else f"C{[0, 1, 2, 4, 5, 6, 8, 9][i % 8]}"
+            out[name] = (colour, MARKERS[i % len(MARKERS)], "--" if name.startswith("cnt_") else "-")
+            i += 1
+    return out
 
 
 def _yerr(entries, key="ci"):
@@ -44,12 +57,13 @@ def effect_vs_fraction(result: dict, title: str | None = None):
     """Left: neuron-level methods (CNT variants, random, weight-delta) against the share of MLP neurons moved.
     Right: every method against the share of parameters it changed (merges change nearly all of them)."""
     methods = result["methods"]
+    style = styles(methods)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for name, entries in methods.items():
         entries = [e for e in entries if e.get("neuron_fraction")]
         if not entries or name == "cnt" or name == "cnt_minimal":
             continue
-        c, m, ls = _style(name)
+        c, m, ls = style[name]
         entries = sorted(entries, key=lambda e: e["neuron_fraction"])
         xs = [100 * e["neuron_fraction"] for e in entries]
         ys = [e["score"] for e in entries]
@@ -70,7 +84,7 @@ def effect_vs_fraction(result: dict, title: str | None = None):
     for name, entries in methods.items():
         if name == "cnt" or not entries:
             continue
-        c, m, _ = _style(name)
+        c, m, _ = style[name]
         xs = [100 * max(e["param_fraction"], 1e-6) for e in entries]
         ax2.scatter(xs, [e["score"] for e in entries], color=c, marker=m, s=36, label=name)
     _references(ax2, result)
@@ -88,10 +102,11 @@ def utility_tradeoff(result: dict, utility: str = "mmlu", title: str | None = No
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     t, d = result["target_score"], result["donor_score"]
     base_u = result["target_utility"].get(utility)
+    style = styles(result["methods"])
     for name, entries in result["methods"].items():
         if name == "cnt" or not entries:
             continue
-        c, m, _ = _style(name)
+        c, m, _ = style[name]
         xs = [gap_share(e["score"], t, d) for e in entries]
         ys = [(e["utility"].get(utility, float("nan")) - base_u) if base_u is not None else float("nan")
               for e in entries]
@@ -171,7 +186,8 @@ def per_category(result: dict, key: str = "per_bias_type", title: str | None = N
     long = pd.DataFrame([{"category": c, "model": name, "SS": vals[c]} for name, vals in rows.items()
                          for c in cats if c in vals])
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cats) * len(rows) / 3), 4))
-    palette = {name: _style(name)[0] if name in STYLE else ("k" if name == "target" else "C2") for name in rows}
+    style = styles(result["methods"])
+    palette = {name: style[name][0] if name in style else ("k" if name == "target" else "C7") for name in rows}
     sns.barplot(long, x="category", y="SS", hue="model", order=cats, hue_order=list(rows), palette=palette, ax=ax)
     ax.axhline(50, color="k", lw=0.8, ls=":")
     ax.set_xlabel("")
@@ -191,17 +207,13 @@ def best_entry(result: dict, name: str) -> dict | None:
     return max(entries, key=lambda e: sign * e["score"])
 
 
-FRONTIER_STYLE = {"learned_mask": ("C3", "o"), "attribution": ("C1", "s"), "random": ("0.5", "x"),
-                  "weight_delta": ("C0", "^")}
-CEILING_STYLE = {"every MLP neuron": ("C3", "P"), "attention only": ("C4", "D"), "every unit": ("k", "*")}
-
-
 def frontier(result: dict, title: str | None = None):
     """Share of the donor–target gap on the eval split (95% CI) against the % of the model's weights moved, one line
     per locator and kind of unit, beside random neurons and weight-delta; the ceilings as single markers at their
     weights; the donor (share 1) and the 90% goal as lines; a red ring marks each point whose utility was not held on
     eval (perplexity, false refusal, broken text, skill). Drawn from a frontier result (:mod:`cnt.frontier`)."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    style = styles(dict.fromkeys(p["method"] for p in result["points"]))  # locators, baselines, ceilings in order
     groups: dict[tuple, list] = {}
     for pt in result["points"]:
         if pt["budget"] is None:
@@ -209,7 +221,7 @@ def frontier(result: dict, title: str | None = None):
         groups.setdefault((pt["method"], tuple(pt["kinds"])), []).append(pt)
     for (method, kinds), pts in groups.items():
         pts = sorted(pts, key=lambda p: p["param_fraction"])
-        c, m = FRONTIER_STYLE.get(method, ("C7", "o"))
+        c, m, _ = style[method]
         heads = len(kinds) > 1
         xs = [100 * p["param_fraction"] for p in pts]
         ys = [p["share"] for p in pts]
@@ -224,7 +236,7 @@ def frontier(result: dict, title: str | None = None):
                    facecolors="none", edgecolors="red", lw=1.2, zorder=5, label="utility not held on eval")
     for pt in result["points"]:
         if pt["budget"] is None:
-            c, m = CEILING_STYLE.get(pt["method"], ("C7", "o"))
+            c, m, _ = style[pt["method"]]
             ax.errorbar([100 * pt["param_fraction"]], [pt["share"]],
                         yerr=[[pt["share"] - pt["share_ci"][0]], [pt["share_ci"][1] - pt["share"]]], color=c,
                         marker=m, ms=10, capsize=3, ls="", label=f"{pt['method']} (α={pt['alpha']:g})")

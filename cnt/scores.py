@@ -1,14 +1,44 @@
 """Per-unit scores (``NeuronScores``) and how a selection is read from them: the best units by count (MLP neurons) or
-by a budget in weights across every kind of unit, with the amplitudes a scorer learned."""
+by a budget in weights across every kind of unit, with the amplitudes a scorer learned. Budgets as fractions of MLP
+neurons are checked and turned into a count here, for every caller (:func:`check_budget`, :func:`neurons_for`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from .arch import units
+
+
+def check_budget(budget, *, auto: bool = False, what: str = "budget", error: type[ValueError] = ValueError):
+    """``budget`` as a float if it is a fraction of MLP neurons in (0, 1] (or ``"auto"`` where ``auto``: the
+    minimal-subset search); otherwise ``error`` (a ValueError) naming ``what``."""
+    if auto and budget == "auto":
+        return budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+            or not 0 < budget <= 1:
+        raise error(f"{what} must be a fraction of MLP neurons in (0, 1]{' or ' + repr('auto') if auto else ''}, "
+                         f"got {budget!r}")
+    return float(budget)
+
+
+def check_budgets(budgets, *, what: str = "budgets") -> tuple[float, ...]:
+    """Several budgets (at least one), each a fraction of MLP neurons in (0, 1]."""
+    try:
+        out = tuple(check_budget(b) for b in budgets)
+    except (ValueError, TypeError):
+        out = ()
+    if not out:
+        raise ValueError(f"{what} must be fractions of MLP neurons in (0, 1], got {list(budgets)}")
+    return out
+
+
+def neurons_for(budget: float, n_neurons: int) -> int:
+    """How many MLP neurons a budget (a fraction of them) buys: at least one."""
+    return max(1, round(budget * n_neurons))
 
 @dataclass
 class NeuronScores:
@@ -54,6 +84,15 @@ class NeuronScores:
             layer = next(i for i in range(len(self.scores)) if b < offsets[i + 1])
             out.setdefault(layer, []).append(b - offsets[layer])
         return {layer: torch.tensor(sorted(v)) for layer, v in sorted(out.items())}
+
+    def pick(self, k: int) -> tuple[dict, dict | None]:
+        """The units a budget of ``k`` MLP neurons buys: the top ``k`` neurons, or — when the scores also cover heads
+        and k/v groups, or carry learned amplitudes — the best units of every kind within the weights of ``k``
+        neurons. Returns ``(selection, gamma)`` for :meth:`cnt.transfer.NeuronPatch.extract` (``gamma`` ``None``:
+        one global α)."""
+        if not self.units and not self.gamma:
+            return self.top(k), None
+        return self.select(k * self.costs["mlp"][0])
 
     def _ranked(self):
         """Every unit as flat tensors (kind id, layer, index, cost), best first."""

@@ -10,7 +10,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from cnt.applications import APPLICATIONS
 from cnt.experiment import FAMILIES, ApplicationConfig
-from cnt.locate import SCORERS, default_scorer
+from cnt.functions import default_scorer
+from cnt.locate import SCORERS
 
 HERE = Path(__file__).parent
 CHECK = "# NBVAL_CHECK_OUTPUT\n"
@@ -122,7 +123,8 @@ This walkthrough uses two real models from the kit's zoo, both fine-tunes of Smo
                      f'scorer = "{default_scorer("refusal")}"  # the default for adding refusal; "attribution": its first-order start\n'
                      'seed = 0\nprompts = 24  # harmful eval prompts for the before/after check'),
     new_code_cell("import tempfile\n\nimport torch\nfrom IPython.display import display\n\n"
-                  "from cnt import NeuronPatch, arch, data, experiment, functions, locate, plots, search\n"
+                  "from cnt import NeuronPatch, arch, data, experiment, plots\n"
+                  "from cnt.pipeline import Pipeline\nfrom cnt.scores import neurons_for\n"
                   "from cnt.baselines import weight_delta_scores\nfrom cnt.evaluate import refusal_rate\nfrom cnt.zoo import load_model, load_tokenizer\n\n"
                   "experiment.check_walkthrough(donor=donor, target=target, budget=budget, scorer=scorer, seed=seed, "
                   "prompts=prompts)\n"
@@ -148,19 +150,17 @@ first-order effect of moving it to the donor's values, minus the same on the uti
 the *learned mask*, starts there and then chooses jointly: it gives every neuron an amplitude γ, trains the amplitudes
 at the patched model and prunes neurons down to a budget, re-measuring each removal — so neurons that only matter
 together are kept together. Its map shows how long each neuron survived the pruning."""),
-    new_code_cell("task = functions.build_task(\"refusal\", donor_model, target_model, tok, seed=seed)\n"
-                  "scores = locate.locate(scorer, task, donor_model, target_model, tok)\n"
-                  "k = round(budget * fp.n_neurons)\n"
+    new_code_cell("pipe = Pipeline(\"refusal\", donor_model, target_model, tok, seed=seed)  # task -> scores -> patch\n"
+                  "scores = pipe.scores(scorer)  # builds the task (pipe.task) on first use, then locates\n"
+                  "k = neurons_for(budget, fp.n_neurons)\n"
                   "display(plots.neuron_map(torch.stack(list(scores.scores)), f'{scorer} scores', top=k))"),
     new_markdown_cell("""## Transfer: a reversible neuron patch
 
 The patch moves each chosen neuron by α·γ of the donor–target difference (γ: the mask's learned amplitude, 1 for
 attribution). α is chosen on the *validation* split among 1, 2, 4, 8: the furthest toward the donor with perplexity
 within 2%, false refusal within 5 points and no more broken answers than the target's."""),
-    new_code_cell("selection, gamma = search.pick(scores, k)\n"
-                  "alpha, _ = search.best_alpha(scores, k, donor_model, target_model, tok, functions.Proxy.for_function(\"refusal\", seed))\n"
-                  "patch = NeuronPatch.extract(donor_model, target_model, selection, alpha=alpha, gamma=gamma, donor_name=donor,\n"
-                  "                            target_name=target)\n"
+    new_code_cell("patch, trials = pipe.at_budget(scores, budget)  # one trial per alpha on validation; the rule's choice\n"
+                  "alpha = patch.alpha\n"
                   "harmful = data.texts(data.load(\"harmful\", \"eval\", seed=seed, limit=prompts))\n"
                   "before = refusal_rate(target_model, tok, harmful, max_new_tokens=24).value\n"
                   "patch.apply(target_model)\n"

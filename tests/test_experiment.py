@@ -96,7 +96,8 @@ def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path, 
 
 
 def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatch):
-    from cnt.locate import SCORERS, default_scorer
+    from cnt.functions import default_scorer
+from cnt.locate import SCORERS
 
     monkeypatch.delenv("CNT_SMOKE", raising=False)
     assert default_scorer("compliance") == "attribution" and default_scorer("refusal") == "learned_mask"

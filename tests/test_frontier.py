@@ -31,10 +31,8 @@ def test_select_fits_a_weight_budget_across_kinds_and_carries_gamma():
 
 
 def test_pick_keeps_the_neuron_budget_for_plain_scores():
-    from cnt.search import pick
-
     s = NeuronScores("x", [torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.5])])
-    sel, gamma = pick(s, 2)
+    sel, gamma = s.pick(2)
     assert gamma is None and {l: v.tolist() for l, v in sel.items()} == {0: [0], 1: [0]}
 
 

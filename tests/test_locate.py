@@ -124,3 +124,32 @@ def test_iterative_over_neurons_and_heads(fixture):
     assert {(k, layer, int(i)) for k, d in sel.items() for layer, idx in d.items() for i in idx} == \
         {(k, layer, int(i)) for k, d in chosen.items() for layer, idx in d.items() for i in idx}
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_a_scorer_is_found_by_name_and_refuses_settings_it_does_not_declare(fixture):  # noqa: F811
+    from cnt import locate as L
+    from cnt.scores import NeuronScores
+
+    donor, target, tok = fixture
+    with pytest.raises(ValueError, match=r"scorer 'attribution': unknown settings \['stepz'\]; its settings: kinds, "):
+        locate("attribution", _task(), donor, target, tok, stepz=3)
+    with pytest.raises(ValueError, match="scorer 'activation_contrast' scores mlp units, not head"):
+        locate("activation_contrast", _task(), donor, target, tok, kinds=("mlp", "head"))
+    assert "gamma_max" in L.SCORERS["learned_mask"].parameters() and set(L.kind_scorers()) >= {"attribution"}
+
+    def ones(task, donor, target, tokenizer, *, value: float = 1.0, progress: bool = True):  # a new locator
+        from cnt.arch import fingerprint
+
+        return NeuronScores("ones", [torch.full((n,), value) for n in fingerprint(target).intermediate_sizes])
+
+    try:
+        L.register(L.Scorer("ones", ones, summary="every neuron alike"))
+        with pytest.raises(ValueError, match="already registered"):
+            L.register(L.Scorer("ones", ones))
+        got = locate("ones", _task(), donor, target, tok, value=2.0)
+        assert got.scorer == "ones" and float(got.flat().min()) == 2.0
+        from cnt.cli import _scorers
+
+        assert "ones" in _scorers()  # the CLI's choices come from the registry
+    finally:
+        L.SCORERS.pop("ones", None)

@@ -48,3 +48,20 @@ def test_a_misspelled_papermill_parameter_stops_the_notebook(tmp_path):
                             kernel_name="python3", progress_bar=False)
     ran = nbformat.read(tmp_path / "bad.ipynb", as_version=4)
     assert not ran.cells[-1].get("outputs") and ran.cells[-1].get("execution_count") is None  # stopped before it
+
+
+def test_progress_bars_in_a_notebook_are_widgets(tmp_path):
+    """With the kit's dependencies a notebook's tqdm bars are widgets (what JupyterLab draws), without tqdm's
+    "IProgress not found ... update jupyter and ipywidgets" warning."""
+    import papermill as pm
+
+    book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from tqdm.auto import tqdm\nfor _ in tqdm(range(3), desc='steps'):\n    pass")])
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(book, tmp_path / "in.ipynb")
+    pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                        progress_bar=False)
+    outputs = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "IProgress not found" not in text
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)

@@ -176,9 +176,9 @@ CLI_CASES = [
     ("alpha-nan", _transfer("--alpha", "nan"), 2, "alpha must be a finite number"),
     ("alpha-zero", _transfer("--alpha", "0"), 2, "alpha must be a finite number in (0, 16]"),
     ("alpha-text", _transfer("--alpha", "two"), 2, "alpha must be a number, got 'two'"),
-    ("budget-zero", _transfer("--budget", "0"), 2, "budget must be a fraction in (0, 1]"),
-    ("budget-nan", _transfer("--budget", "nan"), 2, "budget must be a fraction in (0, 1]"),
-    ("budget-above-one", _transfer("--budget", "1.5"), 2, "budget must be a fraction in (0, 1]"),
+    ("budget-zero", _transfer("--budget", "0"), 2, "budget must be a fraction of MLP neurons in (0, 1]"),
+    ("budget-nan", _transfer("--budget", "nan"), 2, "budget must be a fraction of MLP neurons in (0, 1]"),
+    ("budget-above-one", _transfer("--budget", "1.5"), 2, "budget must be a fraction of MLP neurons in (0, 1]"),
     ("budget-text", _transfer("--budget", "half"), 2, "got 'half'"),
     ("donor-is-target", _plain("transfer", "--donor", "{root}/target", "--target", "{root}/target", "--function",
                                "refusal", "--out", "{tmp}/p"), 2, "are both"),
@@ -295,9 +295,9 @@ def _compose_other_targets(w):
 
 
 def _search(w, **kw):
-    from cnt.search import transfer
+    from cnt.pipeline import transfer_function
 
-    transfer(w["donor"], w["target"], w["tok"], "refusal", **kw)
+    transfer_function(w["donor"], w["target"], w["tok"], "refusal", **kw)
 
 
 def _notebook(**kw):
@@ -379,21 +379,21 @@ def test_patch_round_trip_keeps_every_check(world, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_budget_auto_that_misses_its_goal_exits_1_unless_asked(world, tmp_path, capsys, monkeypatch):
-    from cnt import search
+    from cnt import pipeline, search
 
-    def short_search(scores, donor, target, tokenizer, proxy, *, alphas, progress, **kw):
+    def short_search(scores, donor, target, tokenizer, *, alphas, progress, **kw):
         steps = [search.SearchStep(k=k, alpha=alphas[0], score=0.1, share=0.3, ppl=10.0, drift=None, ok=False)
                  for k in (10, 40)]
         return search.SearchResult(0, alphas[0], False, 0.3, {}, {}, steps, 0.1, 0.9, 0.02)
 
-    def broken_search(scores, donor, target, tokenizer, proxy, *, alphas, progress, **kw):  # reached, utility broke
+    def broken_search(scores, donor, target, tokenizer, *, alphas, progress, **kw):  # reached, utility broke
         failed = ["false refusal +8.3 points (limit +5)"]
         steps = [search.SearchStep(k=10, alpha=4.0, score=0.1, share=0.4, ppl=10.0, drift=None, ok=False),
                  search.SearchStep(k=40, alpha=4.0, score=0.9, share=0.99, ppl=10.0, drift=None, ok=False,
                                    utility_ok=False, failed=failed)]
         return search.SearchResult(0, 4.0, False, 0.99, {}, {}, steps, 0.1, 0.9, 0.02)
 
-    monkeypatch.setattr(search, "minimal_subset", short_search)
+    monkeypatch.setattr(pipeline, "minimal_subset", short_search)
     argv = ["transfer", "--donor", str(world["root"] / "donor"), "--target", str(world["root"] / "target"),
             "--function", "refusal", "--budget", "auto", "--out", str(tmp_path / "p")]
     assert main(argv) == 1
@@ -404,7 +404,7 @@ def test_budget_auto_that_misses_its_goal_exits_1_unless_asked(world, tmp_path, 
     assert "saved anyway" in capsys.readouterr().err
     assert NeuronPatch.load(tmp_path / "p").n_neurons == 40
     assert json.loads((tmp_path / "p" / "transfer.json").read_text())["search"]["reached"] is False
-    monkeypatch.setattr(search, "minimal_subset", broken_search)  # the goal's share reached, utility broken: why
+    monkeypatch.setattr(pipeline, "minimal_subset", broken_search)  # the goal's share reached, utility broken: why
     assert main([*argv[:-1], str(tmp_path / "q")]) == 1
     err = capsys.readouterr().err
     assert "moved 99% of the gap" in err and "40 units at alpha 4: false refusal +8.3 points (limit +5)" in err

@@ -157,3 +157,14 @@ def test_utility_claim_flags_side_effects(tmp_path):
     _, rep = report.write(d)
     row = next(line for line in rep.read_text().splitlines() if line.startswith("| utility:"))
     assert "false refusal +55.0 pp" in row and "; but false refusal +55.0 pp |" in row
+
+
+def test_plot_styles_come_from_the_methods_a_result_lists():
+    """A method the plots have never heard of (a newly registered baseline or scorer) gets its own colour and marker;
+    CNT and its variants stay red, random neurons grey."""
+    from cnt.plots import styles
+
+    s = styles(["cnt", "cnt_attribution", "cnt_minimal", "random", "weight_delta", "linear", "my_new_baseline"])
+    assert {s[n][0] for n in ("cnt", "cnt_attribution", "cnt_minimal")} == {"C3"} and s["random"][0] == "0.5"
+    others = [s[n] for n in ("weight_delta", "linear", "my_new_baseline")]
+    assert len({c for c, _, _ in others}) == 3 and len({m for _, m, _ in others}) == 3

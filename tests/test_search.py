@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cnt import functions, search
+from cnt import functions, pipeline, search
 from cnt.tiny import tiny_model
 from cnt.transfer import NeuronPatch, PatchError
 
@@ -11,23 +11,23 @@ from .test_locate import fixture  # noqa: F401  (tiny donor/target pair with the
 def test_fixed_budget_transfer(fixture):  # noqa: F811
     donor, target, tok = fixture
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    patch, info = search.transfer(donor, target, tok, "refusal", budget=0.1,
-                                  task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
+    patch, info = pipeline.transfer_function(donor, target, tok, "refusal", budget=0.1,
+                                             task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
     per_neuron = NeuronPatch.extract(donor, target, {0: [0]}).n_params
     assert 0 < patch.n_params <= round(0.1 * 192) * per_neuron  # the weight of 10% of the MLP neurons
     assert patch.provenance["scorer"] == "learned_mask" and patch.provenance["split"] == "locate"
     assert patch.alpha in search.ALPHAS and len(info["alpha_choice"]) == len(search.ALPHAS)  # chosen on validation
-    plain, _ = search.transfer(donor, target, tok, "refusal", budget=0.1, scorer="attribution", alpha=1.0,
-                               task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
+    plain, _ = pipeline.transfer_function(donor, target, tok, "refusal", budget=0.1, scorer="attribution", alpha=1.0,
+                                          task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
     assert plain.n_neurons == round(0.1 * 192) and plain.alpha == 1.0 and not plain.gamma
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # target untouched
 
 
 def test_auto_budget_runs_the_search(fixture):  # noqa: F811
     donor, target, tok = fixture
-    patch, info = search.transfer(donor, target, tok, "compliance", budget="auto",
-                                  task_kwargs={"n_function": 6, "n_utility": 4},
-                                  search_kwargs={"max_ppl_increase": 10.0}, progress=False)
+    patch, info = pipeline.transfer_function(donor, target, tok, "compliance", budget="auto",
+                                             task_kwargs={"n_function": 6, "n_utility": 4},
+                                             search_kwargs={"max_ppl_increase": 10.0}, progress=False)
     res = info["search"]
     ks = [s["k"] for s in res["steps"]]
     assert ks[0] == max(1, 192 // 2000) and len(ks) >= 2
@@ -40,7 +40,7 @@ def test_auto_budget_runs_the_search(fixture):  # noqa: F811
 def test_bad_budget_refused(fixture, budget):  # noqa: F811
     donor, target, tok = fixture
     with pytest.raises(PatchError, match=r"\(0, 1\]"):
-        search.transfer(donor, target, tok, "refusal", budget=budget)
+        pipeline.transfer_function(donor, target, tok, "refusal", budget=budget)
 
 
 def test_incompatible_refused_before_compute(fixture, monkeypatch):  # noqa: F811
@@ -50,11 +50,11 @@ def test_incompatible_refused_before_compute(fixture, monkeypatch):  # noqa: F81
     def boom(*a, **k):
         raise AssertionError("no compute may happen")
 
-    monkeypatch.setattr(search, "build_task", boom)
+    monkeypatch.setattr(pipeline, "build_task", boom)
     from cnt.arch import IncompatibleModelsError
 
     with pytest.raises(IncompatibleModelsError):
-        search.transfer(donor, other, tok, "refusal", budget=0.1)
+        pipeline.transfer_function(donor, other, tok, "refusal", budget=0.1)
 
 
 def test_unknown_function(fixture):  # noqa: F811
@@ -219,16 +219,16 @@ def test_fixed_budget_with_several_alphas_chooses_on_validation(fixture, monkeyp
     donor, target, tok = fixture
     proxy = _AlphaProxy()
     monkeypatch.setattr(functions.Proxy, "for_function", classmethod(lambda cls, *a, **k: proxy))
-    real_extract = search.NeuronPatch.extract
+    real_assess = functions.Validator.assess
 
-    def extract(d, t, picked, alpha=1.0, **kw):
-        proxy.alpha = alpha
-        return real_extract(d, t, picked, alpha=alpha, **kw)
+    def assess(self, patch):  # the proxy answers for the amplitude of the patch it is shown
+        proxy.alpha = patch.alpha
+        return real_assess(self, patch)
 
-    monkeypatch.setattr(search.NeuronPatch, "extract", staticmethod(extract))
+    monkeypatch.setattr(functions.Validator, "assess", assess)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    patch, info = search.transfer(donor, target, tok, "compliance", budget=0.1, alpha=(8.0, 1.0, 4.0, 2.0),
-                                  task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
+    patch, info = pipeline.transfer_function(donor, target, tok, "compliance", budget=0.1, alpha=(8.0, 1.0, 4.0, 2.0),
+                                             task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
     tried = [(s["alpha"], round(s["share"], 2), s["utility_ok"]) for s in info["alpha_choice"]]
     assert tried == [(1.0, 0.3, True), (2.0, 0.6, True), (4.0, 1.2, True), (8.0, 2.4, False)]
     assert patch.alpha == 4.0  # reaches the donor with utility held; 8 broke perplexity
