@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED)
 	$(BIN)/python -m ipykernel install --sys-prefix --name cnt --display-name "cnt (Python)" >/dev/null
 	$(BIN)/python -c "import torch, cnt; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -235,6 +235,10 @@ def _positive(value: str) -> int:
     return _integer(value, 1)
 
 
+def _nonnegative(value: str) -> int:
+    return _integer(value, 0)
+
+
 def _scorers() -> list[str]:
     from .locate import SCORERS
 
@@ -368,11 +372,27 @@ def _parse_params(pairs: list[str]) -> dict:
 
 def _cmd_reproduce(args) -> int:
     """papermill runs every notebook (default parameters unless -p) into papers/runs/, then the report."""
-    from .reproduce import reproduce
+    from .reproduce import finished, reproduce, run_grid
 
-    reproduce(args.notebooks, args.papers, only=args.only or (), params=_parse_params(args.param), jobs=args.jobs,
-              kernel=args.kernel, progress=not args.quiet)
-    return 0
+    if args.grid is None:
+        for flag, given in (("--backend", args.backend != "local"), ("--address", args.address),
+                            ("--dry-run", args.dry_run)):
+            if given:
+                raise ValueError(f"{flag} goes with --grid FILE")
+        reproduce(args.notebooks, args.papers, only=args.only or (), params=_parse_params(args.param),
+                  jobs=args.jobs, kernel=args.kernel, progress=not args.quiet)
+        return 0
+    from . import grid
+
+    if args.only or args.param:
+        raise ValueError("--grid FILE names its runs and parameters; --only and -p do not go with it")
+    runs = grid.load(args.grid, args.notebooks)
+    if args.dry_run:
+        print(grid.plan(runs, finished(runs, args.papers)))
+        return 0
+    states = run_grid(runs, notebooks=args.notebooks, papers=args.papers, backend=args.backend, address=args.address,
+                      jobs=args.jobs, retries=args.retries, kernel=args.kernel, progress=not args.quiet)
+    return 1 if any(s["state"] == "failed" for s in states.values()) else 0
 
 
 def _cmd_frontier(args) -> int:
@@ -604,6 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no papermill progress bar")
     s.add_argument("-j", "--jobs", type=_positive, default=1,
                    help="notebooks run side by side, the CPU cores split between them (default 1)")
+    s.add_argument("--grid", metavar="FILE", help="a YAML grid of runs (applications x families or model pairs x "
+                   "seeds x profiles x tags, with resources and parameters; README 'Grids'); runs already finished "
+                   "with the same parameters are skipped")
+    s.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="with --grid: local (this machine, -j side by side) or ray (a Ray cluster: --address)")
+    s.add_argument("--address", help="with --backend ray: the cluster to join (e.g. auto, or HEAD:6379); default: "
+                   "start a local Ray instance")
+    s.add_argument("--retries", type=_nonnegative, default=1,
+                   help="with --grid: times a run that raised is tried again before it is reported failed")
+    s.add_argument("--dry-run", action="store_true", help="with --grid: print the plan (each run, run or skip)")
     s.set_defaults(func=_cmd_reproduce)
     return p
 

@@ -240,13 +240,12 @@ def smoke_models(application: str) -> tuple[str, str, str]:
     return tuple(str(folder / n) for n in names)
 
 
-def notebook_config(application: str, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
-                    target: str | None = None, base: str | None = None, output_dir: str | Path = "../papers",
-                    **params) -> tuple[ApplicationConfig, Path]:
-    """Validate a notebook's ``parameters`` cell and return ``(config, output folder)``; a wrong parameter stops the
-    notebook here with a message that names it and what is accepted. With ``CNT_SMOKE=1`` in the environment (how
-    ``make test`` runs the notebooks under nbval) the run shrinks to a smoke run on tiny stand-in models
-    (:func:`smoke_models`), written to a temporary folder."""
+def check_config(application: str, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
+                 target: str | None = None, base: str | None = None, **params) -> ApplicationConfig:
+    """The :class:`ApplicationConfig` a notebook's parameters make, every one checked as given (a wrong one is
+    refused with a message that names it and what is accepted); nothing is loaded or written."""
+    if application not in APPLICATIONS:
+        raise ValueError(f"unknown application {application!r}; applications: {', '.join(APPLICATIONS)}")
     if family not in FAMILIES:
         raise ValueError(f"parameter family={family!r} is unknown; accepted: {', '.join(FAMILIES)}")
     if application not in FAMILIES[family] and not (donor and target and base):
@@ -263,25 +262,37 @@ def notebook_config(application: str, *, family: str = DEFAULT_FAMILY, donor: st
             raise ValueError(f"parameter {pname}={value!r} is not a model this kit knows; accepted: an embedded "
                              f"model ({', '.join(EMBEDDED)}), a zoo model ({', '.join(zoo.RECIPES)}), a local "
                              f"folder, or a hub id like 'org/name'")
+    params = dict(params)
     for pname in ("budgets", "scorers", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
         if pname in params and params[pname] is not None:
             value = params[pname]
             params[pname] = (value,) if isinstance(value, (str, int, float)) else tuple(value)  # one value: a list of one
-    def build(**changes) -> ApplicationConfig:
-        try:
-            return ApplicationConfig(application, family=family, donor=donor or d, target=target or t, base=base or b,
-                                     **{**params, **changes})
-        except TypeError as e:
-            raise ValueError(f"unknown parameter: {e}") from None
-        except ValueError as e:
-            raise ValueError(f"parameter error: {e}") from None
+    try:
+        return ApplicationConfig(application, family=family, donor=donor or d, target=target or t, base=base or b,
+                                 **params)
+    except TypeError as e:
+        raise ValueError(f"unknown parameter: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"parameter error: {e}") from None
 
-    config = build()  # the user's parameters are checked as given, smoke run or not
+
+NOTEBOOK_OUTPUT = "../papers"  # the notebooks' default output_dir (relative to notebooks/)
+
+
+def notebook_config(application: str, *, output_dir: str | Path = NOTEBOOK_OUTPUT,
+                    **params) -> tuple[ApplicationConfig, Path]:
+    """Validate a notebook's ``parameters`` cell (:func:`check_config`) and return ``(config, output folder)``; a
+    wrong parameter stops the notebook here with a message that names it and what is accepted. With ``CNT_SMOKE=1``
+    in the environment (how ``make test`` runs the notebooks under nbval) the run shrinks to a smoke run on tiny
+    stand-in models (:func:`smoke_models`), written to a folder in the cache — or to ``output_dir`` when one other
+    than the notebooks' default is given (a grid of smoke runs)."""
+    config = check_config(application, **params)  # the user's parameters are checked as given, smoke run or not
     atomic.check_output(Path(output_dir) / "results", "folder", what="parameter output_dir")
     if smoke():  # tiny stand-in models, a few records, one budget, a folder in the cache
         sd, st, sb = smoke_models(application)
         config = dataclasses.replace(config, donor=sd, target=st, base=sb, **SMOKE)
-        output_dir = cache_dir("smoke", "runs", application)  # one folder per application, reused: nothing piles up
+        if Path(output_dir) == Path(NOTEBOOK_OUTPUT):  # one folder per application, reused: nothing piles up
+            output_dir = cache_dir("smoke", "runs", application)
     out = Path(output_dir)
     try:
         for sub in ("results", "figures"):

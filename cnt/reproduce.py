@@ -148,3 +148,218 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
     return record
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a grid of runs (cnt reproduce --grid FILE): two backends behind one interface, resumable
+# ---------------------------------------------------------------------------------------------------------------------
+
+PASS_ENV = ("CNT_SMOKE", "CNT_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+            "TOKENIZERS_PARALLELISM", "PYTHONPATH")  # what a worker needs of this environment
+
+
+def execute_run(notebook: str, name: str, parameters: dict, *, threads: int | None = None,
+                kernel: str = "python3") -> dict[str, bytes]:
+    """One grid run wherever it is scheduled: papermill executes ``notebook`` with ``parameters`` into a private
+    folder (``output_dir`` is set here), and every file it wrote comes back as ``{path under papers/: bytes}`` —
+    the results JSON, its figures and the executed notebook as ``runs/<name>.ipynb`` — for the caller to write, so
+    a worker on another machine needs no shared disk. ``threads``: the kernel's OMP/MKL threads (None: as set)."""
+    import papermill as pm
+
+    if threads is not None:
+        os.environ.update(dict.fromkeys(_threads_per_job.VARS, str(threads)))
+    with tempfile.TemporaryDirectory(prefix="cnt-run-") as tmp:
+        out = Path(tmp) / "papers"
+        (out / "results").mkdir(parents=True)
+        executed = Path(tmp) / f"{name}.ipynb"
+        pm.execute_notebook(notebook, str(executed), parameters={**parameters, "output_dir": str(out)},
+                            cwd=str(Path(notebook).parent), kernel_name=kernel, progress_bar=False)
+        files = {f"runs/{name}.ipynb": executed.read_bytes()}
+        files.update({str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()})
+    return files
+
+
+class LocalBackend:
+    """Runs on this machine, ``jobs`` side by side (the cores split between their kernels), as ``cnt reproduce``."""
+
+    name = "local"
+
+    def __init__(self, jobs: int = 1):
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        self.jobs = jobs
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = _threads_per_job(self.jobs)
+        self.threads.__enter__()
+        self.pool = ThreadPoolExecutor(self.jobs)
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)
+        self.threads.__exit__(*exc)
+
+    def submit(self, run, notebook: str, kernel: str):
+        return self.pool.submit(execute_run, notebook, run.name, run.parameters, kernel=kernel)
+
+    def wait(self, pending: list) -> tuple[list, list]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, rest = wait(pending, return_when=FIRST_COMPLETED)
+        return list(done), list(rest)
+
+    @staticmethod
+    def result(handle) -> dict[str, bytes]:
+        return handle.result()
+
+
+class RayBackend:
+    """Each run a Ray task with its declared resources (CPUs, GPUs, memory), on the cluster at ``address`` (or a local
+    instance started here); a task whose worker dies is re-run by Ray up to ``retries`` times."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, retries: int = 1, num_cpus: int | None = None):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("--backend ray needs Ray: pip install -e '.[ray]' (make setup installs it)") from None
+        self.address, self.retries, self.num_cpus = address, retries, num_cpus
+
+    def __enter__(self):
+        import ray
+
+        self.started = not ray.is_initialized()
+        env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+        if self.started:
+            kw = {"address": self.address} if self.address else {"num_cpus": self.num_cpus or os.cpu_count()}
+            ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, **kw)
+        self.task = ray.remote(execute_run)
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        if self.started:
+            ray.shutdown()
+
+    def submit(self, run, notebook: str, kernel: str):
+        cpus = int(run.resources.get("cpus") or 1)
+        opts = {"num_cpus": cpus, "num_gpus": run.resources.get("gpus") or 0, "max_retries": self.retries}
+        if run.resources.get("memory_gb"):
+            opts["memory"] = int(run.resources["memory_gb"] * 2**30)
+        return self.task.options(**opts).remote(notebook, run.name, run.parameters, threads=cpus, kernel=kernel)
+
+    def wait(self, pending: list) -> tuple[list, list]:
+        import ray
+
+        return ray.wait(pending, num_returns=1)
+
+    @staticmethod
+    def result(handle) -> dict[str, bytes]:
+        import ray
+
+        return ray.get(handle)
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def finished(runs, papers: str | Path) -> set[str]:
+    """The runs already done with the same parameters: recorded ``done`` in ``runs/timings.json`` with the same
+    digest, and their results JSON still the file that run wrote."""
+    papers = Path(papers)
+    path = papers / "runs" / "timings.json"
+    state = (json.loads(path.read_text()) if path.is_file() else {}).get("grid", {})
+    out = set()
+    for r in runs:
+        s = state.get(r.name, {})
+        if s.get("state") == "done" and s.get("digest") == r.digest() and s.get("results_sha256") and \
+                s["results_sha256"] == _sha256(papers / "results" / f"{r.result_name}.json"):
+            out.add(r.name)
+    return out
+
+
+def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = "papers", backend: str = "local",
+             address: str | None = None, jobs: int = 1, retries: int = 1, kernel: str = "python3",
+             progress: bool = True) -> dict:
+    """Execute the grid's ``runs`` (:func:`cnt.grid.load`) that are not already finished (:func:`finished`) on the
+    ``local`` or ``ray`` backend; a run that raises is tried again up to ``retries`` times, then recorded failed
+    while the others go on (its earlier good result, if any, stays in place). Every run's files are written under
+    ``papers`` as it finishes, its state, attempts and time into ``runs/timings.json`` (``grid``); the report and
+    summary are regenerated once at the end. Returns the states of this invocation's runs."""
+    from tqdm.auto import tqdm
+
+    if retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {retries}")
+    papers, nb_dir = Path(papers).resolve(), Path(notebooks).resolve()
+    (papers / "runs").mkdir(parents=True, exist_ok=True)
+    timings_path = papers / "runs" / "timings.json"
+    skip = finished(runs, papers)
+    todo = [r for r in runs if r.name not in skip]
+    impl = LocalBackend(jobs) if backend == "local" else RayBackend(address, retries) if backend == "ray" else None
+    if impl is None:
+        raise ValueError(f"unknown backend {backend!r}; backends: local, ray")
+    states: dict[str, dict] = {r.name: {"state": "skipped"} for r in runs if r.name in skip}
+    t_all = time.time()
+
+    def record(run, **entry) -> None:
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        timings.setdefault("grid", {})[run.name] = entry
+        atomic.write_json(timings_path, timings)
+        states[run.name] = entry
+
+    bar = tqdm(total=len(runs), initial=len(skip), desc="grid", unit="run", disable=not progress)
+    if todo:
+        with impl:
+            pending, started, attempts = {}, {}, {}
+
+            def submit(run):
+                attempts[run.name] = attempts.get(run.name, 0) + 1
+                started.setdefault(run.name, time.time())
+                pending[impl.submit(run, str(nb_dir / run.notebook), kernel)] = run
+
+            for run in todo:
+                submit(run)
+            while pending:
+                done, _ = impl.wait(list(pending))
+                for handle in done:
+                    run = pending.pop(handle)
+                    try:
+                        files = impl.result(handle)
+                    except Exception as e:  # the notebook raised (or the task was lost past Ray's retries)
+                        if attempts[run.name] <= retries:
+                            submit(run)
+                            continue
+                        record(run, state="failed", digest=run.digest(), attempts=attempts[run.name],
+                               seconds=round(time.time() - started[run.name], 1), backend=impl.name,
+                               error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500],
+                               when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                        print(f"[cnt reproduce] {run.name} failed after {attempts[run.name]} attempt(s)",
+                              file=sys.stderr, flush=True)
+                        bar.update()
+                        continue
+                    for rel, blob in files.items():
+                        atomic.write_bytes(papers / rel, blob)
+                    record(run, state="done", digest=run.digest(), attempts=attempts[run.name],
+                           seconds=round(time.time() - started[run.name], 1), backend=impl.name,
+                           resources=run.resources, parameters=run.parameters,
+                           results=f"results/{run.result_name}.json",
+                           results_sha256=_sha256(papers / "results" / f"{run.result_name}.json"),
+                           when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                    bar.update()
+    bar.close()
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings["last_grid"] = {"runs": len(runs), "ran": len(todo), "skipped": len(skip), "backend": impl.name,
+                            "seconds": round(time.time() - t_all, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic.write_json(timings_path, timings)
+    report.write(papers / "results", papers / "REPORT.md")
+    failed = [n for n, s in states.items() if s["state"] == "failed"]
+    print(f"[cnt reproduce] grid: {len(todo) - len(failed)} ran, {len(skip)} skipped, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else "") + f"; {time.time() - t_all:.0f} s", flush=True)
+    return states

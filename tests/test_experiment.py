@@ -97,7 +97,7 @@ def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path, 
 
 def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatch):
     from cnt.functions import default_scorer
-from cnt.locate import SCORERS
+    from cnt.locate import SCORERS
 
     monkeypatch.delenv("CNT_SMOKE", raising=False)
     assert default_scorer("compliance") == "attribution" and default_scorer("refusal") == "learned_mask"
@@ -106,15 +106,17 @@ from cnt.locate import SCORERS
         assert cfg.scorers == (default_scorer(spec.function),) and cfg.scorers[0] in SCORERS
     cfg, _ = experiment.notebook_config("disalignment", scorers="learned_mask", output_dir=tmp_path)
     assert cfg.scorers == ("learned_mask",)  # an explicit choice wins
-    with pytest.raises(ValueError, match="unknown function 'toxicity'; functions: compliance, refusal, bias"):
+    with pytest.raises(ValueError, match="unknown function 'toxicity'; functions: refusal, compliance, bias"):
         default_scorer("toxicity")
 
 
 def test_smoke_mode_uses_tiny_stand_ins(tmp_path, monkeypatch):
     monkeypatch.setenv("CNT_SMOKE", "1")
     monkeypatch.setenv("CNT_CACHE", str(tmp_path / "cache"))
-    cfg, out = experiment.notebook_config("alignment_enhancement", output_dir=tmp_path / "papers")
-    assert cfg.profile == "smoke" and not (tmp_path / "papers").exists()  # results go to a temporary folder
+    cfg, out = experiment.notebook_config("alignment_enhancement")  # the notebooks' default output_dir
+    assert cfg.profile == "smoke" and out.is_relative_to(tmp_path / "cache")  # not papers/: a folder in the cache
+    told, out = experiment.notebook_config("alignment_enhancement", output_dir=tmp_path / "grid")
+    assert told.profile == "smoke" and out == tmp_path / "grid"  # a grid of smoke runs writes where it is told
     from cnt.arch import check_compatible
     from cnt.models import load_model
 
