@@ -199,12 +199,14 @@ class Scorer:
 
     def __call__(self, task: Task, donor, target, tokenizer, **settings) -> NeuronScores:
         params = self.parameters()
-        unknown = sorted(set(settings) - set(params))
-        if unknown:
-            raise ValueError(f"scorer {self.name!r}: unknown settings {unknown}; its settings: {', '.join(params)}")
         bad = [k for k in settings.get("kinds", ("mlp",)) if k not in self.kinds]
         if bad:
             raise ValueError(f"scorer {self.name!r} scores {', '.join(self.kinds)} units, not {', '.join(bad)}")
+        if "kinds" not in params:  # a scorer of MLP neurons only: kinds=("mlp",) is its one choice
+            settings = {k: v for k, v in settings.items() if k != "kinds"}
+        unknown = sorted(set(settings) - set(params))
+        if unknown:
+            raise ValueError(f"scorer {self.name!r}: unknown settings {unknown}; its settings: {', '.join(params)}")
         return self.run(task, donor, target, tokenizer, **settings)
 
 
