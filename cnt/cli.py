@@ -432,8 +432,8 @@ def _cmd_run(args) -> int:
                                              **_parse_params(args.param))
     result = experiment.run_application(config, out / "results")
     plots.application_figures(result, out / "figures")
-    print(f"wrote {out / 'results' / (result['name'] + '.json')} and figures in {out / 'figures'} "
-          f"({result['seconds'] / 60:.1f} min)")
+    print(f"wrote {out / 'results' / (result.name + '.json')} and figures in {out / 'figures'} "
+          f"({result.seconds / 60:.1f} min)")
     return 0
 
 

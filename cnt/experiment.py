@@ -37,6 +37,7 @@ from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
 from .functions import choose, default_scorer
 from .pipeline import Pipeline
+from .results import ApplicationResult, MethodEntry
 from .scores import check_budget, check_budgets
 from .search import ALPHAS
 from .transfer import check_alpha, transfer_all
@@ -183,14 +184,15 @@ def result_name(application: str, family: str = DEFAULT_FAMILY, tag: str | None 
     return f"{stem}.{tag}" if tag else stem
 
 
-def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param_fraction: float, **extra) -> dict:
+def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param_fraction: float,
+           **extra) -> MethodEntry:
     m = report[metric]
-    details = {k: v for k, v in m.details.items() if k.startswith("per_")}
-    return {"neuron_fraction": neuron_fraction, "param_fraction": param_fraction, "score": m.value,
-            "ci": [m.ci[0], m.ci[1]], "utility": {u: report[u].value for u in UTILITY if u in report.metrics},
-            "utility_ci": {u: list(report[u].ci) for u in UTILITY if u in report.metrics},
-            "side": {u: report[u].value for u in SIDE if u in report.metrics},
-            **({"details": details} if details else {}), **extra}
+    return MethodEntry(score=m.value, ci=[m.ci[0], m.ci[1]], param_fraction=param_fraction,
+                       neuron_fraction=neuron_fraction,
+                       utility={u: report[u].value for u in UTILITY if u in report.metrics},
+                       utility_ci={u: list(report[u].ci) for u in UTILITY if u in report.metrics},
+                       side={u: report[u].value for u in SIDE if u in report.metrics},
+                       details={k: v for k, v in m.details.items() if k.startswith("per_")}, **extra)
 
 
 SMOKE_ENV = "CNT_SMOKE"  # "1": notebooks shrink to a smoke run into a temporary folder (nbval in `make test`)
@@ -326,9 +328,10 @@ def _public(setting: dict) -> dict:
     return {k: v for k, v in setting.items() if k not in ("base", "examples", "config")}
 
 
-def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+def run_application(config: ApplicationConfig, out_dir: str | Path, *,
+                    progress: bool = True) -> ApplicationResult:
     """Run one application and write ``<out_dir>/<config.result_name>.json`` (atomically: a failed run never overwrites the
-    previous good result). Returns the result dict.
+    previous good result). Returns the result as typed records (:class:`cnt.results.ApplicationResult`).
 
     Protocol: CNT (each scorer at each budget, alpha on validation; then the minimal subset) and the neuron-level
     baselines (random over seeds, weight-delta) are evaluated at every budget; the swept baselines (λ, density,
@@ -362,7 +365,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         return rep
 
     target_rep, donor_rep = ev(target, config.target), ev(donor, config.donor)
-    methods: dict[str, list[dict]] = {}
+    methods: dict[str, list[MethodEntry]] = {}
     timings: dict[str, float] = {}
     pipe = Pipeline(function, donor, target, tok, seed=config.seed, progress=progress)
     val = pipe.validator()
@@ -381,9 +384,9 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
                 _entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params, alpha=patch.alpha,
                        budget=b, validation_share=chosen.share, per_layer=patch.per_layer()))
     # the best variant, on validation: the one whose patches went furthest toward the donor on average
-    best = max(variants, key=lambda v: sum(e["validation_share"] for e in variants[v]))
+    best = max(variants, key=lambda v: sum(e.validation_share for e in variants[v]))
     best_scores = pipe.scores(best.removeprefix("cnt_"), iterative_budget=max(config.budgets))
-    methods["cnt"] = [{**e, "variant": best} for e in variants[best]]
+    methods["cnt"] = [dataclasses.replace(e, variant=best) for e in variants[best]]
     methods.update(variants)
     if config.search:
         res = pipe.search(best_scores, config.alphas)
@@ -459,36 +462,36 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *, progress:
         if name == "random":  # mean and spread over seeds per budget
             merged = []
             for b in config.budgets:
-                group = [e for e in entries if e["setting"]["budget"] == b]
-                sc = torch.tensor([e["score"] for e in group])
-                first = next(e for e in group if e["setting"]["seed"] == config.random_seeds[0])
-                merged.append({**first, "score": float(sc.mean()), "score_sd": float(sc.std()) if len(group) > 1
-                               else 0.0, "seeds": [e["score"] for e in group],
-                               "seed_cis": [e["ci"] for e in group]})
+                group = [e for e in entries if e.setting["budget"] == b]
+                sc = torch.tensor([e.score for e in group])
+                first = next(e for e in group if e.setting["seed"] == config.random_seeds[0])
+                merged.append(dataclasses.replace(first, score=float(sc.mean()),
+                                                  score_sd=float(sc.std()) if len(group) > 1 else 0.0,
+                                                  seeds=[e.score for e in group], seed_cis=[e.ci for e in group]))
             entries = merged
         methods[name] = entries
         timings[name] = round(time.time() - t0, 1)
     bar.close()
 
-    result = {
-        "application": config.application, "family": config.family, "tag": config.tag, "name": config.result_name,
-        "function": function, "target": config.target, "donor": config.donor,
-        "base": config.base, "metric": metric, "higher_is_goal": spec.higher_is_goal,
-        "target_score": target_rep[metric].value, "target_ci": list(target_rep[metric].ci),
-        "donor_score": donor_rep[metric].value, "donor_ci": list(donor_rep[metric].ci),
-        "target_utility": {u: target_rep[u].value for u in UTILITY if u in target_rep.metrics},
-        "donor_utility": {u: donor_rep[u].value for u in UTILITY if u in donor_rep.metrics},
-        "target_side": {u: target_rep[u].value for u in SIDE if u in target_rep.metrics},
-        "donor_side": {u: donor_rep[u].value for u in SIDE if u in donor_rep.metrics},
-        "target_details": {k: v for k, v in target_rep[metric].details.items() if k.startswith("per_")},
-        "donor_details": {k: v for k, v in donor_rep[metric].details.items() if k.startswith("per_")},
-        "target_report": target_rep.to_dict(), "methods": methods, "timings": timings,
-        "validation": {"target": val.target, "donor": val.donor}, "search": search_info,
-        "config": {k: v for k, v in asdict(config).items()}, "fingerprint": fp.to_dict(),
-        "n_params": n_params, "seconds": round(time.time() - t_start, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "torch_threads": torch.get_num_threads(),  # wall times above were measured with this many
-    }
-    atomic.write_json(out_dir / f"{config.result_name}.json", result, default=str)
+    result = ApplicationResult(
+        application=config.application, family=config.family, tag=config.tag, name=config.result_name,
+        function=function, target=config.target, donor=config.donor, base=config.base, metric=metric,
+        higher_is_goal=spec.higher_is_goal,
+        target_score=target_rep[metric].value, target_ci=list(target_rep[metric].ci),
+        donor_score=donor_rep[metric].value, donor_ci=list(donor_rep[metric].ci), methods=methods,
+        target_utility={u: target_rep[u].value for u in UTILITY if u in target_rep.metrics},
+        donor_utility={u: donor_rep[u].value for u in UTILITY if u in donor_rep.metrics},
+        target_side={u: target_rep[u].value for u in SIDE if u in target_rep.metrics},
+        donor_side={u: donor_rep[u].value for u in SIDE if u in donor_rep.metrics},
+        target_details={k: v for k, v in target_rep[metric].details.items() if k.startswith("per_")},
+        donor_details={k: v for k, v in donor_rep[metric].details.items() if k.startswith("per_")},
+        target_report=target_rep.to_dict(), timings=timings,
+        validation={"target": val.target, "donor": val.donor}, search=search_info,
+        config=asdict(config), fingerprint=fp.to_dict(), n_params=n_params, seconds=round(time.time() - t_start, 1),
+        when=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        torch_threads=torch.get_num_threads(),  # wall times above were measured with this many
+    )
+    atomic.write_json(out_dir / f"{config.result_name}.json", result.to_dict(), default=str)
     return result
 
 

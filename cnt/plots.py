@@ -1,7 +1,8 @@
-"""Figures drawn from an application's result JSON (the dict :func:`cnt.experiment.run_application` writes).
+"""Figures drawn from results: an application's typed records (:class:`cnt.results.ApplicationResult`, as
+:func:`cnt.experiment.run_application` returns and writes them) or a frontier's result dict (:mod:`cnt.frontier`).
 
-Every function takes that dict (or a part of it), draws on a matplotlib axis and returns the figure; nothing here
-computes a result. ``save(fig, path)`` writes PNGs for ``papers/figures/``.
+Every function takes those records (or a part of them), draws on a matplotlib axis and returns the figure; nothing
+here computes a result. ``save(fig, path)`` writes PNGs for ``papers/figures/``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from . import atomic
+from .results import ApplicationResult, MethodEntry
 
 MARKERS = "o^v<>PhXsD*dp"
 NAMES = {"all_mlp": "every MLP neuron (α=1)"}
@@ -39,76 +41,74 @@ def styles(names) -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def _yerr(entries, key="ci"):
-    lo = [e["score"] - e[key][0] for e in entries]
-    hi = [e[key][1] - e["score"] for e in entries]
-    return [lo, hi]
+def _yerr(entries):
+    return [[e.score - e.ci[0] for e in entries], [e.ci[1] - e.score for e in entries]]
 
 
-def _references(ax, result: dict, horizontal: bool = True):
+def _references(ax, result: ApplicationResult):
     for who, color in (("target", "k"), ("donor", "C2")):
-        v, ci = result[f"{who}_score"], result.get(f"{who}_ci")
-        ax.axhline(v, color=color, lw=1, ls=":", label=f"{who} ({result[who]}): {v:.3g}")
+        v, ci = getattr(result, f"{who}_score"), getattr(result, f"{who}_ci")
+        ax.axhline(v, color=color, lw=1, ls=":", label=f"{who} ({getattr(result, who)}): {v:.3g}")
         if ci:
             ax.axhspan(ci[0], ci[1], color=color, alpha=0.07)
 
 
-def effect_vs_fraction(result: dict, title: str | None = None):
+def effect_vs_fraction(result: ApplicationResult, title: str | None = None):
     """Left: neuron-level methods (CNT variants, random, weight-delta) against the share of MLP neurons moved.
     Right: every method against the share of parameters it changed (merges change nearly all of them)."""
-    methods = result["methods"]
+    methods = result.methods
     style = styles(methods)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for name, entries in methods.items():
-        entries = [e for e in entries if e.get("neuron_fraction")]
+        entries = [e for e in entries if e.neuron_fraction]
         if not entries or name == "cnt" or name == "cnt_minimal":
             continue
         c, m, ls = style[name]
-        entries = sorted(entries, key=lambda e: e["neuron_fraction"])
-        xs = [100 * e["neuron_fraction"] for e in entries]
-        ys = [e["score"] for e in entries]
-        if name == "random" and entries and "score_sd" in entries[0]:
-            ax.errorbar(xs, ys, yerr=[e["score_sd"] for e in entries], color=c, marker=m, ls=ls, capsize=3,
+        entries = sorted(entries, key=lambda e: e.neuron_fraction)
+        xs = [100 * e.neuron_fraction for e in entries]
+        ys = [e.score for e in entries]
+        if name == "random" and entries and entries[0].score_sd is not None:
+            ax.errorbar(xs, ys, yerr=[e.score_sd for e in entries], color=c, marker=m, ls=ls, capsize=3,
                         label="random neurons (mean ± sd over seeds)")
         else:
             ax.errorbar(xs, ys, yerr=_yerr(entries), color=c, marker=m, ls=ls, capsize=3,
                         label=NAMES.get(name, name))
-    for e in methods.get("cnt_minimal", []):
-        ax.plot([100 * e["neuron_fraction"]], [e["score"]], marker="*", ms=16, color="C3", ls="",
-                label=f"CNT minimal subset ({100 * e['neuron_fraction']:.3g}%)")
+    for e in result.entries("cnt_minimal"):
+        ax.plot([100 * e.neuron_fraction], [e.score], marker="*", ms=16, color="C3", ls="",
+                label=f"CNT minimal subset ({100 * e.neuron_fraction:.3g}%)")
     _references(ax, result)
     ax.set_xscale("log")
     ax.set_xlabel("MLP neurons transferred (%)")
-    ax.set_ylabel(LABEL.get(result["metric"], result["metric"]))
+    ax.set_ylabel(LABEL.get(result.metric, result.metric))
     ax.legend(fontsize=7, loc="best")
     for name, entries in methods.items():
         if name == "cnt" or not entries:
             continue
         c, m, _ = style[name]
-        xs = [100 * max(e["param_fraction"], 1e-6) for e in entries]
-        ax2.scatter(xs, [e["score"] for e in entries], color=c, marker=m, s=36, label=name)
+        xs = [100 * max(e.param_fraction, 1e-6) for e in entries]
+        ax2.scatter(xs, [e.score for e in entries], color=c, marker=m, s=36, label=name)
     _references(ax2, result)
     ax2.set_xscale("log")
     ax2.set_xlabel("parameters changed (% of the model)")
     ax2.legend(fontsize=7, loc="best", ncol=2)
-    fig.suptitle(title or f"{result['application']}: {result['donor']} → {result['target']}")
+    fig.suptitle(title or f"{result.application}: {result.donor} → {result.target}")
     fig.tight_layout()
     return fig
 
 
-def utility_tradeoff(result: dict, utility: str = "mmlu", title: str | None = None):
+def utility_tradeoff(result: ApplicationResult, utility: str = "mmlu", title: str | None = None):
     """Effect (share of the donor–target gap closed) against the change of one utility metric, every method and
     setting; the ideal corner is right (whole gap) and at zero utility change."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    t, d = result["target_score"], result["donor_score"]
-    base_u = result["target_utility"].get(utility)
-    style = styles(result["methods"])
-    for name, entries in result["methods"].items():
+    t, d = result.target_score, result.donor_score
+    base_u = result.target_utility.get(utility)
+    style = styles(result.methods)
+    for name, entries in result.methods.items():
         if name == "cnt" or not entries:
             continue
         c, m, _ = style[name]
-        xs = [gap_share(e["score"], t, d) for e in entries]
-        ys = [(e["utility"].get(utility, float("nan")) - base_u) if base_u is not None else float("nan")
+        xs = [gap_share(e.score, t, d) for e in entries]
+        ys = [(e.utility.get(utility, float("nan")) - base_u) if base_u is not None else float("nan")
               for e in entries]
         if utility == "perplexity" and base_u:
             ys = [100 * y / base_u for y in ys]
@@ -118,7 +118,7 @@ def utility_tradeoff(result: dict, utility: str = "mmlu", title: str | None = No
     ax.set_xlabel("share of the donor–target gap closed")
     ax.set_ylabel(f"Δ {utility}" + (" (%)" if utility == "perplexity" else " (absolute)"))
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title or f"{result['application']}: effect vs utility ({utility})")
+    ax.set_title(title or f"{result.application}: effect vs utility ({utility})")
     fig.tight_layout()
     return fig
 
@@ -169,42 +169,41 @@ def neuron_map(scores, title: str = "neuron scores (layer × neuron)", top: int 
     return fig
 
 
-def per_category(result: dict, key: str = "per_bias_type", title: str | None = None):
+def per_category(result: ApplicationResult, key: str = "per_bias_type", title: str | None = None):
     """Grouped bars of a per-category score (StereoSet SS per bias type) for the target, the donor and each method's
     best setting (``details`` of each entry)."""
     import pandas as pd
     import seaborn as sns
 
-    rows = {"target": result.get("target_details", {}).get(key, {}),
-            "donor": result.get("donor_details", {}).get(key, {})}
-    for name, entries in result["methods"].items():
+    rows = {"target": result.target_details.get(key, {}), "donor": result.donor_details.get(key, {})}
+    for name in result.methods:
         best = best_entry(result, name)
-        if best and best.get("details", {}).get(key):
-            rows[name] = best["details"][key]
+        if best and best.details.get(key):
+            rows[name] = best.details[key]
     rows = {k: v for k, v in rows.items() if v}
     cats = sorted({c for v in rows.values() for c in v})
     long = pd.DataFrame([{"category": c, "model": name, "SS": vals[c]} for name, vals in rows.items()
                          for c in cats if c in vals])
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cats) * len(rows) / 3), 4))
-    style = styles(result["methods"])
+    style = styles(result.methods)
     palette = {name: style[name][0] if name in style else ("k" if name == "target" else "C7") for name in rows}
     sns.barplot(long, x="category", y="SS", hue="model", order=cats, hue_order=list(rows), palette=palette, ax=ax)
     ax.axhline(50, color="k", lw=0.8, ls=":")
     ax.set_xlabel("")
     ax.set_ylabel("SS")
     ax.legend(fontsize=7, ncol=3)
-    ax.set_title(title or f"{result['application']}: SS per category (best setting of each method)")
+    ax.set_title(title or f"{result.application}: SS per category (best setting of each method)")
     fig.tight_layout()
     return fig
 
 
-def best_entry(result: dict, name: str) -> dict | None:
+def best_entry(result: ApplicationResult, name: str) -> MethodEntry | None:
     """A method's best setting: the one that moves the metric furthest toward the goal."""
-    entries = result["methods"].get(name) or []
+    entries = result.entries(name)
     if not entries:
         return None
-    sign = 1 if result["higher_is_goal"] else -1
-    return max(entries, key=lambda e: sign * e["score"])
+    sign = 1 if result.higher_is_goal else -1
+    return max(entries, key=lambda e: sign * e.score)
 
 
 def frontier(result: dict, title: str | None = None):
@@ -259,20 +258,20 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def application_figures(result: dict, folder: str | Path, prefix: str | None = None) -> dict[str, Path]:
+def application_figures(result: ApplicationResult, folder: str | Path, prefix: str | None = None) -> dict[str, Path]:
     """Every figure of one application, drawn from its result JSON and saved as ``<folder>/<prefix>_<name>.png``:
     effect vs fraction, utility trade-offs (MMLU, perplexity), the per-layer distribution of CNT's neurons, and (bias)
     SS per category."""
-    prefix = prefix or result.get("name") or result["application"]
+    prefix = prefix or result.name or result.application
     folder = Path(folder)
     figs = {"effect": effect_vs_fraction(result), "tradeoff": utility_tradeoff(result, "mmlu"),
             "tradeoff_ppl": utility_tradeoff(result, "perplexity")}
-    chosen = (result["methods"].get("cnt_minimal") or result["methods"].get("cnt") or [None])[-1]
-    if chosen and chosen.get("per_layer"):
+    chosen = (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
+    if chosen and chosen.per_layer:
         figs["layers"] = layer_distribution(
-            chosen["per_layer"], result["fingerprint"]["n_layers"],
-            f"CNT neurons per layer ({chosen.get('variant', 'cnt')}, {100 * chosen['neuron_fraction']:.2g}% of MLP "
+            chosen.per_layer, result.fingerprint["n_layers"],
+            f"CNT neurons per layer ({chosen.variant or 'cnt'}, {100 * chosen.neuron_fraction:.2g}% of MLP "
             f"neurons)")
-    if result.get("target_details", {}).get("per_bias_type"):
+    if result.target_details.get("per_bias_type"):
         figs["categories"] = per_category(result)
     return {name: save(fig, folder / f"{prefix}_{name}.png") for name, fig in figs.items()}

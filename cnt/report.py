@@ -2,9 +2,10 @@
 
 (Just over 400 lines: the report's sections, each a function of the results JSON.)
 
-``write(results_dir)`` reads ``<results_dir>/<application>.json`` (written by :func:`cnt.experiment.run_application`),
-writes ``summary.json`` beside them and ``REPORT.md`` one folder up (``papers/REPORT.md``). Every number in the
-report is formatted from those files, so the report and the JSON cannot disagree.
+``write(results_dir)`` reads ``<results_dir>/<application>.json`` (written by :func:`cnt.experiment.run_application`)
+as typed records (:class:`cnt.results.ApplicationResult`), writes ``summary.json`` beside them and ``REPORT.md`` one
+folder up (``papers/REPORT.md``). Every number in the report is formatted from those files, so the report and the
+JSON cannot disagree.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from . import atomic
 from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .plots import best_entry, gap_share
+from .results import ApplicationResult, MethodEntry
 
 APPLICATION_ORDER = tuple(APPLICATIONS)  # the registry's order
 BASELINES = tuple(REGISTRY)  # the baseline registry's names, in its order
@@ -33,54 +35,55 @@ PAPER = {  # the paper's claims, from its abstract (arXiv 2603.18449): it states
 
 
 
-def family_of(r: dict) -> str:
-    return r.get("family") or (r.get("config") or {}).get("family") or DEFAULT_FAMILY
+def family_of(r: ApplicationResult) -> str:
+    return r.family or r.config.get("family") or DEFAULT_FAMILY
 
 
-def load_results(results_dir: str | Path, applications=APPLICATION_ORDER) -> dict[str, dict]:
-    """Every application result under ``results_dir``, keyed by its name (``disalignment`` for the default family,
-    ``disalignment.<family>`` for others), ordered by application, default family first."""
+def load_results(results_dir: str | Path, applications=APPLICATION_ORDER) -> dict[str, ApplicationResult]:
+    """Every application result under ``results_dir`` as typed records, keyed by its name (``disalignment`` for the
+    default family, ``disalignment.<family>`` for others), ordered by application, default family first. Other JSON
+    files there (frontiers, benchmarks, the summary) are passed over."""
     found = []
     for path in Path(results_dir).glob("*.json"):
-        r = json.loads(path.read_text())
-        if isinstance(r, dict) and r.get("application") in applications and "methods" in r:
+        d = json.loads(path.read_text())
+        if isinstance(d, dict) and d.get("application") in applications and "methods" in d:
+            r = ApplicationResult.from_dict(d, str(path))
             fam = family_of(r)
-            tag = r.get("tag") or ""
-            found.append(((applications.index(r["application"]), fam != DEFAULT_FAMILY, fam, tag), path.stem, r))
-    return {stem: r for _, stem, r in sorted(found)}
+            found.append(((applications.index(r.application), fam != DEFAULT_FAMILY, fam, r.tag or ""), path.stem, r))
+    return {stem: r for _, stem, r in sorted(found, key=lambda x: x[:2])}
 
 
-def summary(results: dict[str, dict]) -> dict:
+def summary(results: dict[str, ApplicationResult]) -> dict:
     """The shape ``papers/results/summary.json`` promises (one entry per budget or setting per method): the default
     family under ``applications``; any other family's runs, in the same shape, under ``families[<family>]``; tagged
     variant runs (another donor, say) under ``variants[<result name>]``."""
     out: dict = {"applications": {}}
     for stem, r in results.items():
         fam = family_of(r)
-        if r.get("tag"):
-            out.setdefault("variants", {})[stem] = {"family": fam, "application": r["application"],
+        if r.tag:
+            out.setdefault("variants", {})[stem] = {"family": fam, "application": r.application,
                                                     **_summary_entry(r)}
             continue
         apps = out["applications"] if fam == DEFAULT_FAMILY else out.setdefault("families", {}).setdefault(fam, {})
-        apps[r["application"]] = _summary_entry(r)
+        apps[r.application] = _summary_entry(r)
     return out
 
 
-def _summary_entry(r: dict) -> dict:
+def _summary_entry(r: ApplicationResult) -> dict:
     methods = {}
     for name in SUMMARY_METHODS:
-        entries = r["methods"].get(name)
+        entries = r.methods.get(name)
         if entries is None:
             continue
-        methods[name] = [{"neuron_fraction": e.get("neuron_fraction"), "param_fraction": e["param_fraction"],
-                          "score": e["score"], "ci": list(e["ci"]),
-                          "utility": {u: e["utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
-                          **({"setting": e["setting"]} if "setting" in e else {}),
-                          **({"variant": e["variant"]} if "variant" in e else {})} for e in entries]
-    return {"target": r["target"], "donor": r["donor"], "metric": r["metric"],
-            "higher_is_goal": r["higher_is_goal"], "target_score": r["target_score"],
-            "donor_score": r["donor_score"],
-            "target_utility": {u: r["target_utility"].get(u) for u in ("mmlu", "nq_open", "perplexity")},
+        methods[name] = [{"neuron_fraction": e.neuron_fraction, "param_fraction": e.param_fraction,
+                          "score": e.score, "ci": list(e.ci),
+                          "utility": {u: e.utility.get(u) for u in ("mmlu", "nq_open", "perplexity")},
+                          **({"setting": e.setting} if e.setting is not None else {}),
+                          **({"variant": e.variant} if e.variant is not None else {})} for e in entries]
+    return {"target": r.target, "donor": r.donor, "metric": r.metric,
+            "higher_is_goal": r.higher_is_goal, "target_score": r.target_score,
+            "donor_score": r.donor_score,
+            "target_utility": {u: r.target_utility.get(u) for u in ("mmlu", "nq_open", "perplexity")},
             "methods": methods}
 
 
@@ -92,42 +95,42 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
 
 
-def _score(r: dict, v: float | None) -> str:
+def _score(r: ApplicationResult, v: float | None) -> str:
     if v is None:
         return "–"
-    return _pct(v) if r["metric"] == "refusal_rate" else f"{v:.1f}"
+    return _pct(v) if r.metric == "refusal_rate" else f"{v:.1f}"
 
 
-def _ci(r: dict, ci) -> str:
+def _ci(r: ApplicationResult, ci) -> str:
     return f"[{_score(r, ci[0])}, {_score(r, ci[1])}]" if ci else ""
 
 
-def _share(r: dict, e: dict) -> float:
-    return gap_share(e["score"], r["target_score"], r["donor_score"])
+def _share(r: ApplicationResult, e: MethodEntry) -> float:
+    return gap_share(e.score, r.target_score, r.donor_score)
 
 
-def _share_ci(r: dict, e: dict) -> tuple[float, float]:
-    a, b = (gap_share(c, r["target_score"], r["donor_score"]) for c in e["ci"])
+def _share_ci(r: ApplicationResult, e: MethodEntry) -> tuple[float, float]:
+    a, b = (gap_share(c, r.target_score, r.donor_score) for c in e.ci)
     return (min(a, b), max(a, b))
 
 
-def _utility_delta(r: dict, e: dict) -> dict:
-    t = r["target_utility"]
+def _utility_delta(r: ApplicationResult, e: MethodEntry) -> dict:
+    t = r.target_utility
     out = {}
     for u in ("mmlu", "nq_open"):
-        if u in e["utility"] and u in t:
-            out[u] = e["utility"][u] - t[u]
-    if "perplexity" in e["utility"] and t.get("perplexity"):
-        out["perplexity"] = e["utility"]["perplexity"] / t["perplexity"] - 1
+        if u in e.utility and u in t:
+            out[u] = e.utility[u] - t[u]
+    if "perplexity" in e.utility and t.get("perplexity"):
+        out["perplexity"] = e.utility["perplexity"] / t["perplexity"] - 1
     return out
 
 
 SIDE_LABELS = {"arithmetic_acc": "skill", "false_refusal_rate": "false refusal"}
 
 
-def _side_delta(r: dict, e: dict) -> dict:
+def _side_delta(r: ApplicationResult, e: MethodEntry) -> dict:
     """The specialist's skill and false refusal, in points against the unmodified target (where measured)."""
-    t, m = r.get("target_side", {}), e.get("side", {})
+    t, m = r.target_side, e.side
     return {k: m[k] - t[k] for k in SIDE_LABELS if m.get(k) is not None and t.get(k) is not None}
 
 
@@ -150,22 +153,22 @@ SPARSITY_GOAL = 0.9  # share of the gap the sparsity claim is judged at
 SPARSITY_BUDGET = 0.0025  # the kit's own goal for a minimal subset, in weights (the paper's abstract gives none)
 
 
-def headline(r: dict) -> dict | None:
-    """CNT's headline entry: the minimal subset when the search found one, else the sparsest budget that reached 90%
-    of the gap on eval, else the best budget."""
-    if r["methods"].get("cnt_minimal"):
-        return {**r["methods"]["cnt_minimal"][0], "label": "cnt_minimal"}
-    reached = [e for e in r["methods"].get("cnt") or [] if _share(r, e) >= SPARSITY_GOAL]
+def headline(r: ApplicationResult) -> tuple[str, MethodEntry] | None:
+    """CNT's headline entry and what it is: the minimal subset when the search found one, else the sparsest budget
+    that reached 90% of the gap on eval, else the best budget."""
+    if r.entries("cnt_minimal"):
+        return "cnt_minimal", r.entries("cnt_minimal")[0]
+    reached = [e for e in r.entries("cnt") if _share(r, e) >= SPARSITY_GOAL]
     if reached:
-        return {**min(reached, key=lambda e: e["param_fraction"]), "label": "cnt (sparsest budget reaching 90%)"}
+        return "cnt (sparsest budget reaching 90%)", min(reached, key=lambda e: e.param_fraction)
     e = best_entry(r, "cnt")
-    return {**e, "label": "cnt (best budget)"} if e else None
+    return ("cnt (best budget)", e) if e else None
 
 
 SIDE_LIMITS = {"false_refusal_rate": 0.10, "arithmetic_acc": -0.10}  # points: false refusal up / skill down by more
 
 
-def side_effects(r: dict, e: dict) -> dict:
+def side_effects(r: ApplicationResult, e: MethodEntry) -> dict:
     """The side metrics (false refusal, the specialist's skill) that moved past :data:`SIDE_LIMITS` against the
     target."""
     d = _side_delta(r, e)
@@ -175,23 +178,23 @@ def side_effects(r: dict, e: dict) -> dict:
 INCONCLUSIVE = "inconclusive: donor and target CIs overlap"
 
 
-def gap_significant(r: dict) -> bool:
+def gap_significant(r: ApplicationResult) -> bool:
     """Whether the donor and the target differ on the eval split (their 95% CIs do not overlap): without that, a share
     of the gap — sparsity, beating baselines — is a ratio of noise and no claim is judged on it."""
-    (tlo, thi), (dlo, dhi) = r["target_ci"], r["donor_ci"]
+    (tlo, thi), (dlo, dhi) = r.target_ci, r.donor_ci
     return thi < dlo or dhi < tlo
 
 
-def _goal_better(r: dict, a: float, b: float) -> bool:
-    return a > b if r["higher_is_goal"] else a < b
+def _goal_better(r: ApplicationResult, a: float, b: float) -> bool:
+    return a > b if r.higher_is_goal else a < b
 
 
 UTILITY_TOLERANCE = 0.02  # a result without a search record: "kept utility" within +2% perplexity (judge's default)
 
 
-def utility_tolerance(r: dict) -> float:
+def utility_tolerance(r: ApplicationResult) -> float:
     """The perplexity limit the run's own search rule used (recorded in its JSON), else :data:`UTILITY_TOLERANCE`."""
-    return float((r.get("search") or {}).get("max_ppl_increase", UTILITY_TOLERANCE))
+    return float((r.search or {}).get("max_ppl_increase", UTILITY_TOLERANCE))
 
 
 def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
@@ -200,7 +203,7 @@ def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
     return worst <= allowance
 
 
-def compare_baselines(r: dict) -> list[dict]:
+def compare_baselines(r: ApplicationResult) -> list[dict]:
     """CNT (its best entry) against each baseline's reported setting (chosen on validation; random and weight-delta:
     the same budget as that CNT entry). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
     CNT went further, or the baseline went further only by breaking utility (perplexity up by more than 2%, or
@@ -210,15 +213,15 @@ def compare_baselines(r: dict) -> list[dict]:
     allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))
     rows = []
     for name in BASELINES:
-        entries = r["methods"].get(name)
+        entries = r.entries(name)
         if not entries:
             continue
         if name in ("random", "weight_delta"):
-            e = min(entries, key=lambda x: abs(x["neuron_fraction"] - cnt_best["neuron_fraction"]))
+            e = min(entries, key=lambda x: abs(x.neuron_fraction - cnt_best.neuron_fraction))
         else:
             e = entries[0]
-        overlap = not (e["ci"][1] < cnt_best["ci"][0] or cnt_best["ci"][1] < e["ci"][0])
-        better = _goal_better(r, cnt_best["score"], e["score"])
+        overlap = not (e.ci[1] < cnt_best.ci[0] or cnt_best.ci[1] < e.ci[0])
+        better = _goal_better(r, cnt_best.score, e.score)
         delta = _utility_delta(r, e)
         held = _utility_held(delta, allowance)
         rows.append({"baseline": name, "entry": e, "cnt": cnt_best, "cnt_better": better,
@@ -229,16 +232,16 @@ def compare_baselines(r: dict) -> list[dict]:
     return rows
 
 
-def neuron_level_table(r: dict) -> list[dict]:
+def neuron_level_table(r: ApplicationResult) -> list[dict]:
     """Per budget: CNT's best variant, random (mean over seeds), weight-delta — and whether CNT beats both."""
     rows = []
-    rand = {round(e["neuron_fraction"], 6): e for e in r["methods"].get("random", [])}
-    wd = {round(e["neuron_fraction"], 6): e for e in r["methods"].get("weight_delta", [])}
-    for e in r["methods"].get("cnt", []):
-        key = round(e["neuron_fraction"], 6)
+    rand = {round(e.neuron_fraction, 6): e for e in r.entries("random")}
+    wd = {round(e.neuron_fraction, 6): e for e in r.entries("weight_delta")}
+    for e in r.entries("cnt"):
+        key = round(e.neuron_fraction, 6)
         ra, w = rand.get(key), wd.get(key)
-        beats = all(_goal_better(r, e["score"], x["score"]) for x in (ra, w) if x)
-        rows.append({"fraction": e["neuron_fraction"], "cnt": e, "random": ra, "weight_delta": w, "beats": beats})
+        beats = all(_goal_better(r, e.score, x.score) for x in (ra, w) if x)
+        rows.append({"fraction": e.neuron_fraction, "cnt": e, "random": ra, "weight_delta": w, "beats": beats})
     return rows
 
 
@@ -246,7 +249,7 @@ def neuron_level_table(r: dict) -> list[dict]:
 # the report
 # ---------------------------------------------------------------------------------------------------------------------
 
-def render(results: dict[str, dict], figures: str = "figures", timings: dict | None = None) -> str:
+def render(results: dict[str, ApplicationResult], figures: str = "figures", timings: dict | None = None) -> str:
     """``timings``: ``papers/runs/timings.json`` (written by ``cnt reproduce``), for the duration of the last full
     default invocation."""
     full = (timings or {}).get("last_full_invocation")
@@ -260,7 +263,7 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
          "chosen on the validation split. Share of gap = (method − target) / (donor − target)." + took, ""]
     if not results:
         return "\n".join(L + ["No results yet: run `make reproduce`."]) + "\n"
-    no_lm_eval = [stem for stem, r in results.items() if "mmlu" not in r.get("target_utility", {})]
+    no_lm_eval = [stem for stem, r in results.items() if "mmlu" not in r.target_utility]
     if no_lm_eval:
         L += [f"Utility in {', '.join(no_lm_eval)} is perplexity, with the specialist's skill and false refusal beside "
               "it: the `sweep` profile skips MMLU and NQ-Open, which for the SmolLM2 zoo sit at chance level (see "
@@ -268,42 +271,42 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
               ""]
     L += ["## Claims", "", "| claim (paper) | application | measured | verdict |", "|---|---|---|---|"]
     for app, r in results.items():
-        h = headline(r)
-        if h is None:
+        if headline(r) is None:
             continue
+        label, h = headline(r)
         sh, (slo, shi) = _share(r, h), _share_ci(r, h)
-        pf = h["param_fraction"]
+        pf = h.param_fraction
         verdict = (INCONCLUSIVE if not gap_significant(r) else
                    "supported" if pf <= SPARSITY_BUDGET and sh >= SPARSITY_GOAL else
                    "partly: sparse but short of 90% of the gap" if pf <= SPARSITY_BUDGET else
                    f"not reached: needs more than {_pct(SPARSITY_BUDGET, 2)} of weights")
-        L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {h['label']}: {_pct(pf, 3)} of weights "
-                 f"({_pct(h['neuron_fraction'], 2)} of MLP neurons) → {_pct(sh, 0)} of the gap [{_pct(slo, 0)}, "
+        L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {label}: {_pct(pf, 3)} of weights "
+                 f"({_pct(h.neuron_fraction, 2)} of MLP neurons) → {_pct(sh, 0)} of the gap [{_pct(slo, 0)}, "
                  f"{_pct(shi, 0)}] | {verdict} |")
     for app, r in results.items():
-        h = headline(r)
-        if h is None:
+        if headline(r) is None:
             continue
+        label, h = headline(r)
         d = _utility_delta(r, h)
         worst = max([abs(d.get("mmlu", 0)), abs(d.get("nq_open", 0)), max(d.get("perplexity", 0), 0)])
-        ci = h.get("utility_ci", {}).get("mmlu")
+        ci = h.utility_ci.get("mmlu")
         width = f"; MMLU CI ±{100 * (ci[1] - ci[0]) / 2:.0f} pp at this sample size" if ci else ""
         verdict = "within 1%" if worst <= 0.01 else "within 2%" if worst <= 0.02 else "exceeds 1%"
         side, bad = _side_delta(r, h), side_effects(r, h)
         if bad:
             verdict += f"; but {_fmt_side(bad)}"
         measured = _fmt_delta(d) + (f"; {_fmt_side(side)}" if side else "")
-        L.append(f"| utility: {PAPER['utility']} | {app} | {h['label']}: {measured}{width} | {verdict} |")
+        L.append(f"| utility: {PAPER['utility']} | {app} | {label}: {measured}{width} | {verdict} |")
     for app, r in results.items():
-        h = headline(r)
-        if h is None:
+        if headline(r) is None:
             continue
-        moved = _goal_better(r, h["score"], r["target_score"])
-        sig = h["ci"][1] < r["target_ci"][0] or r["target_ci"][1] < h["ci"][0]
+        label, h = headline(r)
+        moved = _goal_better(r, h.score, r.target_score)
+        sig = h.ci[1] < r.target_ci[0] or r.target_ci[1] < h.ci[0]
         verdict = ("supported" if moved and sig else "direction right, not significant" if moved else
                    "not reproduced")
-        L.append(f"| effect: {PAPER['effect']} | {app} | {r['metric']} {_score(r, r['target_score'])} → "
-                 f"{_score(r, h['score'])} {_ci(r, h['ci'])} (donor {_score(r, r['donor_score'])}) | {verdict} |")
+        L.append(f"| effect: {PAPER['effect']} | {app} | {r.metric} {_score(r, r.target_score)} → "
+                 f"{_score(r, h.score)} {_ci(r, h.ci)} (donor {_score(r, r.donor_score)}) | {verdict} |")
     for app, r in results.items():
         rows = compare_baselines(r)
         if not rows:
@@ -320,7 +323,7 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
         significantly = f"; significantly: {', '.join(sig)}" if sig else ""
         went_further = f"; went further only by breaking utility: {', '.join(broke)}" if broke else ""
         not_better = f"; went further with utility kept: {', '.join(lost)}" if lost else ""
-        L.append(f"| baselines: {PAPER['baselines']} | {app} | CNT ({_pct(rows[0]['cnt']['param_fraction'], 2)} of weights) "
+        L.append(f"| baselines: {PAPER['baselines']} | {app} | CNT ({_pct(rows[0]['cnt'].param_fraction, 2)} of weights) "
                  f"moved further than {', '.join(won) or 'none'}{significantly}{went_further}{not_better} | "
                  f"{verdict} |")
     L += ["", *family_table(results), ""]
@@ -329,7 +332,7 @@ def render(results: dict[str, dict], figures: str = "figures", timings: dict | N
     return "\n".join(L) + "\n"
 
 
-def family_table(results: dict[str, dict]) -> list[str]:
+def family_table(results: dict[str, ApplicationResult]) -> list[str]:
     """One row per (family, application) run: target and donor, CNT's furthest budget, the minimal subset, and
     whether CNT beat random and weight-delta neurons at every budget."""
     L = ["## Per model family", "",
@@ -337,65 +340,66 @@ def family_table(results: dict[str, dict]) -> list[str]:
          "| minimal subset | beats random & weight-delta at every budget |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
-        h = headline(r)
+        label, h = headline(r) or (None, None)
         rows = neuron_level_table(r)
-        mini = (r["methods"].get("cnt_minimal") or [None])[0]
-        mini_s = (f"{_pct(mini['neuron_fraction'], 2)} of neurons → {_score(r, mini['score'])}" if mini else
-                  "not reached" if r.get("search") else "not run")
-        app = r["application"] + (f" ({r['tag']})" if r.get("tag") else "")
-        L.append(f"| {family_of(r)} | {app} | {r['donor']} → {r['target']} | "
-                 f"{_score(r, r['target_score'])} | {_score(r, r['donor_score'])} | "
-                 + (f"{h['label']}: {_score(r, h['score'])} {_ci(r, h['ci'])} | {_pct(_share(r, h), 0)} | "
+        mini = (r.entries("cnt_minimal") or [None])[0]
+        mini_s = (f"{_pct(mini.neuron_fraction, 2)} of neurons → {_score(r, mini.score)}" if mini else
+                  "not reached" if r.search else "not run")
+        app = r.application + (f" ({r.tag})" if r.tag else "")
+        L.append(f"| {family_of(r)} | {app} | {r.donor} → {r.target} | "
+                 f"{_score(r, r.target_score)} | {_score(r, r.donor_score)} | "
+                 + (f"{label}: {_score(r, h.score)} {_ci(r, h.ci)} | {_pct(_share(r, h), 0)} | "
                     f"{_fmt_delta(_utility_delta(r, h))}" if h else "– | – | –")
                  + f" | {mini_s} | " + (("yes" if all(x["beats"] for x in rows) else
                                          f"no ({sum(x['beats'] for x in rows)}/{len(rows)})") if rows else "–") + " |")
     return L
 
 
-def application_section(app: str, r: dict, figures: str) -> list[str]:
-    L = [f"## {app}: {r['donor']} → {r['target']} ({r['function']})", "",
-         f"Target {r['metric']} {_score(r, r['target_score'])} {_ci(r, r['target_ci'])}, donor "
-         f"{_score(r, r['donor_score'])} {_ci(r, r['donor_ci'])}; profile `{r['config']['profile']}`; "
-         f"{r['n_params']:,} parameters; run {r['seconds'] / 60:.1f} min"
-         + (f" ({r['torch_threads']} torch thread{'s' if r['torch_threads'] > 1 else ''}; wall times in this section "
-            f"come from that run)" if r.get("torch_threads") else "") + ".", ""]
+def application_section(app: str, r: ApplicationResult, figures: str) -> list[str]:
+    L = [f"## {app}: {r.donor} → {r.target} ({r.function})", "",
+         f"Target {r.metric} {_score(r, r.target_score)} {_ci(r, r.target_ci)}, donor "
+         f"{_score(r, r.donor_score)} {_ci(r, r.donor_ci)}; profile `{r.config['profile']}`; "
+         f"{r.n_params:,} parameters; run {r.seconds / 60:.1f} min"
+         + (f" ({r.torch_threads} torch thread{'s' if r.torch_threads > 1 else ''}; wall times in this section "
+            f"come from that run)" if r.torch_threads else "") + ".", ""]
     L += ["### CNT against random and weight-delta neurons at every budget", "",
-          "| MLP neurons | CNT (" + (r["methods"]["cnt"][0].get("variant", "") if r["methods"].get("cnt") else "")
+          "| MLP neurons | CNT (" + ((r.entries("cnt")[0].variant or "") if r.entries("cnt") else "")
           + ") | random (mean ± sd) | weight-delta | CNT beats both |", "|---|---|---|---|---|"]
     for row in neuron_level_table(r):
         c, ra, w = row["cnt"], row["random"], row["weight_delta"]
-        L.append(f"| {_pct(row['fraction'], 2)} | {_score(r, c['score'])} {_ci(r, c['ci'])} | "
-                 + (f"{_score(r, ra['score'])} ± {_score(r, ra.get('score_sd', 0)) if r['metric'] != 'refusal_rate' else _pct(ra.get('score_sd', 0))}"
+        sd = (ra.score_sd or 0) if ra else 0
+        L.append(f"| {_pct(row['fraction'], 2)} | {_score(r, c.score)} {_ci(r, c.ci)} | "
+                 + (f"{_score(r, ra.score)} ± {_score(r, sd) if r.metric != 'refusal_rate' else _pct(sd)}"
                     if ra else "–")
-                 + f" | {(_score(r, w['score']) + ' ' + _ci(r, w['ci'])) if w else '–'} | "
+                 + f" | {(_score(r, w.score) + ' ' + _ci(r, w.ci)) if w else '–'} | "
                  f"{'yes' if row['beats'] else 'no'} |")
     L += ["", "### Every method (reported setting; swept baselines chosen on validation)", "",
           "| method | setting | params changed | score | share of gap | utility change | wall time |",
           "|---|---|---|---|---|---|---|"]
-    for name, entries in r["methods"].items():
+    for name, entries in r.methods.items():
         if name.startswith("cnt_") and name != "cnt_minimal":
             continue
         for e in entries:
-            setting = e.get("setting") or {k: e[k] for k in ("budget", "alpha") if k in e}
+            setting = e.setting or {k: getattr(e, k) for k in ("budget", "alpha") if getattr(e, k) is not None}
             setting = {k: v for k, v in setting.items() if k not in ("seed",) or name != "random"}
-            secs = e.get("seconds")
+            secs = e.seconds
             side = _fmt_side(_side_delta(r, e))
-            L.append(f"| {name} | {_setting_str(setting)} | {_pct(e['param_fraction'], 3)} | "
-                     f"{_score(r, e['score'])} {_ci(r, e['ci'])} | {_pct(_share(r, e), 0)} | "
+            L.append(f"| {name} | {_setting_str(setting)} | {_pct(e.param_fraction, 3)} | "
+                     f"{_score(r, e.score)} {_ci(r, e.ci)} | {_pct(_share(r, e), 0)} | "
                      f"{_fmt_delta(_utility_delta(r, e))}{'; ' + side if side else ''} | "
                      f"{f'{secs:.0f} s' if secs is not None else '–'} |")
-    ceiling = (r["methods"].get("all_mlp") or [None])[0]
+    ceiling = (r.entries("all_mlp") or [None])[0]
     if ceiling:
         L += ["", f"Every MLP neuron of every layer at α=1 (the donor's MLPs entire — the most an α=1 subset can copy; "
-                  f"the rest of the donor's difference lives in attention, norms and embeddings): {_score(r, ceiling['score'])} "
-                  f"{_ci(r, ceiling['ci'])}, {_pct(_share(r, ceiling), 0)} of the gap."]
-    t = r.get("timings", {})
+                  f"the rest of the donor's difference lives in attention, norms and embeddings): {_score(r, ceiling.score)} "
+                  f"{_ci(r, ceiling.ci)}, {_pct(_share(r, ceiling), 0)} of the gap."]
+    t = r.timings
     if "cnt_total" in t:
         sft = t.get("sft")
         L += ["", f"CNT cost (task + locate + search): {t['cnt_total']:.0f} s"
               + (f"; SFT reference (incl. its data): {sft:.0f} s (ratio {t['cnt_total'] / sft:.2f})" if sft else "")
               + "."]
-    stem = r.get("name") or app
+    stem = r.name or app
     L += ["", f"![effect vs fraction]({figures}/{stem}_effect.png)",
           f"![utility trade-off]({figures}/{stem}_tradeoff.png)", ""]
     return L

@@ -86,11 +86,11 @@ def application_notebook(app: str, title: str, story: str):
                           "Hyper-parameters (α, λ, density, layer, the CNT variant, the minimal subset) are chosen on "
                           "the validation split; the numbers below are on the eval split. The result is written to "
                           "`results/<application>.json` atomically: a failed run leaves the previous result in place."),
-        new_code_cell("result = experiment.run_application(config, out / \"results\")\n"
-                      "print(f\"{result['application']}: {len(result['methods'])} methods in {result['seconds'] / 60:.1f} min\")"),
-        new_code_cell(CHECK + "print(sorted(result[\"methods\"]))"),
+        new_code_cell("result = experiment.run_application(config, out / \"results\")  # typed records (cnt.results)\n"
+                      "print(f\"{result.application}: {len(result.methods)} methods in {result.seconds / 60:.1f} min\")"),
+        new_code_cell(CHECK + "print(sorted(result.methods))"),
         new_markdown_cell("## Headline: CNT against the neuron-level baselines at every budget"),
-        new_code_cell("display(Markdown(\"\\n\".join(report.application_section(result[\"application\"], result, "
+        new_code_cell("display(Markdown(\"\\n\".join(report.application_section(result.application, result, "
                       "\"figures\")[:-4])))"),
         new_markdown_cell("## Effect against the share of neurons (left) and of parameters (right) changed"),
         new_code_cell("figures = plots.application_figures(result, out / \"figures\")\n"
@@ -103,11 +103,11 @@ def application_notebook(app: str, title: str, story: str):
         *([new_markdown_cell("## StereoSet SS per bias category"),
            new_code_cell("display(Image(str(figures[\"categories\"])))")] if "categories" in spec.extra_figures else []),
         new_markdown_cell("## Headline numbers"),
-        new_code_cell("h = report.headline(result)\n"
-                      "share = plots.gap_share(h['score'], result['target_score'], result['donor_score'])\n"
-                      "print(f\"{h['label']}: {100 * h['neuron_fraction']:.3g}% of MLP neurons, {100 * h['param_fraction']:.3g}% \"\n"
-                      "      f\"of weights -> {result['metric']} {h['score']:.3g} (target {result['target_score']:.3g}, \"\n"
-                      "      f\"donor {result['donor_score']:.3g}): {100 * share:.0f}% of the gap\")"),
+        new_code_cell("label, h = report.headline(result)\n"
+                      "share = plots.gap_share(h.score, result.target_score, result.donor_score)\n"
+                      "print(f\"{label}: {100 * h.neuron_fraction:.3g}% of MLP neurons, {100 * h.param_fraction:.3g}% \"\n"
+                      "      f\"of weights -> {result.metric} {h.score:.3g} (target {result.target_score:.3g}, \"\n"
+                      "      f\"donor {result.donor_score:.3g}): {100 * share:.0f}% of the gap\")"),
     ])
 
 

@@ -40,7 +40,11 @@ def test_run_application_end_to_end(tiny_folders):
         random_seeds=(0, 1), profile="tiny", search=False)
     res = experiment.run_application(cfg, tiny_folders / "out", progress=False)
     saved = json.loads((tiny_folders / "out" / "alignment_enhancement.json").read_text())
-    assert saved["methods"].keys() == res["methods"].keys()
+    assert saved["methods"].keys() == res.methods.keys()
+    assert res.to_dict() == json.loads(json.dumps(res.to_dict(), default=str))  # the records are the JSON's shape
+    from cnt.results import ApplicationResult
+
+    assert ApplicationResult.from_dict(saved).to_dict() == saved  # to_dict / from_dict: inverses on the file
     for name in ("cnt", "cnt_attribution", "random", "weight_delta", "linear", "ties"):
         entries = saved["methods"][name]
         assert entries, name
@@ -143,4 +147,7 @@ def test_a_new_application_is_one_spec(tiny_folders, monkeypatch):
     res = experiment.run_application(cfg, tiny_folders / "out", progress=False)
     saved = json.loads((tiny_folders / "out" / "toy_refusal_removal.json").read_text())
     assert saved["application"] == "toy_refusal_removal" and saved["function"] == "compliance"
-    assert set(saved["methods"]) >= {"cnt", "random"} and res["metric"] == "refusal_rate"
+    assert set(saved["methods"]) >= {"cnt", "random"} and res.metric == "refusal_rate"
+    from cnt.results import ApplicationResult
+
+    assert ApplicationResult.from_dict(saved).to_dict() == saved  # the typed records are the file, both ways

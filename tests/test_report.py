@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cnt import plots, report
+from cnt.results import ApplicationResult, MethodEntry
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_alignment_enhancement.json"
 
@@ -53,11 +54,26 @@ def test_report_without_results(tmp_path):
     assert "No results yet" in rep.read_text()
 
 
+R = ApplicationResult.from_dict  # the report and figures read typed records, as report.load_results gives them
+
+
+def test_the_records_round_trip_the_json_and_refuse_unknown_fields():
+    d = json.loads(FIXTURE.read_text())  # an older file: fields added since (family, tag, ...) take their defaults
+    out = R(d).to_dict()
+    assert {k: out[k] for k in d} == d and R(out).to_dict() == out
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
+        R({**d, "colour": "red"})
+    with pytest.raises(ValueError, match=r"methods\['cnt'\]: unknown fields \['scroe'\]"):
+        R({**d, "methods": {"cnt": [{"scroe": 1.0, "ci": [0, 1], "param_fraction": 0.1}]}})
+    with pytest.raises(ValueError, match=r"missing fields \['metric'\]"):
+        R({k: v for k, v in d.items() if k != "metric"})
+
+
 def test_figures_from_json(tmp_path):
-    r = json.loads(FIXTURE.read_text())
+    r = R(json.loads(FIXTURE.read_text()))
     paths = [plots.save(plots.effect_vs_fraction(r), tmp_path / "effect.png"),
              plots.save(plots.utility_tradeoff(r), tmp_path / "tradeoff.png"),
-             plots.save(plots.layer_distribution(r["methods"]["cnt"][-1]["per_layer"], r["fingerprint"]["n_layers"]),
+             plots.save(plots.layer_distribution(r.methods["cnt"][-1].per_layer, r.fingerprint["n_layers"]),
                         tmp_path / "layers.png")]
     assert all(p.stat().st_size > 5000 for p in paths)
 
@@ -65,8 +81,9 @@ def test_figures_from_json(tmp_path):
 def test_gap_share_and_best_entry():
     assert plots.gap_share(0.5, 0.0, 1.0) == 0.5
     assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
-    r = {"higher_is_goal": False, "methods": {"m": [{"score": 3.0}, {"score": 1.0}, {"score": 2.0}]}}
-    assert plots.best_entry(r, "m")["score"] == 1.0
+    r = R({**json.loads(FIXTURE.read_text()), "higher_is_goal": False})
+    r.methods["m"] = [MethodEntry(score=s, ci=[s, s], param_fraction=0.1) for s in (3.0, 1.0, 2.0)]
+    assert plots.best_entry(r, "m").score == 1.0
 
 
 def test_other_families_sit_beside_the_default(results_dir):
@@ -105,11 +122,12 @@ def test_tagged_runs_do_not_replace_the_default(results_dir):
 
 def test_kept_utility_follows_the_runs_own_search_rule():
     """A baseline counts as having kept utility within the perplexity limit that run's search used (from its JSON)."""
-    r = json.loads(FIXTURE.read_text())
-    assert report.utility_tolerance(r) == r["search"]["max_ppl_increase"]
-    assert report.utility_tolerance({}) == report.UTILITY_TOLERANCE
-    strict = {**r, "search": {**r["search"], "max_ppl_increase": 0.0}}
-    loose = {**r, "search": {**r["search"], "max_ppl_increase": 1e6}}
+    d = json.loads(FIXTURE.read_text())
+    r = R(d)
+    assert report.utility_tolerance(r) == d["search"]["max_ppl_increase"]
+    assert report.utility_tolerance(R({**d, "search": None})) == report.UTILITY_TOLERANCE
+    strict = R({**d, "search": {**d["search"], "max_ppl_increase": 0.0}})
+    loose = R({**d, "search": {**d["search"], "max_ppl_increase": 1e6}})
     assert all(row["baseline_utility_held"] for row in report.compare_baselines(loose))
     held = lambda x: [row["baseline_utility_held"] for row in report.compare_baselines(x)]  # noqa: E731
     assert sum(held(strict)) <= sum(held(r)) <= sum(held(loose))
@@ -118,8 +136,8 @@ def test_kept_utility_follows_the_runs_own_search_rule():
 def test_claims_on_an_insignificant_gap_are_inconclusive(tmp_path):
     """Donor and target CIs overlap: sparsity and baseline claims are not judged (no 'supported' from noise)."""
     r = json.loads(FIXTURE.read_text())  # the tiny fixture: donor and target both at 0% [0, 49%]
-    assert not report.gap_significant(r)
-    assert report.gap_significant({**r, "donor_score": 0.9, "donor_ci": [0.7, 0.97]})
+    assert not report.gap_significant(R(r))
+    assert report.gap_significant(R({**r, "donor_score": 0.9, "donor_ci": [0.7, 0.97]}))
     d = tmp_path / "results"
     d.mkdir()
     (d / "alignment_enhancement.json").write_text(json.dumps(r))
@@ -140,17 +158,16 @@ def test_headline_is_the_sparsest_budget_reaching_the_goal():
     """Without a minimal subset, the sparsity claim is judged on the smallest budget that reached 90% of the gap (the
     best budget only when none did)."""
     r = json.loads(FIXTURE.read_text())
-    both = _with_cnt_scores(r, [0.88, 0.95], [0.05, 0.05])  # shares 97.5%, 106%
-    assert report.headline(both)["param_fraction"] == min(e["param_fraction"] for e in r["methods"]["cnt"])
-    none = _with_cnt_scores(r, [0.3, 0.5], [0.05, 0.05])
-    h = report.headline(none)
-    assert h["score"] == 0.5 and h["label"] == "cnt (best budget)"
+    both = R(_with_cnt_scores(r, [0.88, 0.95], [0.05, 0.05]))  # shares 97.5%, 106%
+    assert report.headline(both)[1].param_fraction == min(e["param_fraction"] for e in r["methods"]["cnt"])
+    label, h = report.headline(R(_with_cnt_scores(r, [0.3, 0.5], [0.05, 0.05])))
+    assert h.score == 0.5 and label == "cnt (best budget)"
 
 
 def test_utility_claim_flags_side_effects(tmp_path):
     """A headline that raised false refusal by more than 10 points says so in the utility claim's verdict."""
     r = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.95], [0.05, 0.6])
-    assert report.side_effects(r, report.headline(r)) == pytest.approx({"false_refusal_rate": 0.55})
+    assert report.side_effects(R(r), report.headline(R(r))[1]) == pytest.approx({"false_refusal_rate": 0.55})
     d = tmp_path / "results"
     d.mkdir()
     (d / "alignment_enhancement.json").write_text(json.dumps(r))

@@ -1,0 +1,118 @@
+"""An application run as typed records: what :func:`cnt.experiment.run_application` writes as
+``papers/results/<name>.json`` and what :mod:`cnt.report` and :mod:`cnt.plots` read back. One schema, in one place:
+``to_dict`` and ``from_dict`` are inverses, and a file with a field this schema does not know is refused by name
+(rather than half read)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class MethodEntry:
+    """One method at one setting, measured on the eval split: the function's metric with its 95% CI, the share of
+    MLP neurons and of the weights it changed, utility and side metrics, and what chose the setting."""
+
+    score: float
+    ci: list[float]
+    param_fraction: float
+    neuron_fraction: float | None = None
+    utility: dict[str, float] = field(default_factory=dict)
+    utility_ci: dict[str, list[float]] = field(default_factory=dict)
+    side: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # per-category breakdowns of the metric (bias types)
+    alpha: float | None = None
+    budget: float | None = None
+    validation_share: float | None = None  # the share of the gap on the validation proxies
+    per_layer: dict | None = None  # CNT: transferred neurons per layer
+    variant: str | None = None  # CNT: the scorer chosen on validation
+    setting: dict | None = None  # a baseline's setting
+    seconds: float | None = None
+    chosen_on_validation: bool | None = None
+    validation: list | None = None  # a swept baseline: every setting's validation share
+    score_sd: float | None = None  # random neurons: spread over seeds
+    seeds: list[float] | None = None
+    seed_cis: list | None = None
+
+    ALWAYS = ("neuron_fraction", "param_fraction", "score", "ci", "utility", "utility_ci", "side")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k in self.ALWAYS or (v is not None and v != {})}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "method entry") -> "MethodEntry":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown}")
+        missing = [k for k in ("score", "ci", "param_fraction") if k not in d]
+        if missing:
+            raise ValueError(f"{where}: missing fields {missing}")
+        return cls(**d)
+
+
+@dataclass
+class ApplicationResult:
+    """One application run: the pair, the metric, target and donor measured on eval, every method's entries, the
+    search, timings and the configuration that made it."""
+
+    application: str
+    function: str
+    target: str
+    donor: str
+    metric: str
+    higher_is_goal: bool
+    target_score: float
+    target_ci: list[float]
+    donor_score: float
+    donor_ci: list[float]
+    methods: dict[str, list[MethodEntry]]
+    base: str | None = None
+    family: str | None = None  # None: read from the config, else the default family
+    tag: str | None = None
+    name: str = ""  # the results file's stem
+    target_utility: dict[str, float] = field(default_factory=dict)
+    donor_utility: dict[str, float] = field(default_factory=dict)
+    target_side: dict[str, float] = field(default_factory=dict)
+    donor_side: dict[str, float] = field(default_factory=dict)
+    target_details: dict = field(default_factory=dict)
+    donor_details: dict = field(default_factory=dict)
+    target_report: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)  # the target's and donor's validation proxies
+    search: dict | None = None  # the minimal-subset search (None: not run)
+    config: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
+    n_params: int = 0
+    seconds: float = 0.0
+    when: str = ""
+    torch_threads: int | None = None
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["methods"] = {name: [e.to_dict() for e in entries] for name, entries in self.methods.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "result") -> "ApplicationResult":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown}")
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise ValueError(f"{where}: missing fields {missing}")
+        methods = {name: [MethodEntry.from_dict(e, f"{where}: methods[{name!r}]") for e in entries]
+                   for name, entries in d["methods"].items()}
+        return cls(**{**d, "methods": methods})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ApplicationResult":
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    def entries(self, method: str) -> list[MethodEntry]:
+        """A method's entries (empty when it was not run)."""
+        return self.methods.get(method) or []
