@@ -10,6 +10,16 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 
+def _check_fields(cls, d: dict, where: str) -> None:
+    """Refuse a record with a field ``cls`` does not have, or without one it requires, naming them and ``where``."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}")
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing fields {missing}")
+
+
 @dataclass
 class MethodEntry:
     """One method at one setting, measured on the eval split: the function's metric with its 95% CI, the share of
@@ -43,13 +53,7 @@ class MethodEntry:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "method entry") -> "MethodEntry":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown}")
-        missing = [k for k in ("score", "ci", "param_fraction") if k not in d]
-        if missing:
-            raise ValueError(f"{where}: missing fields {missing}")
+        _check_fields(cls, d, where)
         return cls(**d)
 
 
@@ -97,14 +101,7 @@ class ApplicationResult:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "result") -> "ApplicationResult":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown}")
-        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
-                   and f.default_factory is MISSING]
-        if missing:
-            raise ValueError(f"{where}: missing fields {missing}")
+        _check_fields(cls, d, where)
         methods = {name: [MethodEntry.from_dict(e, f"{where}: methods[{name!r}]") for e in entries]
                    for name, entries in d["methods"].items()}
         return cls(**{**d, "methods": methods})
