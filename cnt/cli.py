@@ -319,7 +319,6 @@ def _cmd_transfer(args) -> int:
 def _cmd_locate(args) -> int:
     import torch
 
-    from .arch import check_compatible
     from .atomic import check_output, write_file
     from .pipeline import Pipeline
     from .zoo import load_model, load_tokenizer
@@ -327,8 +326,7 @@ def _cmd_locate(args) -> int:
     check_output(args.out, "file", what="--out")
     donor, _ = load_model(args.donor, dtype="float32", allow_build=args.allow_build)
     target, _ = load_model(args.target, dtype="float32", allow_build=args.allow_build)
-    check_compatible(donor, target)
-    tok = load_tokenizer(args.target)
+    tok = load_tokenizer(args.target)  # (Pipeline refuses an incompatible pair before any compute)
     extra = {"budget": args.iterative_budget} if args.scorer == "iterative" else {}
     scores = Pipeline(args.function, donor, target, tok, seed=args.seed).scores(args.scorer, args.units, **extra)
     with write_file(args.out) as f:

@@ -251,7 +251,7 @@ def _resources(res, line: int) -> dict:
 
 def _check_axes(axes, values) -> None:
     from .evaluate import PROFILES
-    from .experiment import FAMILIES
+    from .experiment import FAMILIES, result_name
 
     for app in values["application"]:
         if app not in APPLICATIONS:
@@ -268,8 +268,12 @@ def _check_axes(axes, values) -> None:
             raise GridError(f"line {_line(axes, 'profile')}: unknown profile {profile!r}; profiles: "
                             f"{', '.join(PROFILES)}")
     for tag in values.get("tag", []):
-        if tag is not None and (not isinstance(tag, str) or not tag.replace("-", "").replace("_", "").isalnum()):
-            raise GridError(f"line {_line(axes, 'tag')}: tag {tag!r} must be letters, digits, '-' or '_'")
+        try:  # the rule that names result files (the run's tag joins it)
+            if tag is not None and not isinstance(tag, str):
+                raise ValueError(f"tag {tag!r} must be letters, digits, '-' or '_' (it names files)")
+            result_name(values["application"][0], tag=tag)
+        except ValueError as e:
+            raise GridError(f"line {_line(axes, 'tag')}: {e}") from None
     seen = set()
     for i, pair in enumerate(values.get("models", [])):
         line = pair.line if isinstance(pair, _Mapping) else _line(axes, "models")
