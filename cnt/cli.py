@@ -415,8 +415,7 @@ def _cmd_frontier(args) -> int:
     res = run_frontier(args.application, Path(args.out) / "results", family=args.family, donor=args.donor,
                        target=args.target, tag=args.tag, budgets=tuple(args.budgets), locators=locators,
                        profile=args.profile, seed=args.seed, baselines=tuple(args.baselines))
-    print(f"{res['name']}: {len(res['points'])} points in {res['seconds']:.0f} s -> "
-          f"{args.out}/results/{res['name']}.frontier.json")
+    print(f"{res.name}: {len(res.points)} points in {res.seconds:.0f} s -> {args.out}/results/{res.name}.frontier.json")
     return 0
 
 
@@ -630,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="with --backend ray: the cluster to join (e.g. auto, or HEAD:6379); default: "
                    "start a local Ray instance")
     s.add_argument("--retries", type=_nonnegative, default=1,
-                   help="with --grid: times a run that raised is tried again before it is reported failed")
+                   help="with --grid: times a run that raised (or lost its Ray worker) is tried again before it is "
+                   "reported failed")
     s.add_argument("--dry-run", action="store_true", help="with --grid: print the plan (each run, run or skip)")
     s.set_defaults(func=_cmd_reproduce)
     return p

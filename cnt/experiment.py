@@ -37,7 +37,7 @@ from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
 from .functions import choose, default_scorer
 from .pipeline import Pipeline
-from .results import ApplicationResult, MethodEntry
+from .results import ApplicationResult, FrontierResult, MethodEntry
 from .scores import check_budget, check_budgets
 from .search import ALPHAS
 from .transfer import check_alpha, transfer_all
@@ -496,11 +496,12 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
 
 
 def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT_FAMILY, donor: str | None = None,
-                 target: str | None = None, tag: str | None = None, progress: bool = True, **kwargs) -> dict:
+                 target: str | None = None, tag: str | None = None, progress: bool = True, **kwargs) -> FrontierResult:
     """The sparsity frontier of an application (:func:`cnt.frontier.measure`) for its zoo pair (or ``donor`` /
     ``target``), written atomically to ``<out_dir>/<name>.frontier.json`` with its figure in
     ``<out_dir>/../figures/<name>_frontier.png`` when ``out_dir`` is a ``results`` folder; while it runs, the points
-    so far are in ``<name>.frontier.partial.json`` (removed when it completes). Returns the result."""
+    so far are in ``<name>.frontier.partial.json`` (removed when it completes). Returns the
+    :class:`cnt.results.FrontierResult`."""
     from . import frontier, plots
 
     if application not in APPLICATIONS:
@@ -517,17 +518,17 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     tok = load_tokenizer(target)
     # lm-eval's utility group is too slow for a frontier's many points
     kwargs.setdefault("groups", tuple(g for g in APPLICATIONS[application].groups if g != "utility"))
-    about = {"application": application, "family": family, "name": name, "donor": donor, "target": target,
-             "torch_threads": torch.get_num_threads()}
+    about = dict(application=application, family=family, name=name, donor=donor, target=target,
+                 torch_threads=torch.get_num_threads())
     partial = out_dir / f"{name}.frontier.partial.json"  # every point as it is measured: a killed run keeps them
 
-    def checkpoint(so_far: dict) -> None:
-        atomic.write_json(partial, {**so_far, **about}, default=str)
+    def checkpoint(so_far) -> None:
+        atomic.write_json(partial, dataclasses.replace(so_far, **about).to_dict(), default=str)
 
     result = frontier.measure(APPLICATIONS[application].function, d, t, tok, progress=progress, checkpoint=checkpoint,
                               **kwargs)
-    result.update(about)
-    atomic.write_json(out_dir / f"{name}.frontier.json", result, default=str)
+    result = dataclasses.replace(result, **about)
+    atomic.write_json(out_dir / f"{name}.frontier.json", result.to_dict(), default=str)
     partial.unlink(missing_ok=True)
     figures = out_dir.parent / "figures" if out_dir.name == "results" else out_dir
     plots.save(plots.frontier(result), figures / f"{name}_frontier.png")

@@ -7,14 +7,13 @@ Protocol (nothing tuned on eval): each point's amplitude (α; a learned mask als
 α) is chosen on the validation proxies by the kit's rule (:func:`cnt.functions.choose`: the furthest toward the donor
 with utility held, else the furthest), then that one setting is evaluated on the eval split. The share of the gap and
 its 95% interval come from the metric and its Wilson / bootstrap interval mapped through the same affine map.
-Results are plain records written as JSON; :func:`cnt.plots.frontier` draws them.
+The result is a :class:`cnt.results.FrontierResult` (written as JSON); :func:`cnt.plots.frontier` draws it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from . import baselines as B
@@ -22,6 +21,7 @@ from .arch import check_compatible, total_params
 from .evaluate import evaluate
 from .functions import Proxy, choose, function_spec, gap_share
 from .pipeline import Pipeline
+from .results import FrontierPoint, FrontierResult
 from .search import ALPHAS
 from .transfer import NeuronPatch, check_alpha, transfer_all
 
@@ -29,26 +29,6 @@ BUDGETS = (0.001, 0.0025, 0.005, 0.01)  # fractions of the target's weights
 LOCATORS = (("attribution", ("mlp",)), ("attribution", ("mlp", "head", "kv")),
             ("learned_mask", ("mlp",)), ("learned_mask", ("mlp", "head", "kv")))
 CEILINGS = {"every MLP neuron": ("mlp",), "attention only": ("head", "kv"), "every unit": ("mlp", "head", "kv")}
-
-
-@dataclass
-class FrontierPoint:
-    method: str  # "learned_mask", "attribution", "random", "weight_delta", a ceiling's name, "donor"
-    kinds: list[str]
-    budget: float | None  # the requested fraction of weights (None: a ceiling or the donor)
-    param_fraction: float  # what the patch moves
-    units: dict[str, int]
-    alpha: float
-    validation_share: float
-    utility_ok: bool
-    score: float
-    ci: list[float]
-    share: float
-    share_ci: list[float]
-    perplexity: float | None
-    utility: dict = field(default_factory=dict)  # eval: each utility metric's change from the target, and held or not
-    utility_held: bool | None = None  # every utility goal met on eval (perplexity, false refusal, broken text, skill)
-    extra: dict = field(default_factory=dict)
 
 
 # the kit's utility goals, checked on eval for every point: (metric, largest allowed change from the target, relative?)
@@ -76,8 +56,8 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
             random_seeds: Sequence[int] = (0,), profile: str = "frontier", seed: int = 0, dtype="auto",
             locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
             task_kwargs: dict | None = None, baselines: Sequence[str] = ("random", "weight_delta"),
-            checkpoint: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
-    """Every point of the frontier (see the module doc); returns the result dict (``points``: FrontierPoint records).
+            checkpoint: Callable[[FrontierResult], None] | None = None, progress: bool = True) -> FrontierResult:
+    """Every point of the frontier (see the module doc), as a :class:`cnt.results.FrontierResult`.
     ``dtype``: the evaluation precision (``"auto"``: bf16 where native, as the proxies; ``None``: the models' own);
     ``proxy_size``: validation prompts per proxy.
     ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
@@ -141,20 +121,20 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         if checkpoint is not None:
             checkpoint(result(partial=True))
 
-    def result(partial: bool) -> dict:
-        """The frontier so far (``partial``) or whole, as plain records."""
-        return {"function": function, "metric": metric, "target_score": t_score,
-                "target_ci": list(r_target[metric].ci), "donor_score": d_score, "donor_ci": list(r_donor[metric].ci),
-                "target_perplexity": r_target["perplexity"].value, "donor_perplexity": r_donor["perplexity"].value,
-                "target_metrics": {k: v.value for k, v in r_target.metrics.items()},
-                "donor_metrics": {k: v.value for k, v in r_donor.metrics.items()},
-                "donor_utility": utility_change(r_donor, r_target)[0], "groups": list(groups),
-                "task": {"settings": task.meta, "utility_weight": task.utility_weight,
-                         "n_function": len(task.function), "n_utility": len(task.utility)},
-                "validation": {"target": v_target, "donor": v_donor}, "points": [asdict(p) for p in points],
-                "budgets": list(budgets), "alphas": list(alphas), "baselines": list(baselines), "profile": profile,
-                "seed": seed, "n_params": n_weights, "timings": timings, "seconds": round(time.time() - t0, 1),
-                "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "partial": partial}
+    def result(partial: bool) -> FrontierResult:
+        """The frontier so far (``partial``) or whole."""
+        return FrontierResult(
+            function=function, metric=metric, target_score=t_score, target_ci=list(r_target[metric].ci),
+            donor_score=d_score, donor_ci=list(r_donor[metric].ci),
+            target_perplexity=r_target["perplexity"].value, donor_perplexity=r_donor["perplexity"].value,
+            points=list(points), target_metrics={k: v.value for k, v in r_target.metrics.items()},
+            donor_metrics={k: v.value for k, v in r_donor.metrics.items()},
+            donor_utility=utility_change(r_donor, r_target)[0], groups=list(groups),
+            task={"settings": task.meta, "utility_weight": task.utility_weight, "n_function": len(task.function),
+                  "n_utility": len(task.utility)},
+            validation={"target": v_target, "donor": v_donor}, budgets=list(budgets), alphas=list(alphas),
+            baselines=list(baselines), profile=profile, seed=seed, n_params=n_weights, timings=dict(timings),
+            seconds=round(time.time() - t0, 1), when=time.strftime("%Y-%m-%dT%H:%M:%S"), partial=partial)
 
     task = pipe.task
     timings = {"task": pipe.timings["task"]}

@@ -18,6 +18,7 @@ patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval s
 
 from __future__ import annotations
 
+import inspect
 from copy import copy, deepcopy
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -192,6 +193,12 @@ def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9,
     utility_ok = not failed
     share_ok = bool(np.isfinite(share) and share >= goal)
     return {"share": share, "utility_ok": utility_ok, "ok": bool(share_ok and utility_ok), "failed": failed}
+
+
+def rule_limits(settings: dict) -> dict:
+    """The rule's limits among ``settings`` (e.g. a search's): the ones :func:`judge` takes by keyword."""
+    names = {n for n, p in inspect.signature(judge).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    return {k: v for k, v in settings.items() if k in names}
 
 
 def choose(assessed: Sequence[dict]) -> int:

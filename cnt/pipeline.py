@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Sequence
 
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .functions import Proxy, Validator, build_task, choose, default_scorer
+from .functions import Proxy, Validator, build_task, choose, default_scorer, rule_limits
 from .locate import NeuronScores, Task, kind_scorers, locate
 from .scores import check_budget, neurons_for
 from .search import ALPHAS, SearchResult, SearchStep, minimal_subset, step_of
@@ -177,9 +177,7 @@ def transfer_function(donor, target, tokenizer, function: str, *, budget: float 
         k = neurons_for(budget, pipe.n_neurons)
         chosen_alpha = alphas[0]
         if len(alphas) > 1:  # several amplifications: the one the search rule prefers on validation
-            rule = {key: v for key, v in (search_kwargs or {}).items()
-                    if key in ("goal", "max_ppl_increase", "max_false_refusal_increase")}
-            chosen, steps = pipe.at_budget(scores, budget, alphas, **rule)
+            chosen, steps = pipe.at_budget(scores, budget, alphas, **rule_limits(search_kwargs or {}))
             chosen_alpha = chosen.alpha
             info["alpha_choice"] = [dataclasses.asdict(s) for s in steps]
     provenance = {"scorer": scorer, "kinds": list(kinds), "function": function, "task_digest": pipe.task.digest(),

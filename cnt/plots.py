@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from . import atomic
-from .results import ApplicationResult, MethodEntry
+from .results import ApplicationResult, FrontierResult, MethodEntry
 
 MARKERS = "o^v<>PhXsD*dp"
 NAMES = {"all_mlp": "every MLP neuron (α=1)"}
@@ -206,46 +206,45 @@ def best_entry(result: ApplicationResult, name: str) -> MethodEntry | None:
     return max(entries, key=lambda e: sign * e.score)
 
 
-def frontier(result: dict, title: str | None = None):
+def frontier(result: FrontierResult, title: str | None = None):
     """Share of the donor–target gap on the eval split (95% CI) against the % of the model's weights moved, one line
     per locator and kind of unit, beside random neurons and weight-delta; the ceilings as single markers at their
     weights; the donor (share 1) and the 90% goal as lines; a red ring marks each point whose utility was not held on
-    eval (perplexity, false refusal, broken text, skill). Drawn from a frontier result (:mod:`cnt.frontier`)."""
+    eval (perplexity, false refusal, broken text, skill). Drawn from a :class:`cnt.results.FrontierResult`."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    style = styles(dict.fromkeys(p["method"] for p in result["points"]))  # locators, baselines, ceilings in order
+    style = styles(dict.fromkeys(p.method for p in result.points))  # locators, baselines, ceilings in order
     groups: dict[tuple, list] = {}
-    for pt in result["points"]:
-        if pt["budget"] is None:
+    for pt in result.points:
+        if pt.budget is None:
             continue
-        groups.setdefault((pt["method"], tuple(pt["kinds"])), []).append(pt)
+        groups.setdefault((pt.method, tuple(pt.kinds)), []).append(pt)
     for (method, kinds), pts in groups.items():
-        pts = sorted(pts, key=lambda p: p["param_fraction"])
+        pts = sorted(pts, key=lambda p: p.param_fraction)
         c, m, _ = style[method]
         heads = len(kinds) > 1
-        xs = [100 * p["param_fraction"] for p in pts]
-        ys = [p["share"] for p in pts]
-        err = [[p["share"] - p["share_ci"][0] for p in pts], [p["share_ci"][1] - p["share"] for p in pts]]
+        xs = [100 * p.param_fraction for p in pts]
+        ys = [p.share for p in pts]
+        err = [[p.share - p.share_ci[0] for p in pts], [p.share_ci[1] - p.share for p in pts]]
         label = method.replace("_", " ") + (" (MLP + heads + k/v)" if heads else " (MLP neurons)" if method in
                                             ("learned_mask", "attribution") else "")
         ax.errorbar(xs, ys, yerr=err, color=c, marker=m, ls="--" if heads else "-", capsize=3, label=label,
                     mfc="white" if heads else c)
-    broken = [p for p in result["points"] if p.get("utility_held") is False]
+    broken = [p for p in result.points if p.utility_held is False]
     if broken:
-        ax.scatter([100 * p["param_fraction"] for p in broken], [p["share"] for p in broken], s=90, marker="o",
+        ax.scatter([100 * p.param_fraction for p in broken], [p.share for p in broken], s=90, marker="o",
                    facecolors="none", edgecolors="red", lw=1.2, zorder=5, label="utility not held on eval")
-    for pt in result["points"]:
-        if pt["budget"] is None:
-            c, m, _ = style[pt["method"]]
-            ax.errorbar([100 * pt["param_fraction"]], [pt["share"]],
-                        yerr=[[pt["share"] - pt["share_ci"][0]], [pt["share_ci"][1] - pt["share"]]], color=c,
-                        marker=m, ms=10, capsize=3, ls="", label=f"{pt['method']} (α={pt['alpha']:g})")
+    for pt in result.points:
+        if pt.budget is None:
+            c, m, _ = style[pt.method]
+            ax.errorbar([100 * pt.param_fraction], [pt.share], yerr=[[pt.share - pt.share_ci[0]], [pt.share_ci[1] - pt.share]],
+                        color=c, marker=m, ms=10, capsize=3, ls="", label=f"{pt.method} (α={pt.alpha:g})")
     ax.axhline(1.0, color="C2", ls=":", lw=1, label="donor")
     ax.axhline(0.9, color="k", ls="--", lw=0.7, label="90% of the gap")
     ax.axhline(0.0, color="k", ls=":", lw=1, label="target")
     ax.set_xscale("log")
     ax.set_xlabel("% of the model's weights moved (log)")
-    ax.set_ylabel(f"share of the target→donor gap ({result['metric']}, eval)")
-    ax.set_title(title or f"sparsity frontier: {result.get('name', result['function'])}")
+    ax.set_ylabel(f"share of the target→donor gap ({result.metric}, eval)")
+    ax.set_title(title or f"sparsity frontier: {result.name or result.function}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the ceilings sit at the right
     return fig
 

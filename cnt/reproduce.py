@@ -217,16 +217,18 @@ class LocalBackend:
 
 class RayBackend:
     """Each run a Ray task with its declared resources (CPUs, GPUs, memory), on the cluster at ``address`` (or a local
-    instance started here); a task whose worker dies is re-run by Ray up to ``retries`` times."""
+    instance started here). Ray's own task retries are off (``max_retries=0``): a lost worker comes back to
+    :func:`run_grid` as an error, like a notebook that raised, and the grid's one ``retries`` budget covers both
+    (otherwise Ray's retries and the grid's would multiply)."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, retries: int = 1, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
         try:
             import ray  # noqa: F401
         except ImportError:
             raise ValueError("--backend ray needs Ray: pip install -e '.[ray]' (make setup installs it)") from None
-        self.address, self.retries, self.num_cpus = address, retries, num_cpus
+        self.address, self.num_cpus = address, num_cpus
 
     def __enter__(self):
         import ray
@@ -247,7 +249,7 @@ class RayBackend:
 
     def submit(self, run, notebook: str, kernel: str):
         cpus = int(run.resources.get("cpus") or 1)
-        opts = {"num_cpus": cpus, "num_gpus": run.resources.get("gpus") or 0, "max_retries": self.retries}
+        opts = {"num_cpus": cpus, "num_gpus": run.resources.get("gpus") or 0, "max_retries": 0}
         if run.resources.get("memory_gb"):
             opts["memory"] = int(run.resources["memory_gb"] * 2**30)
         return self.task.options(**opts).remote(notebook, run.name, run.parameters, threads=cpus, kernel=kernel)
@@ -289,7 +291,8 @@ def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = 
              address: str | None = None, jobs: int = 1, retries: int = 1, kernel: str = "python3",
              progress: bool = True) -> dict:
     """Execute the grid's ``runs`` (:func:`cnt.grid.load`) that are not already finished (:func:`finished`) on the
-    ``local`` or ``ray`` backend; a run that raises is tried again up to ``retries`` times, then recorded failed
+    ``local`` or ``ray`` backend; a run that raises (or whose Ray worker is lost) is tried again up to ``retries``
+    times — at most ``retries + 1`` attempts in all — then recorded failed
     while the others go on (its earlier good result, if any, stays in place). Every run's files are written under
     ``papers`` as it finishes, its state, attempts and time into ``runs/timings.json`` (``grid``); the report and
     summary are regenerated once at the end. Returns the states of this invocation's runs."""
@@ -302,7 +305,7 @@ def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = 
     timings_path = papers / "runs" / "timings.json"
     skip = finished(runs, papers)
     todo = [r for r in runs if r.name not in skip]
-    impl = LocalBackend(jobs) if backend == "local" else RayBackend(address, retries) if backend == "ray" else None
+    impl = LocalBackend(jobs) if backend == "local" else RayBackend(address) if backend == "ray" else None
     if impl is None:
         raise ValueError(f"unknown backend {backend!r}; backends: local, ray")
     states: dict[str, dict] = {r.name: {"state": "skipped"} for r in runs if r.name in skip}
@@ -332,7 +335,7 @@ def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = 
                     run = pending.pop(handle)
                     try:
                         files = impl.result(handle)
-                    except Exception as e:  # the notebook raised (or the task was lost past Ray's retries)
+                    except Exception as e:  # the notebook raised, or its Ray worker was lost
                         if attempts[run.name] <= retries:
                             submit(run)
                             continue

@@ -1,7 +1,8 @@
-"""An application run as typed records: what :func:`cnt.experiment.run_application` writes as
-``papers/results/<name>.json`` and what :mod:`cnt.report` and :mod:`cnt.plots` read back. One schema, in one place:
-``to_dict`` and ``from_dict`` are inverses, and a file with a field this schema does not know is refused by name
-(rather than half read)."""
+"""Results as typed records: an application run (what :func:`cnt.experiment.run_application` writes as
+``papers/results/<name>.json``) and a sparsity frontier (what :func:`cnt.frontier.measure` returns and
+:func:`cnt.experiment.run_frontier` writes as ``<name>.frontier.json``), read back by :mod:`cnt.report` and
+:mod:`cnt.plots`. One schema each, in one place: ``to_dict`` and ``from_dict`` are inverses, and a file with a field
+the schema does not know is refused by name (rather than half read)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,90 @@ class ApplicationResult:
     def entries(self, method: str) -> list[MethodEntry]:
         """A method's entries (empty when it was not run)."""
         return self.methods.get(method) or []
+
+
+@dataclass
+class FrontierPoint:
+    """One point of a frontier: a method (a locator, ``random``, ``weight_delta``, a ceiling's name, ``donor``) at one
+    budget, its amplitude chosen on validation, measured on eval (the metric, its share of the gap with 95% CIs,
+    utility against the kit's goals)."""
+
+    method: str
+    kinds: list[str]
+    budget: float | None  # the requested fraction of weights (None: a ceiling or the donor)
+    param_fraction: float  # what the patch moves
+    units: dict[str, int]
+    alpha: float
+    validation_share: float
+    utility_ok: bool
+    score: float
+    ci: list[float]
+    share: float
+    share_ci: list[float]
+    perplexity: float | None
+    utility: dict = field(default_factory=dict)  # eval: each utility metric's change from the target, and held or not
+    utility_held: bool | None = None  # every utility goal met on eval (perplexity, false refusal, broken text, skill)
+    extra: dict = field(default_factory=dict)  # the candidates' validation proxies, a random point's seed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "frontier point") -> "FrontierPoint":
+        _check_fields(cls, d, where)
+        return cls(**d)
+
+
+@dataclass
+class FrontierResult:
+    """The sparsity frontier of one pair: target and donor on eval, every point, and what made them (budgets,
+    amplitudes, the task, the validation proxies, timings). ``partial``: points still being added (a checkpoint);
+    ``runs``: where a frontier was measured in parts with the same target/donor/validation measurements, each part."""
+
+    function: str
+    metric: str
+    target_score: float
+    target_ci: list[float]
+    donor_score: float
+    donor_ci: list[float]
+    target_perplexity: float | None
+    donor_perplexity: float | None
+    points: list[FrontierPoint]
+    target_metrics: dict[str, float] = field(default_factory=dict)
+    donor_metrics: dict[str, float] = field(default_factory=dict)
+    donor_utility: dict = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
+    task: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    budgets: list[float] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)
+    baselines: list[str] | None = None  # the neuron-level baselines measured (None: not recorded)
+    profile: str = ""
+    seed: int = 0
+    n_params: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    when: str = ""
+    partial: bool = False
+    application: str | None = None  # the pair, as the runner names it
+    family: str | None = None
+    name: str = ""  # the results file's stem
+    donor: str | None = None
+    target: str | None = None
+    torch_threads: int | None = None
+    runs: list[dict] | None = None
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["points"] = [p.to_dict() for p in self.points]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "frontier") -> "FrontierResult":
+        _check_fields(cls, d, where)
+        points = [FrontierPoint.from_dict(p, f"{where}: points[{i}]") for i, p in enumerate(d["points"])]
+        return cls(**{**d, "points": points})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FrontierResult":
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))

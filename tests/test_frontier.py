@@ -1,10 +1,13 @@
 """The sparsity frontier (cnt.frontier) on tiny stand-in models, and selection by a budget in weights."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from cnt.results import FrontierResult
 from cnt.scores import NeuronScores
 
 
@@ -53,23 +56,26 @@ def test_frontier_on_tiny_models(tmp_path):
                                                                      descent_steps=1, steps_per_level=1)},
                   proxy_size=8, progress=False)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
-    pts = res["points"]
-    located = [p for p in pts if p["method"] in ("attribution", "learned_mask")]
-    assert len(located) == 4 and all(p["param_fraction"] <= p["budget"] + 1e-12 for p in located)
-    assert {p["method"] for p in pts if p["budget"] is None} == {"every MLP neuron", "attention only", "every unit"}
-    assert {p["method"] for p in pts} >= {"random", "weight_delta"}
+    pts = res.points
+    located = [p for p in pts if p.method in ("attribution", "learned_mask")]
+    assert len(located) == 4 and all(p.param_fraction <= p.budget + 1e-12 for p in located)
+    assert {p.method for p in pts if p.budget is None} == {"every MLP neuron", "attention only", "every unit"}
+    assert {p.method for p in pts} >= {"random", "weight_delta"}
     for p in pts:  # the share is the eval metric mapped through the target -> donor gap
-        gap = res["donor_score"] - res["target_score"]
+        gap = res.donor_score - res.target_score
         if gap:
-            assert p["share"] == pytest.approx((p["score"] - res["target_score"]) / gap)
-    heads = [p for p in located if p["method"] == "learned_mask"]
-    assert all(set(p["units"]) <= {"mlp", "head", "kv"} for p in heads)
+            assert p.share == pytest.approx((p.score - res.target_score) / gap)
+    heads = [p for p in located if p.method == "learned_mask"]
+    assert all(set(p.units) <= {"mlp", "head", "kv"} for p in heads)
     for p in pts:  # utility on eval: each goal's change from the target, and whether all held
-        assert set(p["utility"]) >= {"perplexity", "false_refusal_rate", "degenerate_rate"}
-        assert p["utility_held"] == all(u["held"] for u in p["utility"].values())
-        assert p["utility"]["perplexity"]["change"] == pytest.approx(p["perplexity"] / res["target_perplexity"] - 1)
-    json.dumps(res)  # plain records
-    fig = plots.frontier({**res, "name": "tiny"})
+        assert set(p.utility) >= {"perplexity", "false_refusal_rate", "degenerate_rate"}
+        assert p.utility_held == all(u["held"] for u in p.utility.values())
+        assert p.utility["perplexity"]["change"] == pytest.approx(p.perplexity / res.target_perplexity - 1)
+    blob = json.loads(json.dumps(res.to_dict()))  # plain JSON, read back as the same record
+    assert FrontierResult.from_dict(blob) == res
+    with pytest.raises(ValueError, match=r"points\[0\]: unknown fields \['colour'\]"):
+        FrontierResult.from_dict({**blob, "points": [{**blob["points"][0], "colour": "red"}]})
+    fig = plots.frontier(dataclasses.replace(res, name="tiny"))
     assert fig.axes[0].get_lines() and fig.axes[0].get_xscale() == "log"
     with pytest.raises(ValueError, match=r"\['randm'\] unknown"):  # refused before any compute
         measure("compliance", donor, target, tok, baselines=("randm",))
@@ -104,10 +110,20 @@ def test_a_reduced_frontier_skips_the_baselines(tmp_path):
     res = measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,),
                   locators=(("attribution", ("mlp",)),), profile="smoke", alphas=(1.0,), proxy_size=8, baselines=(),
                   progress=False)
-    assert {p["method"] for p in res["points"]} == {"attribution", "every MLP neuron", "attention only", "every unit"}
-    assert res["baselines"] == [] and res["partial"] is False
+    assert {p.method for p in res.points} == {"attribution", "every MLP neuron", "attention only", "every unit"}
+    assert res.baselines == [] and res.partial is False
     seen = []  # every point is handed to the checkpoint as it is measured
     measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,), locators=(("attribution", ("mlp",)),),
             profile="smoke", alphas=(1.0, 2.0), proxy_size=8, baselines=(), progress=False,
-            checkpoint=lambda r: seen.append((len(r["points"]), r["partial"])))
+            checkpoint=lambda r: seen.append((len(r.points), r.partial)))
     assert seen == [(1, True), (2, True), (3, True), (4, True)]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "papers" / "results").glob("*.frontier.json")),
+                         ids=lambda p: p.name)
+def test_the_committed_frontiers_read_as_records(path):
+    """Every committed frontier is a FrontierResult (no field unknown to the schema), and reads back to the same JSON."""
+    blob = json.loads(path.read_text())
+    res = FrontierResult.load(path)
+    again = json.loads(json.dumps(res.to_dict()))
+    assert res.points and {k: again[k] for k in blob} == blob

@@ -148,3 +148,22 @@ def test_a_run_that_raises_is_retried_then_reported_failed_while_the_others_fini
     assert timings["disalignment"]["state"] == "done" and (papers / "results" / "disalignment.json").is_file()
     assert earlier.read_text() == '{"an": "earlier good result"}\n'  # the failed run left it in place
     assert "bias_removal failed after 2 attempt(s)" in capsys.readouterr().err
+
+
+def test_a_lost_ray_worker_is_retried_within_the_grids_one_budget(tmp_path, ray_local):
+    """A run whose Ray worker dies (its kernel kills the worker process) is resubmitted by the grid, not also by Ray:
+    with --retries 1 the notebook starts exactly twice, and the run is reported failed naming the lost worker."""
+    books = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOKS, books)
+    starts = tmp_path / "starts.txt"
+    book = books / "03_bias_removal.ipynb"
+    nb = nbformat.read(book, as_version=4)
+    first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(first + 1, nbformat.v4.new_code_cell(  # the kernel's parent is the Ray worker that runs papermill
+        f"import os, signal\nopen({str(starts)!r}, 'a').write('start\\n')\nos.kill(os.getppid(), signal.SIGKILL)"))
+    nbformat.write(nb, book)
+    runs = grid.parse("runs:\n  application: [bias_removal]\n", books)
+    states = run_grid(runs, notebooks=books, papers=tmp_path / "papers", backend="ray", retries=1, progress=False)
+    assert states["bias_removal"]["state"] == "failed" and states["bias_removal"]["attempts"] == 2
+    assert starts.read_text().splitlines() == ["start", "start"]  # not 4: Ray's retries do not compound the grid's
+    assert "Worker" in states["bias_removal"]["error"] or "worker" in states["bias_removal"]["error"]

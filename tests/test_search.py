@@ -235,6 +235,30 @@ def test_fixed_budget_with_several_alphas_chooses_on_validation(fixture, monkeyp
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
 
 
+def test_a_fixed_budget_takes_the_rules_limits_from_the_search_settings(fixture, monkeypatch):  # noqa: F811
+    """``search_kwargs`` carry the rule's limits to the choice of α at a fixed budget (a looser perplexity limit lets
+    α 8 hold); the search's other settings (``growth``) do not apply there and are left out."""
+    donor, target, tok = fixture
+    proxy = _AlphaProxy()
+    monkeypatch.setattr(functions.Proxy, "for_function", classmethod(lambda cls, *a, **k: proxy))
+    real_assess = functions.Validator.assess
+
+    def assess(self, patch):
+        proxy.alpha = patch.alpha
+        return real_assess(self, patch)
+
+    monkeypatch.setattr(functions.Validator, "assess", assess)
+    kw = dict(budget=0.1, alpha=(8.0, 1.0, 2.0), task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
+    patch, _ = pipeline.transfer_function(donor, target, tok, "compliance", **kw)
+    assert patch.alpha == 2.0  # alpha 8 broke perplexity (+50%, limit +2%)
+    proxy.calls = 0
+    patch, info = pipeline.transfer_function(donor, target, tok, "compliance", **kw,
+                                             search_kwargs={"max_ppl_increase": 0.6, "growth": 2})
+    assert patch.alpha == 8.0 and info["alpha_choice"][-1]["utility_ok"]
+    assert functions.rule_limits({"goal": 0.8, "growth": 2, "max_degenerate_increase": 0.1}) == \
+        {"goal": 0.8, "max_degenerate_increase": 0.1}
+
+
 def test_judge_names_each_utility_check_that_failed():
     """The rule says which check stopped a setting, with its value and limit, and nothing when utility held."""
     base = {"score": 0.0, "ppl": 20.0, "degenerate": 0.02, "false_refusal": 0.05}
