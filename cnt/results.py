@@ -21,8 +21,17 @@ def _check_fields(cls, d: dict, where: str) -> None:
         raise ValueError(f"{where}: missing fields {missing}")
 
 
+class _FlatRecord:
+    """A record of plain fields: from a dict with exactly its fields (see :func:`_check_fields`)."""
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None):
+        _check_fields(cls, d, where or cls.__name__)
+        return cls(**d)
+
+
 @dataclass
-class MethodEntry:
+class MethodEntry(_FlatRecord):
     """One method at one setting, measured on the eval split: the function's metric with its 95% CI, the share of
     MLP neurons and of the weights it changed, utility and side metrics, and what chose the setting."""
 
@@ -51,11 +60,6 @@ class MethodEntry:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in self.ALWAYS or (v is not None and v != {})}
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "method entry") -> "MethodEntry":
-        _check_fields(cls, d, where)
-        return cls(**d)
 
 
 @dataclass
@@ -117,7 +121,7 @@ class ApplicationResult:
 
 
 @dataclass
-class FrontierPoint:
+class FrontierPoint(_FlatRecord):
     """One point of a frontier: a method (a locator, ``random``, ``weight_delta``, a ceiling's name, ``donor``) at one
     budget, its amplitude chosen on validation, measured on eval (the metric, its share of the gap with 95% CIs,
     utility against the kit's goals)."""
@@ -141,11 +145,6 @@ class FrontierPoint:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "frontier point") -> "FrontierPoint":
-        _check_fields(cls, d, where)
-        return cls(**d)
 
 
 @dataclass
