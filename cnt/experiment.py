@@ -192,7 +192,18 @@ def _entry(report: EvalReport, metric: str, neuron_fraction: float | None, param
                        utility={u: report[u].value for u in UTILITY if u in report.metrics},
                        utility_ci={u: list(report[u].ci) for u in UTILITY if u in report.metrics},
                        side={u: report[u].value for u in SIDE if u in report.metrics},
-                       details={k: v for k, v in m.details.items() if k.startswith("per_")}, **extra)
+                       details={k: v for k, v in m.details.items() if k.startswith("per_")},
+                       per_item=per_item(report, metric), **extra)
+
+
+PAIRED = ("perplexity",)  # besides the function's metric: the per-item outcomes kept for paired tests
+
+
+def per_item(report: EvalReport, metric: str) -> dict[str, list]:
+    """The per-item outcomes of the function's metric and of perplexity (what the report's paired tests read): one
+    value per eval item, in the split's fixed order, so two methods' lists pair item by item."""
+    return {name: list(report[name].per_item) for name in (metric, *PAIRED)
+            if name in report.metrics and report[name].per_item is not None}
 
 
 SMOKE_ENV = "CNT_SMOKE"  # "1": notebooks shrink to a smoke run into a temporary folder (nbval in `make test`)
@@ -465,9 +476,12 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
                 group = [e for e in entries if e.setting["budget"] == b]
                 sc = torch.tensor([e.score for e in group])
                 first = next(e for e in group if e.setting["seed"] == config.random_seeds[0])
+                items = {k: [float(sum(v) / len(group)) for v in zip(*(e.per_item[k] for e in group))]
+                         for k in first.per_item or {}} if len(group) > 1 else first.per_item  # per item: the seeds' mean
                 merged.append(dataclasses.replace(first, score=float(sc.mean()),
                                                   score_sd=float(sc.std()) if len(group) > 1 else 0.0,
-                                                  seeds=[e.score for e in group], seed_cis=[e.ci for e in group]))
+                                                  seeds=[e.score for e in group], seed_cis=[e.ci for e in group],
+                                                  per_item=items))
             entries = merged
         methods[name] = entries
         timings[name] = round(time.time() - t0, 1)
@@ -485,7 +499,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
         donor_side={u: donor_rep[u].value for u in SIDE if u in donor_rep.metrics},
         target_details={k: v for k, v in target_rep[metric].details.items() if k.startswith("per_")},
         donor_details={k: v for k, v in donor_rep[metric].details.items() if k.startswith("per_")},
-        target_report=target_rep.to_dict(), timings=timings,
+        target_report=target_rep.to_dict(), target_per_item=per_item(target_rep, metric), timings=timings,
         validation={"target": val.target, "donor": val.donor}, search=search_info,
         config=asdict(config), fingerprint=fp.to_dict(), n_params=n_params, seconds=round(time.time() - t_start, 1),
         when=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -96,23 +96,44 @@ def effect_vs_fraction(result: ApplicationResult, title: str | None = None):
     return fig
 
 
+PPL_AXIS = 50.0  # % perplexity change: points beyond it sit at the axis's edge, labelled with their value
+
+
+def measured(result: ApplicationResult, utility: str) -> bool:
+    """Whether ``utility`` was measured in this run (the target and at least one method have a value): a figure of
+    it is drawn only then."""
+    return result.target_utility.get(utility) is not None and any(
+        e.utility.get(utility) is not None for entries in result.methods.values() for e in entries)
+
+
 def utility_tradeoff(result: ApplicationResult, utility: str = "mmlu", title: str | None = None):
     """Effect (share of the donor–target gap closed) against the change of one utility metric, every method and
-    setting; the ideal corner is right (whole gap) and at zero utility change."""
+    setting; the ideal corner is right (whole gap) and at zero utility change. A perplexity change past
+    ±:data:`PPL_AXIS` % is drawn at the axis's edge (an open triangle) with its value, not by rescaling the axis."""
+    if not measured(result, utility):
+        raise ValueError(f"{result.name or result.application}: {utility} was not measured; no trade-off to draw")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     t, d = result.target_score, result.donor_score
-    base_u = result.target_utility.get(utility)
+    base_u = result.target_utility[utility]
     style = styles(result.methods)
+    edge = PPL_AXIS if utility == "perplexity" else None
     for name, entries in result.methods.items():
         if name == "cnt" or not entries:
             continue
         c, m, _ = style[name]
-        xs = [gap_share(e.score, t, d) for e in entries]
-        ys = [(e.utility.get(utility, float("nan")) - base_u) if base_u is not None else float("nan")
-              for e in entries]
+        pts = [(gap_share(e.score, t, d), e.utility[utility] - base_u) for e in entries
+               if e.utility.get(utility) is not None]
         if utility == "perplexity" and base_u:
-            ys = [100 * y / base_u for y in ys]
-        ax.scatter(xs, ys, color=c, marker=m, s=36, label=name)
+            pts = [(x, 100 * y / base_u) for x, y in pts]
+        inside = [(x, y) for x, y in pts if edge is None or abs(y) <= edge]
+        ax.scatter([x for x, _ in inside], [y for _, y in inside], color=c, marker=m, s=36, label=name)
+        for x, y in [p for p in pts if p not in inside]:
+            at = edge if y > 0 else -edge
+            ax.scatter([x], [at], color=c, marker="^" if y > 0 else "v", s=60, facecolors="none")
+            ax.annotate(f"{name} {y:+.0f}%", (x, at), textcoords="offset points", xytext=(4, -10 if y > 0 else 4),
+                        fontsize=7, color=c)
+    if edge is not None:
+        ax.set_ylim(-edge * 1.05, edge * 1.05)
     ax.axhline(0, color="k", lw=0.8)
     ax.axvline(1, color="C2", lw=0.8, ls=":")
     ax.set_xlabel("share of the donor–target gap closed")
@@ -257,20 +278,35 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def application_figures(result: ApplicationResult, folder: str | Path, prefix: str | None = None) -> dict[str, Path]:
-    """Every figure of one application, drawn from its result JSON and saved as ``<folder>/<prefix>_<name>.png``:
-    effect vs fraction, utility trade-offs (MMLU, perplexity), the per-layer distribution of CNT's neurons, and (bias)
-    SS per category."""
-    prefix = prefix or result.name or result.application
-    folder = Path(folder)
-    figs = {"effect": effect_vs_fraction(result), "tradeoff": utility_tradeoff(result, "mmlu"),
-            "tradeoff_ppl": utility_tradeoff(result, "perplexity")}
+def figure_plan(result: ApplicationResult) -> dict[str, str]:
+    """The figures one application's results can carry, name -> caption: only those of what was measured (a
+    trade-off only for a utility metric the run measured; the layer map only with CNT's per-layer counts; the
+    categories only for a bias run). The report links exactly these."""
+    plan = {"effect": "effect vs fraction"}
+    for name, utility in (("tradeoff", "mmlu"), ("tradeoff_ppl", "perplexity")):
+        if measured(result, utility):
+            plan[name] = f"utility trade-off ({utility})"
     chosen = (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
     if chosen and chosen.per_layer:
-        figs["layers"] = layer_distribution(
-            chosen.per_layer, result.fingerprint["n_layers"],
-            f"CNT neurons per layer ({chosen.variant or 'cnt'}, {100 * chosen.neuron_fraction:.2g}% of MLP "
-            f"neurons)")
+        plan["layers"] = "CNT neurons per layer"
     if result.target_details.get("per_bias_type"):
-        figs["categories"] = per_category(result)
-    return {name: save(fig, folder / f"{prefix}_{name}.png") for name, fig in figs.items()}
+        plan["categories"] = "SS per bias category"
+    return plan
+
+
+def application_figures(result: ApplicationResult, folder: str | Path, prefix: str | None = None) -> dict[str, Path]:
+    """Every figure of :func:`figure_plan`, drawn from the result JSON and saved as ``<folder>/<prefix>_<name>.png``:
+    effect vs fraction, utility trade-offs (MMLU, perplexity: where measured), the per-layer distribution of CNT's
+    neurons, and (bias) SS per category."""
+    prefix = prefix or result.name or result.application
+    folder = Path(folder)
+    chosen = (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
+    draw = {"effect": lambda: effect_vs_fraction(result),
+            "tradeoff": lambda: utility_tradeoff(result, "mmlu"),
+            "tradeoff_ppl": lambda: utility_tradeoff(result, "perplexity"),
+            "layers": lambda: layer_distribution(
+                chosen.per_layer, result.fingerprint["n_layers"],
+                f"CNT neurons per layer ({chosen.variant or 'cnt'}, {100 * chosen.neuron_fraction:.2g}% of MLP "
+                f"neurons)"),
+            "categories": lambda: per_category(result)}
+    return {name: save(draw[name](), folder / f"{prefix}_{name}.png") for name in figure_plan(result)}

@@ -18,18 +18,20 @@ from pathlib import Path
 from . import atomic
 from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
-from .plots import best_entry, gap_share
+from .evaluate.paired import PairedTest, holm, paired_test
+from .plots import best_entry, figure_plan, gap_share
 from .results import ApplicationResult, MethodEntry
 
 APPLICATION_ORDER = tuple(APPLICATIONS)  # the registry's order
 BASELINES = tuple(REGISTRY)  # the baseline registry's names, in its order
 SUMMARY_METHODS = ("cnt", "cnt_minimal", *BASELINES)
-PAPER = {  # the paper's claims, from its abstract (arXiv 2603.18449): it states no sparsity figure
-    "sparsity": "a minimal subset of neurons carries the function (no figure in the abstract; the kit's goal: "
-                "≥ 90% of the gap with ≤ 0.25% of the weights)",
-    "utility": "utility degrades by less than 1% for most models",
-    "effect": "the function is added or removed (refusal up / down, StereoSet SS toward 50)",
-    "baselines": "CNT outperforms five baselines",
+PAPER = {  # the paper's claims and their source: the abstract of arXiv 2603.18449 (quoted words in quotes; it gives
+    # no sparsity figure, so the sparsity row judges the kit's own goal, labelled as such)
+    "sparsity": 'abstract: "a minimal subset of neurons" (no figure given; judged against the kit\'s goal, not the '
+                "paper's: ≥ 90% of the gap with ≤ 0.25% of the weights)",
+    "utility": 'abstract: degradation "less than 1%" "for most models"',
+    "effect": "abstract (paraphrase): the function is added or removed (refusal up / down, StereoSet SS toward 50)",
+    "baselines": "abstract (paraphrase): CNT outperforms five baselines",
 }
 
 
@@ -80,16 +82,27 @@ def _summary_entry(r: ApplicationResult) -> dict:
                           "utility": {u: e.utility.get(u) for u in ("mmlu", "nq_open", "perplexity")},
                           **({"setting": e.setting} if e.setting is not None else {}),
                           **({"variant": e.variant} if e.variant is not None else {})} for e in entries]
+    comparisons = [{"baseline": x["baseline"], "cnt_better": x["cnt_better"], "significant": x["significant"],
+                    "test": x["test"].to_dict() if x["test"] else None, "p_holm": x["p_holm"],
+                    "utility_test": x["utility_test"].to_dict() if x["utility_test"] else None,
+                    "utility_p_holm": x["utility_p_holm"]} for x in (compare_baselines(r) if r.entries("cnt") else [])]
     return {"target": r.target, "donor": r.donor, "metric": r.metric,
             "higher_is_goal": r.higher_is_goal, "target_score": r.target_score,
             "donor_score": r.donor_score,
             "target_utility": {u: r.target_utility.get(u) for u in ("mmlu", "nq_open", "perplexity")},
-            "methods": methods}
+            "methods": methods, "comparisons": comparisons}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # formatting
 # ---------------------------------------------------------------------------------------------------------------------
+
+def _fmt_test(t: PairedTest, p_adjusted: float | None = None) -> str:
+    """A paired test in words: the effect (B − A, in the metric's per-item units) with its CI and the p-value."""
+    p = t.p if p_adjusted is None else p_adjusted
+    return (f"{'McNemar' if t.test == 'mcnemar_exact' else 'paired bootstrap'} Δ {t.effect:+.3g} "
+            f"[{t.ci[0]:+.3g}, {t.ci[1]:+.3g}], p{'_holm' if p_adjusted is not None else ''} = {p:.2g}, n = {t.n}")
+
 
 def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
@@ -203,11 +216,29 @@ def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
     return worst <= allowance
 
 
+SIGNIFICANCE = 0.05  # family-wise, after Holm's adjustment across an application's baselines
+
+
+def paired(a: MethodEntry | None, b: MethodEntry | None, key: str, r: ApplicationResult) -> PairedTest | None:
+    """``b`` against ``a`` on the same eval items (``key``: the metric or ``perplexity``; ``a`` None: the target):
+    McNemar for refusals, the paired bootstrap otherwise. None when either side has no per-item outcomes (results
+    written before they were recorded) or they cover different items: then no verdict is drawn from it."""
+    xs = (r.target_per_item if a is None else a.per_item) or {}
+    ys = (b.per_item or {}) if b is not None else {}
+    if key not in xs or key not in ys or len(xs[key]) != len(ys[key]) or not xs[key]:
+        return None
+    return paired_test(xs[key], ys[key])
+
+
 def compare_baselines(r: ApplicationResult) -> list[dict]:
     """CNT (its best entry) against each baseline's reported setting (chosen on validation; random and weight-delta:
     the same budget as that CNT entry). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
     CNT went further, or the baseline went further only by breaking utility (perplexity up by more than 2%, or
-    more than CNT's own change, MMLU/NQ down likewise) — the paper's claim is about the function *at kept utility*."""
+    more than CNT's own change, MMLU/NQ down likewise) — the paper's claim is about the function *at kept utility*.
+    ``test``: CNT against the baseline on the same eval items (:func:`paired`), ``p_holm`` its p-value after Holm's
+    adjustment across the application's baselines, ``significant`` whether CNT went further with ``p_holm`` below
+    :data:`SIGNIFICANCE` (None: no paired test possible); ``utility_test`` / ``utility_p_holm``: the baseline's
+    perplexity against the target's, item by item, adjusted the same way."""
     cnt_best = best_entry(r, "cnt")
     cnt_delta = _utility_delta(r, cnt_best)
     allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))
@@ -220,15 +251,20 @@ def compare_baselines(r: ApplicationResult) -> list[dict]:
             e = min(entries, key=lambda x: abs(x.neuron_fraction - cnt_best.neuron_fraction))
         else:
             e = entries[0]
-        overlap = not (e.ci[1] < cnt_best.ci[0] or cnt_best.ci[1] < e.ci[0])
         better = _goal_better(r, cnt_best.score, e.score)
         delta = _utility_delta(r, e)
         held = _utility_held(delta, allowance)
         rows.append({"baseline": name, "entry": e, "cnt": cnt_best, "cnt_better": better,
-                     "significant": better and not overlap, "baseline_utility_held": held,
-                     "baseline_utility": delta,
+                     "test": paired(e, cnt_best, r.metric, r), "utility_test": paired(None, e, "perplexity", r),
+                     "baseline_utility_held": held, "baseline_utility": delta,
                      "cnt_better_at_utility": better or not held,
                      "cnt_share": _share(r, cnt_best), "baseline_share": _share(r, e)})
+    for key, out in (("test", "p_holm"), ("utility_test", "utility_p_holm")):
+        adjusted = holm({x["baseline"]: x[key].p for x in rows if x[key] is not None})
+        for x in rows:
+            x[out] = adjusted.get(x["baseline"])
+    for x in rows:
+        x["significant"] = None if x["p_holm"] is None else bool(x["cnt_better"] and x["p_holm"] < SIGNIFICANCE)
     return rows
 
 
@@ -257,7 +293,8 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
             f"{len(full['notebooks'])} notebooks, {full.get('jobs', 1)} side by side; `papers/runs/timings.json`)."
             if full else "")
     L = ["# Reproduction report — Cross-Model Neuron Transfer (arXiv 2603.18449)", "",
-         f"Regenerated by `make reproduce` from `papers/results/*.json` on {time.strftime('%Y-%m-%d %H:%M')}. "
+         "Regenerated (`make reproduce`, or `cnt report` alone) from `papers/results/*.json` on "
+         f"{time.strftime('%Y-%m-%d %H:%M')}. "
          "Every number below is formatted from those files; scores are on the eval splits with 95% CIs (Wilson for "
          "rates, bootstrap for SS); all hyper-parameters (α, λ, density, layer, CNT variant, minimal subset) were "
          "chosen on the validation split. Share of gap = (method − target) / (donor − target)." + took, ""]
@@ -269,7 +306,7 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
               "it: the `sweep` profile skips MMLU and NQ-Open, which for the SmolLM2 zoo sit at chance level (see "
               "its card, `papers/zoo.md`) and could not register a 1% change. `-p profile=quick` or `full` adds them.",
               ""]
-    L += ["## Claims", "", "| claim (paper) | application | measured | verdict |", "|---|---|---|---|"]
+    L += ["## Claims", "", "| claim (source) | application | measured | verdict |", "|---|---|---|---|"]
     for app, r in results.items():
         if headline(r) is None:
             continue
@@ -302,17 +339,20 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
             continue
         label, h = headline(r)
         moved = _goal_better(r, h.score, r.target_score)
-        sig = h.ci[1] < r.target_ci[0] or r.target_ci[1] < h.ci[0]
-        verdict = ("supported" if moved and sig else "direction right, not significant" if moved else
-                   "not reproduced")
+        test = paired(None, h, r.metric, r)
+        verdict = ("not reproduced" if not moved else
+                   "direction right; no paired test (the results hold no per-item outcomes)" if test is None else
+                   "supported" if test.p < SIGNIFICANCE else "direction right, not significant")
+        tested = f"; paired against the target: {_fmt_test(test)}" if test is not None else ""
         L.append(f"| effect: {PAPER['effect']} | {app} | {r.metric} {_score(r, r.target_score)} → "
-                 f"{_score(r, h.score)} {_ci(r, h.ci)} (donor {_score(r, r.donor_score)}) | {verdict} |")
+                 f"{_score(r, h.score)} {_ci(r, h.ci)} (donor {_score(r, r.donor_score)}){tested} | {verdict} |")
     for app, r in results.items():
         rows = compare_baselines(r)
         if not rows:
             continue
         won = [x["baseline"] for x in rows if x["cnt_better"]]
-        sig = [x["baseline"] for x in rows if x["significant"]]
+        sig = [f"{x['baseline']} ({_fmt_test(x['test'], x['p_holm'])})" for x in rows if x["significant"]]
+        untested = [x["baseline"] for x in rows if x["significant"] is None]
         broke = [f"{x['baseline']} ({_fmt_delta(x['baseline_utility'])})" for x in rows
                  if not x["cnt_better"] and not x["baseline_utility_held"]]
         lost = [x["baseline"] for x in rows if not x["cnt_better_at_utility"]]
@@ -320,7 +360,10 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                    f"partly: {len(rows) - len(lost)}/{len(rows)} beaten at kept utility")
         if not gap_significant(r):
             verdict = f"{INCONCLUSIVE} (point estimates: {verdict})"
-        significantly = f"; significantly: {', '.join(sig)}" if sig else ""
+        significantly = (f"; significantly (paired test, Holm-adjusted p < {SIGNIFICANCE:g}): {', '.join(sig)}"
+                         if sig else "")
+        if untested:
+            significantly += f"; no paired test for {', '.join(untested)} (the results hold no per-item outcomes)"
         went_further = f"; went further only by breaking utility: {', '.join(broke)}" if broke else ""
         not_better = f"; went further with utility kept: {', '.join(lost)}" if lost else ""
         L.append(f"| baselines: {PAPER['baselines']} | {app} | CNT ({_pct(rows[0]['cnt'].param_fraction, 2)} of weights) "
@@ -400,8 +443,9 @@ def application_section(app: str, r: ApplicationResult, figures: str) -> list[st
               + (f"; SFT reference (incl. its data): {sft:.0f} s (ratio {t['cnt_total'] / sft:.2f})" if sft else "")
               + "."]
     stem = r.name or app
-    L += ["", f"![effect vs fraction]({figures}/{stem}_effect.png)",
-          f"![utility trade-off]({figures}/{stem}_tradeoff.png)", ""]
+    plan = figure_plan(r)
+    L += ["", *(f"![{plan[name]}]({figures}/{stem}_{name}.png)" for name in ("effect", "tradeoff", "tradeoff_ppl")
+                if name in plan), ""]
     return L
 
 

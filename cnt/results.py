@@ -55,6 +55,7 @@ class MethodEntry(_FlatRecord):
     score_sd: float | None = None  # random neurons: spread over seeds
     seeds: list[float] | None = None
     seed_cis: list | None = None
+    per_item: dict[str, list] | None = None  # each eval item's outcome (the metric's, perplexity's): paired tests
 
     ALWAYS = ("neuron_fraction", "param_fraction", "score", "ci", "utility", "utility_ci", "side")
 
@@ -89,6 +90,7 @@ class ApplicationResult:
     target_details: dict = field(default_factory=dict)
     donor_details: dict = field(default_factory=dict)
     target_report: dict = field(default_factory=dict)
+    target_per_item: dict[str, list] | None = None  # the target's outcome on each eval item (paired tests)
     timings: dict[str, float] = field(default_factory=dict)
     validation: dict = field(default_factory=dict)  # the target's and donor's validation proxies
     search: dict | None = None  # the minimal-subset search (None: not run)

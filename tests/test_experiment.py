@@ -66,6 +66,14 @@ def test_run_application_end_to_end(tiny_folders):
     (ceiling,) = saved["methods"]["all_mlp"]
     assert ceiling["neuron_fraction"] == 1.0 and 0 < ceiling["param_fraction"] < 1
     assert saved["config"]["family"] == "smollm2" and saved["name"] == "alignment_enhancement"
+    # per-item outcomes for the paired tests: the same eval items for the target and every method, in order
+    n = len(saved["target_per_item"]["refusal_rate"])
+    assert n > 0 and all(isinstance(x, bool) for x in saved["target_per_item"]["refusal_rate"])
+    for name in ("cnt", "random", "linear"):
+        for e in saved["methods"][name]:
+            assert len(e["per_item"]["refusal_rate"]) == n and len(e["per_item"]["perplexity"]) > 0
+    rnd = saved["methods"]["random"][0]  # two seeds: each item's outcome is the seeds' mean
+    assert rnd["score"] == pytest.approx(sum(rnd["per_item"]["refusal_rate"]) / n)
 
 
 def test_config_validation():

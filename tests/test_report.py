@@ -78,6 +78,48 @@ def test_figures_from_json(tmp_path):
     assert all(p.stat().st_size > 5000 for p in paths)
 
 
+def _drawn(fig) -> bool:
+    """Whether every axis of a figure shows data (points, lines, bars, an image), not an empty frame."""
+    return all(ax.collections or ax.lines or ax.patches or ax.images for ax in fig.axes)
+
+
+def test_figures_only_for_what_was_measured(tmp_path, monkeypatch):
+    """No trade-off figure for a utility the run did not measure, and the report links only figures the plan drew;
+    every figure drawn has data on every axis."""
+    d = json.loads(FIXTURE.read_text())
+    for entries in d["methods"].values():
+        for e in entries:
+            e["utility"].pop("mmlu", None)
+    d["target_utility"].pop("mmlu", None)
+    r = R(d)
+    assert "tradeoff" not in plots.figure_plan(r) and "tradeoff_ppl" in plots.figure_plan(r)
+    with pytest.raises(ValueError, match="mmlu was not measured"):
+        plots.utility_tradeoff(r, "mmlu")
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append((fig, path)) or path)
+    written = plots.application_figures(r, tmp_path)
+    assert set(written) == set(plots.figure_plan(r)) and all(_drawn(fig) for fig, _ in figures)
+    linked = [line for line in report.application_section("alignment_enhancement", r, "figures") if line.startswith("![")]
+    assert [re.search(r"alignment_enhancement_(\w+)\.png", line).group(1) for line in linked] == \
+        ["effect", "tradeoff_ppl"]
+
+
+def test_a_perplexity_outlier_sits_at_the_axis_edge_with_its_value():
+    d = json.loads(FIXTURE.read_text())
+    base = d["target_utility"]["perplexity"]
+    d["methods"]["linear"][0]["utility"]["perplexity"] = base * 7.166  # +616.6%
+    fig = plots.utility_tradeoff(R(d), "perplexity")
+    ax = fig.axes[0]
+    assert ax.get_ylim()[1] < 60  # the axis is not stretched to +617%
+    assert any(t.get_text() == "linear +617%" for t in ax.texts)
+
+
+def test_every_figure_the_committed_report_links_exists():
+    root = Path(__file__).parents[1] / "papers"
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (root / "REPORT.md").read_text())
+    assert linked and [p for p in linked if not (root / p).is_file()] == []
+
+
 def test_gap_share_and_best_entry():
     assert plots.gap_share(0.5, 0.0, 1.0) == 0.5
     assert plots.gap_share(60.0, 70.0, 50.0) == 0.5

@@ -16,7 +16,8 @@ settings, seconds) that serialize to JSON. :func:`evaluate` runs a whole :class:
 
 One concept per module: ``records`` (metrics, reports, confidence intervals), ``judge`` (refusal and broken-text
 judges), ``metrics`` (log-probability metrics: the refusal proxy, perplexity, bias, skill), ``lm_eval_adapter``
-(utility through lm-eval), ``suite`` (profiles and :func:`evaluate`).
+(utility through lm-eval), ``suite`` (profiles and :func:`evaluate`), ``paired`` (two methods compared item by item:
+McNemar, paired bootstrap, Holm).
 """
 
 from .records import EvalReport, Metric, Z95, bootstrap_ci, proportion, wilson
@@ -25,10 +26,12 @@ from .metrics import (REFUSAL_OPENINGS, arithmetic_accuracy, arithmetic_answer, 
                       proxy_agreement, refusal_logodds, refusal_score, refusal_token_ids, sequence_logprobs, stereoset,
                       stereoset_scores)
 from .lm_eval_adapter import lm_eval_tasks
+from .paired import PairedTest, holm, mcnemar, paired_bootstrap, paired_test
 from .suite import METRIC_GROUPS, PROFILES, Profile, evaluate, get_profile, item_sources
 
-__all__ = ["EvalReport", "JUDGE_WINDOW", "METRIC_GROUPS", "Metric", "PROFILES", "Profile", "REFUSAL_OPENINGS", "Z95",
-           "arithmetic_accuracy", "arithmetic_answer", "bootstrap_ci", "crows_pairs", "evaluate", "get_profile",
-           "is_degenerate", "is_refusal", "item_sources", "lm_eval_tasks", "perplexity", "proportion",
+__all__ = ["EvalReport", "JUDGE_WINDOW", "METRIC_GROUPS", "Metric", "PROFILES", "PairedTest", "Profile",
+           "REFUSAL_OPENINGS", "Z95", "arithmetic_accuracy", "arithmetic_answer", "bootstrap_ci", "crows_pairs", "evaluate", "get_profile", "holm",
+           "is_degenerate", "is_refusal", "item_sources", "lm_eval_tasks", "mcnemar", "paired_bootstrap", "paired_test",
+           "perplexity", "proportion",
            "proxy_agreement", "refusal_logodds", "refusal_rate", "refusal_score", "refusal_token_ids",
            "sequence_logprobs", "stereoset", "stereoset_scores", "wilson"]
