@@ -90,14 +90,16 @@ def application_notebook(app: str, title: str, story: str):
                       "print(f\"{result.application}: {len(result.methods)} methods in {result.seconds / 60:.1f} min\")"),
         new_code_cell(CHECK + "print(sorted(result.methods))"),
         new_markdown_cell("## Headline: CNT against the neuron-level baselines at every budget"),
-        new_code_cell("display(Markdown(\"\\n\".join(report.application_section(result.application, result, "
-                      "\"figures\")[:-4])))"),
+        new_code_cell("display(Markdown(\"\\n\".join(line for line in report.application_section(result.application, "
+                      "result, \"figures\") if not line.startswith(\"![\"))))  # the figures follow below"),
         new_markdown_cell("## Effect against the share of neurons (left) and of parameters (right) changed"),
         new_code_cell("figures = plots.application_figures(result, out / \"figures\")\n"
                       "display(Image(str(figures[\"effect\"])))"),
         new_markdown_cell("## Utility against effect\n\nThe ideal is the right edge (the whole donor–target gap) at zero "
                           "utility change."),
-        new_code_cell("display(Image(str(figures[\"tradeoff\"])))\ndisplay(Image(str(figures[\"tradeoff_ppl\"])))"),
+        new_code_cell("for name in (\"tradeoff\", \"tradeoff_ppl\"):  # MMLU, perplexity: those the profile measured\n"
+                      "    if name in figures:\n"
+                      "        display(Image(str(figures[name])))"),
         new_markdown_cell("## Where the transferred neurons sit"),
         new_code_cell("if \"layers\" in figures:\n    display(Image(str(figures[\"layers\"])))"),
         *([new_markdown_cell("## StereoSet SS per bias category"),
