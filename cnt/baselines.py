@@ -253,16 +253,28 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
                     round(time.time() - t0, 2), model=model)
 
 
-def run_sft(donor, target, tokenizer, function: str | None = None, *, examples: list[dict], config) -> Modified:
+def plain_texts(examples: list[dict]) -> list[dict]:
+    """The plain-text (language-model) examples of a training set: neither chat pairs nor preferences."""
+    return [e for e in examples if "text" in e and "chosen" not in e and "prompt" not in e]
+
+
+def run_sft(donor, target, tokenizer, function: str | None = None, *, examples: list[dict], config,
+            lm_weight: int = 1) -> Modified:
     """Fine-tune (a copy of) the target on the donor's own training data (``examples``, ``config``: e.g. the zoo
-    recipe that made the donor)."""
+    recipe that made the donor). ``lm_weight``: its plain-text examples are seen this many times as often (what keeps
+    the language model while a target that starts far from the donor is trained across; papers/METHOD.md, "The SFT
+    reference")."""
     from .train import sft
 
+    if lm_weight < 1:
+        raise ValueError(f"sft: lm_weight must be >= 1, got {lm_weight}")
     t0 = time.time()
+    examples = list(examples) + plain_texts(examples) * (lm_weight - 1)
     model = deepcopy(target)
     model, res = sft(model, tokenizer, examples, config, progress=False)
     changed = sum(p.numel() for p in model.parameters()) if config.method == "full" else res.trainable_params
-    return Modified("sft", {"steps": config.steps, "method": config.method, "n_examples": len(examples)}, changed,
+    return Modified("sft", {"steps": config.steps, "method": config.method, "lr": config.lr, "lm_weight": lm_weight,
+                            "n_examples": len(examples)}, changed,
                     round(time.time() - t0, 2), model=model, info={"train_seconds": res.seconds})
 
 
@@ -382,13 +394,19 @@ class RefusalDirection(Baseline):
 
 @register
 class SFT(Baseline):
+    """The donor's own training run, on the target. Where that data holds plain text (the language-model part), its
+    weight is a setting chosen on validation like any baseline's (``LM_WEIGHTS``): with fewer steps than the recipe
+    and a target that starts on the far side of the function, the recipe's own mix can break the language model."""
+
     name, run = "sft", staticmethod(run_sft)
+    LM_WEIGHTS = (1, 4)
 
     def grid(self, sweep, base, function):
         if sweep.donor_training is None:
             return []
         examples, config = sweep.donor_training()
-        return [{"examples": examples, "config": config}]
+        weights = self.LM_WEIGHTS if plain_texts(examples) else (1,)
+        return [{"examples": examples, "config": config, "lm_weight": w} for w in weights]
 
 
 def run(method: str, donor, target, tokenizer=None, function: str | None = None, **setting) -> Modified:

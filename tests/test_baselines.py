@@ -115,6 +115,29 @@ def test_registry_declares_settings_and_refuses_unknown_ones(trio):
     assert B.BASELINES["sft"].grid(sweep, None, "refusal") == []  # no donor training data known
 
 
+def test_sft_weighs_the_language_model_part_of_the_donors_data():
+    """The SFT reference sweeps the weight of the donor data's plain text (chosen on validation) only where it has
+    some; lm_weight repeats exactly those examples."""
+    from cnt.train import TrainConfig
+
+    prefs = [{"chosen": "a b", "rejected": "b a"}] * 3
+    texts = [{"text": "some plain text"}] * 2
+    cfg = TrainConfig(steps=1, batch_size=2)
+    grid = lambda ex: B.BASELINES["sft"].grid(B.Sweep(donor_training=lambda: (ex, cfg)), None, "bias")  # noqa: E731
+    assert [s["lm_weight"] for s in grid(prefs + texts)] == [1, 4]
+    assert [s["lm_weight"] for s in grid(prefs)] == [1]  # nothing to weigh
+    assert B.plain_texts(prefs + texts + [{"prompt": "p", "response": "r"}]) == texts
+    from cnt.models import load_tokenizer
+    from cnt.tiny import tiny_model
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    target = tiny_model("llama", seed=0, vocab_size=len(tok))
+    mod = B.run("sft", target, target, tok, "bias", examples=prefs + texts, config=cfg, lm_weight=4)
+    assert mod.setting["lm_weight"] == 4 and mod.setting["n_examples"] == 3 + 2 * 4
+    with pytest.raises(ValueError, match="lm_weight must be >= 1"):
+        B.run("sft", target, target, tok, "bias", examples=texts, config=cfg, lm_weight=0)
+
+
 def test_a_new_baseline_is_one_registered_class(trio, monkeypatch):
     """Adding a baseline: one class; the application config accepts it by name and run() finds it."""
     from cnt.experiment import ApplicationConfig
