@@ -126,10 +126,12 @@ def utility_tradeoff(result: ApplicationResult, utility: str = "mmlu", title: st
         if utility == "perplexity" and base_u:
             pts = [(x, 100 * y / base_u) for x, y in pts]
         inside = [(x, y) for x, y in pts if edge is None or abs(y) <= edge]
-        ax.scatter([x for x, _ in inside], [y for _, y in inside], color=c, marker=m, s=36, label=name)
-        for x, y in [p for p in pts if p not in inside]:
+        if inside:
+            ax.scatter([x for x, _ in inside], [y for _, y in inside], color=c, marker=m, s=36, label=name)
+        for j, (x, y) in enumerate(p for p in pts if p not in inside):
             at = edge if y > 0 else -edge
-            ax.scatter([x], [at], color=c, marker="^" if y > 0 else "v", s=60, facecolors="none")
+            ax.scatter([x], [at], color=c, marker="^" if y > 0 else "v", s=60, facecolors="none",
+                       label=name if not inside and j == 0 else None)  # the legend shows the marker drawn
             ax.annotate(f"{name} {y:+.0f}%", (x, at), textcoords="offset points", xytext=(4, -10 if y > 0 else 4),
                         fontsize=7, color=c)
     if edge is not None:
