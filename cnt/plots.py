@@ -1,5 +1,5 @@
 """Figures drawn from results: an application's typed records (:class:`cnt.results.ApplicationResult`, as
-:func:`cnt.experiment.run_application` returns and writes them) or a frontier's result dict (:mod:`cnt.frontier`).
+:func:`cnt.experiment.run_application` returns and writes them) or a frontier's (:class:`cnt.results.FrontierResult`).
 
 Every function takes those records (or a part of them), draws on a matplotlib axis and returns the figure; nothing
 here computes a result. ``save(fig, path)`` writes PNGs for ``papers/figures/``.
@@ -259,8 +259,9 @@ def frontier(result: FrontierResult, title: str | None = None):
     for pt in result.points:
         if pt.budget is None:
             c, m, _ = style[pt.method]
-            ax.errorbar([100 * pt.param_fraction], [pt.share], yerr=[[pt.share - pt.share_ci[0]], [pt.share_ci[1] - pt.share]],
-                        color=c, marker=m, ms=10, capsize=3, ls="", label=f"{pt.method} (α={pt.alpha:g})")
+            ax.errorbar([100 * pt.param_fraction], [pt.share],
+                        yerr=[[pt.share - pt.share_ci[0]], [pt.share_ci[1] - pt.share]], color=c, marker=m, ms=10,
+                        capsize=3, ls="", label=f"{pt.method} (α={pt.alpha:g})")
     ax.axhline(1.0, color="C2", ls=":", lw=1, label="donor")
     ax.axhline(0.9, color="k", ls="--", lw=0.7, label="90% of the gap")
     ax.axhline(0.0, color="k", ls=":", lw=1, label="target")
@@ -280,6 +281,11 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
+def _chosen_cnt(result: ApplicationResult) -> MethodEntry | None:
+    """The CNT entry whose neurons the layer map shows: the minimal subset, else the largest budget."""
+    return (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
+
+
 def figure_plan(result: ApplicationResult) -> dict[str, str]:
     """The figures one application's results can carry, name -> caption: only those of what was measured (a
     trade-off only for a utility metric the run measured; the layer map only with CNT's per-layer counts; the
@@ -288,7 +294,7 @@ def figure_plan(result: ApplicationResult) -> dict[str, str]:
     for name, utility in (("tradeoff", "mmlu"), ("tradeoff_ppl", "perplexity")):
         if measured(result, utility):
             plan[name] = f"utility trade-off ({utility})"
-    chosen = (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
+    chosen = _chosen_cnt(result)
     if chosen and chosen.per_layer:
         plan["layers"] = "CNT neurons per layer"
     if result.target_details.get("per_bias_type"):
@@ -302,7 +308,7 @@ def application_figures(result: ApplicationResult, folder: str | Path, prefix: s
     neurons, and (bias) SS per category."""
     prefix = prefix or result.name or result.application
     folder = Path(folder)
-    chosen = (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
+    chosen = _chosen_cnt(result)
     draw = {"effect": lambda: effect_vs_fraction(result),
             "tradeoff": lambda: utility_tradeoff(result, "mmlu"),
             "tradeoff_ppl": lambda: utility_tradeoff(result, "perplexity"),

@@ -308,9 +308,9 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
               ""]
     L += ["## Claims", "", "| claim (source) | application | measured | verdict |", "|---|---|---|---|"]
     for app, r in results.items():
-        if headline(r) is None:
+        if (found := headline(r)) is None:
             continue
-        label, h = headline(r)
+        label, h = found
         sh, (slo, shi) = _share(r, h), _share_ci(r, h)
         pf = h.param_fraction
         verdict = (INCONCLUSIVE if not gap_significant(r) else
@@ -321,9 +321,9 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                  f"({_pct(h.neuron_fraction, 2)} of MLP neurons) → {_pct(sh, 0)} of the gap [{_pct(slo, 0)}, "
                  f"{_pct(shi, 0)}] | {verdict} |")
     for app, r in results.items():
-        if headline(r) is None:
+        if (found := headline(r)) is None:
             continue
-        label, h = headline(r)
+        label, h = found
         d = _utility_delta(r, h)
         worst = max([abs(d.get("mmlu", 0)), abs(d.get("nq_open", 0)), max(d.get("perplexity", 0), 0)])
         ci = h.utility_ci.get("mmlu")
@@ -335,9 +335,9 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
         measured = _fmt_delta(d) + (f"; {_fmt_side(side)}" if side else "")
         L.append(f"| utility: {PAPER['utility']} | {app} | {label}: {measured}{width} | {verdict} |")
     for app, r in results.items():
-        if headline(r) is None:
+        if (found := headline(r)) is None:
             continue
-        label, h = headline(r)
+        label, h = found
         moved = _goal_better(r, h.score, r.target_score)
         test = paired(None, h, r.metric, r)
         verdict = ("not reproduced" if not moved else

@@ -30,8 +30,8 @@ from .paired import PairedTest, holm, mcnemar, paired_bootstrap, paired_test
 from .suite import METRIC_GROUPS, PROFILES, Profile, evaluate, get_profile, item_sources
 
 __all__ = ["EvalReport", "JUDGE_WINDOW", "METRIC_GROUPS", "Metric", "PROFILES", "PairedTest", "Profile",
-           "REFUSAL_OPENINGS", "Z95", "arithmetic_accuracy", "arithmetic_answer", "bootstrap_ci", "crows_pairs", "evaluate", "get_profile", "holm",
-           "is_degenerate", "is_refusal", "item_sources", "lm_eval_tasks", "mcnemar", "paired_bootstrap", "paired_test",
-           "perplexity", "proportion",
-           "proxy_agreement", "refusal_logodds", "refusal_rate", "refusal_score", "refusal_token_ids",
-           "sequence_logprobs", "stereoset", "stereoset_scores", "wilson"]
+           "REFUSAL_OPENINGS", "Z95", "arithmetic_accuracy", "arithmetic_answer", "bootstrap_ci", "crows_pairs",
+           "evaluate", "get_profile", "holm", "is_degenerate", "is_refusal", "item_sources", "lm_eval_tasks",
+           "mcnemar", "paired_bootstrap", "paired_test", "perplexity", "proportion", "proxy_agreement",
+           "refusal_logodds", "refusal_rate", "refusal_score", "refusal_token_ids", "sequence_logprobs", "stereoset",
+           "stereoset_scores", "wilson"]
