@@ -117,6 +117,7 @@ def utility_tradeoff(result: ApplicationResult, utility: str = "mmlu", title: st
     base_u = result.target_utility[utility]
     style = styles(result.methods)
     edge = PPL_AXIS if utility == "perplexity" else None
+    at_edge = {1: 0, -1: 0}  # labels already at the top / bottom edge: each next one a line further in
     for name, entries in result.methods.items():
         if name == "cnt" or not entries:
             continue
@@ -129,11 +130,14 @@ def utility_tradeoff(result: ApplicationResult, utility: str = "mmlu", title: st
         if inside:
             ax.scatter([x for x, _ in inside], [y for _, y in inside], color=c, marker=m, s=36, label=name)
         for j, (x, y) in enumerate(p for p in pts if p not in inside):
-            at = edge if y > 0 else -edge
+            side = 1 if y > 0 else -1
+            at = side * edge
             ax.scatter([x], [at], color=c, marker="^" if y > 0 else "v", s=60, facecolors="none",
                        label=name if not inside and j == 0 else None)  # the legend shows the marker drawn
-            ax.annotate(f"{name} {y:+.0f}%", (x, at), textcoords="offset points", xytext=(4, -10 if y > 0 else 4),
-                        fontsize=7, color=c)
+            shift = 9 * at_edge[side]
+            at_edge[side] += 1
+            ax.annotate(f"{name} {y:+.0f}%", (x, at), textcoords="offset points",
+                        xytext=(4, -10 - shift if y > 0 else 4 + shift), fontsize=7, color=c)
     if edge is not None:
         ax.set_ylim(-edge * 1.05, edge * 1.05)
     ax.axhline(0, color="k", lw=0.8)

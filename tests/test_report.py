@@ -112,6 +112,9 @@ def test_a_perplexity_outlier_sits_at_the_axis_edge_with_its_value():
     ax = fig.axes[0]
     assert ax.get_ylim()[1] < 60  # the axis is not stretched to +617%
     assert any(t.get_text() == "linear +617%" for t in ax.texts)
+    d["methods"]["ties"][0]["utility"]["perplexity"] = base * 2.0  # a second one at the same edge
+    offsets = [t.xyann[1] for t in plots.utility_tradeoff(R(d), "perplexity").axes[0].texts]
+    assert len(offsets) == 2 and len(set(offsets)) == 2  # their labels do not sit on each other
 
 
 def test_every_figure_the_committed_report_links_exists():
