@@ -189,6 +189,7 @@ def side_effects(r: ApplicationResult, e: MethodEntry) -> dict:
 
 
 INCONCLUSIVE = "inconclusive: donor and target CIs overlap"
+UNTESTED = "untested: no paired test"
 
 
 def gap_significant(r: ApplicationResult) -> bool:
@@ -360,6 +361,8 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                    f"partly: {len(rows) - len(lost)}/{len(rows)} beaten at kept utility")
         if not gap_significant(r):
             verdict = f"{INCONCLUSIVE} (point estimates: {verdict})"
+        elif untested:  # a verdict needs its test
+            verdict = f"{UNTESTED} (point estimates: {verdict})"
         significantly = (f"; significantly (paired test, Holm-adjusted p < {SIGNIFICANCE:g}): {', '.join(sig)}"
                          if sig else "")
         if untested:

@@ -87,3 +87,10 @@ def test_the_report_decides_baselines_by_paired_tests_and_refuses_a_verdict_with
         assert all((c["test"] is None) == (blob is d) for c in comparisons)
         if blob is not d:
             assert all(math.isclose(c["test"]["p"], p) for c in comparisons)
+    folder = tmp_path / "untested"  # the gap is clear but no per-item outcomes: the baselines' verdict says untested
+    (folder / "results").mkdir(parents=True)
+    (folder / "results" / "alignment_enhancement.json").write_text(
+        json.dumps({**d, "donor_score": 0.9, "donor_ci": [0.7, 0.97]}))
+    _, rep = report.write(folder / "results", folder / "REPORT.md")
+    row = next(line for line in rep.read_text().splitlines() if line.startswith("| baselines:"))
+    assert row.split(" | ")[-1].startswith(report.UNTESTED)
