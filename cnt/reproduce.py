@@ -44,6 +44,18 @@ def run_name(book: Path, params: dict) -> str:
     return ".".join([book.stem, *variant]) + ".ipynb"
 
 
+def run_papermill(book: Path, output, params: dict, *, kernel: str, progress: bool) -> None:
+    """papermill executes ``book`` into ``output`` with its kernel started in the notebook's folder. The folder goes
+    to the kernel (nbclient's ``resources.metadata.path``), not through papermill's ``cwd=``, which changes this
+    whole process's working directory for the run: two runs on threads side by side (``--jobs 2``) restore each
+    other's and leave the process in a notebook folder, where every relative path then fails."""
+    import papermill as pm
+
+    book = Path(book).resolve()
+    pm.execute_notebook(str(book), str(Path(output).resolve()), parameters=params, kernel_name=kernel,
+                        progress_bar=progress, resources={"metadata": {"path": str(book.parent)}})
+
+
 def execute(book: Path, runs: Path, params: dict, *, kernel: str = "python3",
             progress: bool = True) -> tuple[str, float, dict]:
     """Execute one notebook with the parameters it declares (the others named as ignored there) into ``runs``;
@@ -64,8 +76,7 @@ def execute(book: Path, runs: Path, params: dict, *, kernel: str = "python3",
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; the executed notebook is a shared artifact
     try:
-        pm.execute_notebook(str(book), tmp, parameters=params, cwd=str(book.parent), kernel_name=kernel,
-                            progress_bar=progress)
+        run_papermill(book, tmp, params, kernel=kernel, progress=progress)
     except Exception:
         os.unlink(tmp)
         raise
@@ -164,16 +175,13 @@ def execute_run(notebook: str, name: str, parameters: dict, *, threads: int | No
     folder (``output_dir`` is set here), and every file it wrote comes back as ``{path under papers/: bytes}`` —
     the results JSON, its figures and the executed notebook as ``runs/<name>.ipynb`` — for the caller to write, so
     a worker on another machine needs no shared disk. ``threads``: the kernel's OMP/MKL threads (None: as set)."""
-    import papermill as pm
-
     if threads is not None:
         os.environ.update(dict.fromkeys(_threads_per_job.VARS, str(threads)))
     with tempfile.TemporaryDirectory(prefix="cnt-run-") as tmp:
         out = Path(tmp) / "papers"
         (out / "results").mkdir(parents=True)
         executed = Path(tmp) / f"{name}.ipynb"
-        pm.execute_notebook(notebook, str(executed), parameters={**parameters, "output_dir": str(out)},
-                            cwd=str(Path(notebook).parent), kernel_name=kernel, progress_bar=False)
+        run_papermill(Path(notebook), executed, {**parameters, "output_dir": str(out)}, kernel=kernel, progress=False)
         files = {f"runs/{name}.ipynb": executed.read_bytes()}
         files.update({str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()})
     return files

@@ -4,6 +4,7 @@ do not declare before any compute."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import nbformat
@@ -65,3 +66,39 @@ def test_progress_bars_in_a_notebook_are_widgets(tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     assert "IProgress not found" not in text
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+def test_notebooks_run_side_by_side_in_their_own_folders_without_moving_this_process(tmp_path, monkeypatch):
+    """`cnt reproduce --jobs 2` and the grid's local backend execute notebooks on threads of this process: each
+    kernel starts in its notebook's folder, and nothing changes this process's working directory (papermill's
+    ``cwd=`` did, and two runs restoring each other's left the test session inside a notebook folder)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cnt.reproduce import execute, execute_run
+
+    before, chdir = os.getcwd(), os.chdir
+
+    def stay(path):  # papermill's file handler re-enters the current directory around each read: a no-op
+        if os.path.realpath(path) != os.path.realpath(before):
+            raise AssertionError(f"os.chdir({path!r}) called while notebooks run")
+        chdir(path)
+
+    books = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        book = nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell("output_dir = None", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("import os, time\nhere = os.getcwd()\ntime.sleep(1)\nprint(here)")])
+        book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(book, tmp_path / name / f"{name}.ipynb")
+        books.append(tmp_path / name / f"{name}.ipynb")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(os, "chdir", stay)
+    with ThreadPoolExecutor(2) as pool:
+        local = list(pool.map(lambda b: execute(b, tmp_path / "runs", {}, progress=False), books))
+        grid = list(pool.map(lambda b: execute_run(str(b), b.stem, {}), books))
+    assert os.getcwd() == before
+    for book, (name, _, _), files in zip(books, local, grid):
+        for ran in (nbformat.read(tmp_path / "runs" / name, as_version=4),
+                    nbformat.reads(files[f"runs/{book.stem}.ipynb"].decode(), as_version=4)):
+            assert ran.cells[-1].outputs[0]["text"].strip() == str(book.parent)
