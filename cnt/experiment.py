@@ -66,10 +66,10 @@ class ApplicationConfig:
     baselines: tuple[str, ...] = tuple(B.BASELINES)  # every registered baseline
     lambdas: tuple[float, ...] = (0.5, 1.0)
     densities: tuple[float, ...] = (0.2, 0.5)
-    random_seeds: tuple[int, ...] = (0, 1, 2)
+    random_seeds: tuple[int, ...] = (0,)  # random neurons: one draw per budget on the whole split (more: mean ± sd)
     sft_steps: int | None = 60  # the SFT reference's steps (None: as many as the donor's recipe)
     sft_small_data: bool = False  # smoke runs: a handful of the donor's training examples
-    profile: str = "sweep"  # function metric + perplexity; "quick"/"full" add MMLU and NQ-Open
+    profile: str = "report"  # what reported settings are measured on: the whole eval split (see cnt.evaluate.suite)
     seed: int = 0
     search: bool = True
     all_mlp: bool = True  # also transfer every MLP neuron (the ceiling of CNT's units; one light evaluation)
@@ -393,7 +393,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
             chosen = next(s for s in steps if s.alpha == patch.alpha)
             variants.setdefault(f"cnt_{scorer}", []).append(
                 _entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params, alpha=patch.alpha,
-                       budget=b, validation_share=chosen.share, per_layer=patch.per_layer()))
+                       budget=b, validation_share=chosen.share, per_layer=patch.per_layer(),
+                       units=patch.unit_lists()))
     # the best variant, on validation: the one whose patches went furthest toward the donor on average
     best = max(variants, key=lambda v: sum(e.validation_share for e in variants[v]))
     best_scores = pipe.scores(best.removeprefix("cnt_"), iterative_budget=max(config.budgets))
@@ -409,7 +410,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
             patch.revert(target)
             methods["cnt_minimal"] = [_entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params,
                                              alpha=res.alpha, validation_share=res.share, variant=best,
-                                             per_layer=patch.per_layer())]
+                                             per_layer=patch.per_layer(), units=patch.unit_lists())]
         search_info = {k: v for k, v in res.to_dict().items() if k != "steps"} | {"n_steps": len(res.steps)}
     else:
         search_info = None

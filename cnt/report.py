@@ -21,6 +21,7 @@ from .baselines import BASELINES as REGISTRY
 from .evaluate.paired import PairedTest, holm, paired_test
 from .plots import best_entry, figure_plan, gap_share
 from .results import ApplicationResult, MethodEntry
+from .stability import stabilities
 
 APPLICATION_ORDER = tuple(APPLICATIONS)  # the registry's order
 BASELINES = tuple(REGISTRY)  # the baseline registry's names, in its order
@@ -68,6 +69,8 @@ def summary(results: dict[str, ApplicationResult]) -> dict:
             continue
         apps = out["applications"] if fam == DEFAULT_FAMILY else out.setdefault("families", {}).setdefault(fam, {})
         apps[r.application] = _summary_entry(r)
+    if found := stabilities(results):
+        out["stability"] = found
     return out
 
 
@@ -304,8 +307,9 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
     no_lm_eval = [stem for stem, r in results.items() if "mmlu" not in r.target_utility]
     if no_lm_eval:
         L += [f"Utility in {', '.join(no_lm_eval)} is perplexity, with the specialist's skill and false refusal beside "
-              "it: the `sweep` profile skips MMLU and NQ-Open, which for the SmolLM2 zoo sit at chance level (see "
-              "its card, `papers/zoo.md`) and could not register a 1% change. `-p profile=quick` or `full` adds them.",
+              "it: the `report` and `sweep` profiles skip MMLU and NQ-Open, which for the SmolLM2 zoo sit at chance "
+              "level (see its card, `papers/zoo.md`) and could not register a 1% change. `-p profile=quick` or `full` "
+              "adds them.",
               ""]
     L += ["## Claims", "", "| claim (source) | application | measured | verdict |", "|---|---|---|---|"]
     for app, r in results.items():
@@ -373,6 +377,7 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                  f"moved further than {', '.join(won) or 'none'}{significantly}{went_further}{not_better} | "
                  f"{verdict} |")
     L += ["", *family_table(results), ""]
+    L += seeds_section(results)
     for app, r in results.items():
         L += application_section(app, r, figures)
     return "\n".join(L) + "\n"
@@ -399,6 +404,41 @@ def family_table(results: dict[str, ApplicationResult]) -> list[str]:
                  + f" | {mini_s} | " + (("yes" if all(x["beats"] for x in rows) else
                                          f"no ({sum(x['beats'] for x in rows)}/{len(rows)})") if rows else "–") + " |")
     return L
+
+
+def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
+    """Runs that differ only in their seed (:mod:`cnt.stability`): per budget, CNT's share of the gap as mean ± sd
+    over seeds, and how much the selected units overlap across seeds (Jaccard, beside two random subsets' overlap by
+    chance) and their layer maps; the minimal subset's size per seed. Empty without such runs."""
+    groups = stabilities(results)
+    if not groups:
+        return []
+    L = ["## Seeds: the effect's spread and the stability of the located units", "",
+         "Runs of one configuration that differ only in their seed (another split draw, other locate prompts, other "
+         "mask initialisations), each measured on its own eval split. Jaccard: |A ∩ B| / |A ∪ B| of the selected units, "
+         "mean [min, max] over pairs of seeds; chance: two random subsets of the same sizes; layer maps: Σ min / Σ max "
+         "of the per-layer counts.", "",
+         "| application | runs | MLP neurons | share of gap, mean ± sd | per seed | α per seed | Jaccard of units "
+         "| chance | layer maps |", "|---|---|---|---|---|---|---|---|---|"]
+    minimal = []
+    for g in groups:
+        runs = ", ".join(g["runs"])
+        for row in g["budgets"]:
+            jac = (f"{row['jaccard_mean']:.2f} [{row['jaccard_min']:.2f}, {row['jaccard_max']:.2f}]"
+                   if "jaccard_mean" in row else "– (units not recorded)")
+            chance = f"{row['jaccard_chance']:.3f}" if "jaccard_chance" in row else "–"
+            layers = f"{row['layer_overlap_mean']:.2f}" if row.get("layer_overlap_mean") is not None else "–"
+            L.append(f"| {g['application']} ({g['family']}) | {runs} | {_pct(row['budget'], 2)} | "
+                     f"{_pct(row['share_mean'], 0)} ± {_pct(row['share_sd'], 0)} | "
+                     f"{', '.join(_pct(x, 0) for x in row['shares'])} | "
+                     f"{', '.join(f'{a:g}' for a in row['alphas'] if a is not None)} | {jac} | {chance} | {layers} |")
+        m = g["minimal"]
+        sizes = ", ".join("not reached" if f is None else f"{_pct(f, 2)} of neurons ({_pct(p, 3)} of weights)"
+                          for f, p in zip(m["neuron_fractions"], m["param_fractions"]))
+        overlap = (f"; Jaccard of their units {m['jaccard_mean']:.2f} (chance {m.get('jaccard_chance', float('nan')):.3f})"
+                   if "jaccard_mean" in m else "")
+        minimal.append(f"- {g['application']} ({g['family']}), minimal subset per seed: {sizes}{overlap}.")
+    return L + ["", *minimal, ""]
 
 
 def application_section(app: str, r: ApplicationResult, figures: str) -> list[str]:

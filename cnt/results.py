@@ -47,6 +47,7 @@ class MethodEntry(_FlatRecord):
     budget: float | None = None
     validation_share: float | None = None  # the share of the gap on the validation proxies
     per_layer: dict | None = None  # CNT: transferred neurons per layer
+    units: dict | None = None  # CNT: the selected units, {kind: {layer: [index, ...]}} (stability across seeds)
     variant: str | None = None  # CNT: the scorer chosen on validation
     setting: dict | None = None  # a baseline's setting
     seconds: float | None = None

@@ -226,6 +226,10 @@ class NeuronPatch:
         idx = self.units.get(kind, {})
         return [int(idx[i].numel()) if i in idx else 0 for i in range(self.fingerprint.n_layers)]
 
+    def unit_lists(self) -> dict[str, dict[str, list[int]]]:
+        """The selected units as plain lists, ``{kind: {layer: [index, ...]}}`` (layer keys as strings: JSON)."""
+        return {kind: {str(layer): idx.tolist() for layer, idx in sorted(per.items())} for kind, per in self.units.items()}
+
     def sizes(self) -> dict:
         """Units per kind, and the fractions in units and in weights (what results and patch.json record)."""
         return {"units": {k: self.n_units(k) for k in self.units},

@@ -69,7 +69,7 @@ def application_notebook(app: str, title: str, story: str):
                     f'scorers = ["{scorer}"]  # the default locator; any of {", ".join(SCORERS)} '
                     "(each adds a locate and evaluations)\n"
                     f"baselines = {json.dumps(list(defaults.baselines))}  # any of cnt.baselines.BASELINES\n"
-                    f'profile = "{defaults.profile}"  # sweep: function metric + perplexity | quick: + MMLU, NQ-Open | full\n'
+                    f'profile = "{defaults.profile}"  # reported settings on: report (the whole eval split) | sweep (48 prompts) | quick: + MMLU, NQ-Open | full\n'
                     f"seed = {defaults.seed}\n"
                     "tag = None  # names a variant run: results/<application>[.<family>].<tag>.json beside the default\n"
                     'output_dir = "../papers"  # results/ and figures/ go under it'),

@@ -62,6 +62,9 @@ def test_run_application_end_to_end(tiny_folders):
     assert lin[0]["setting"]["lambda"] in (0.5, 1.0)  # recorded under the merge's own name
     # the best CNT variant is named, and chosen on validation shares (present on every entry)
     assert all("validation_share" in e for e in saved["methods"]["cnt"])
+    # the selected units, for stability across seeds: as many as the budget's neurons, in the layers per_layer counts
+    for e in saved["methods"]["cnt"]:
+        assert [len(e["units"]["mlp"].get(str(layer), [])) for layer in range(len(e["per_layer"]))] == e["per_layer"]
     # the ceiling: every MLP neuron; its MLPs are the donor's, so its perplexity sits near the donor's
     (ceiling,) = saved["methods"]["all_mlp"]
     assert ceiling["neuron_fraction"] == 1.0 and 0 < ceiling["param_fraction"] < 1

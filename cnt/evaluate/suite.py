@@ -29,10 +29,10 @@ class Profile:
     mmlu: int
     nq_open: int
     piqa: int
-    wiki: int
-    stereoset: int
-    crows_pairs: int
-    arithmetic: int
+    wiki: int | None
+    stereoset: int | None
+    crows_pairs: int | None
+    arithmetic: int | None
     split: str = "eval"
     max_new_tokens: int = 48
     batch_size: int = 32
@@ -63,6 +63,13 @@ PROFILES = {
     "frontier": Profile("frontier", harmful=48, benign=96, overrefusal=24, mmlu=0, nq_open=0, piqa=0, wiki=24,
                         stereoset=160, crows_pairs=0, arithmetic=48, max_new_tokens=20, ppl_max_tokens=128,
                         batch_size=48),
+    # the second stage of an application run: every *reported* setting (chosen on the validation proxies) on the whole
+    # eval split of its function — every harmful and over-refusal prompt, 200 benign ones, every StereoSet item, 200
+    # Wikipedia passages, 200 additions — with 32-token answers (the judge's window is read within them). Refusal CIs
+    # at the split's 412 harmful prompts: at most ±4.8 points
+    "report": Profile("report", harmful=None, benign=200, overrefusal=None, mmlu=0, nq_open=0, piqa=0, wiki=200,
+                      stereoset=None, crows_pairs=0, arithmetic=200, max_new_tokens=32, ppl_max_tokens=128,
+                      batch_size=48),
     # notebooks under nbval / CI: every code path, a few records each
     "smoke": Profile("smoke", harmful=12, benign=8, overrefusal=4, mmlu=12, nq_open=8, piqa=0, wiki=6,
                      stereoset=24, crows_pairs=12, arithmetic=6, max_new_tokens=12, ppl_max_tokens=64),
