@@ -450,13 +450,15 @@ def application_section(app: str, r: ApplicationResult, figures: str) -> list[st
             f"come from that run)" if r.torch_threads else "") + ".", ""]
     L += ["### CNT against random and weight-delta neurons at every budget", "",
           "| MLP neurons | CNT (" + ((r.entries("cnt")[0].variant or "") if r.entries("cnt") else "")
-          + ") | random (mean ± sd) | weight-delta | CNT beats both |", "|---|---|---|---|---|"]
+          + ") | random (one draw, or mean ± sd over draws) | weight-delta | CNT beats both |", "|---|---|---|---|---|"]
     for row in neuron_level_table(r):
         c, ra, w = row["cnt"], row["random"], row["weight_delta"]
         sd = (ra.score_sd or 0) if ra else 0
+        draws = len(ra.seeds or []) if ra else 0
         L.append(f"| {_pct(row['fraction'], 2)} | {_score(r, c.score)} {_ci(r, c.ci)} | "
-                 + (f"{_score(r, ra.score)} ± {_score(r, sd) if r.metric != 'refusal_rate' else _pct(sd)}"
-                    if ra else "–")
+                 + ("–" if not ra else
+                    f"{_score(r, ra.score)} ± {_score(r, sd) if r.metric != 'refusal_rate' else _pct(sd)} "
+                    f"({draws} draws)" if draws > 1 else f"{_score(r, ra.score)} {_ci(r, ra.ci)}")
                  + f" | {(_score(r, w.score) + ' ' + _ci(r, w.ci)) if w else '–'} | "
                  f"{'yes' if row['beats'] else 'no'} |")
     L += ["", "### Every method (reported setting; swept baselines chosen on validation)", "",
