@@ -64,6 +64,7 @@ from cnt.zoo import load_model
 from cnt import baselines as B, data, zoo
 from cnt.arch import fingerprint
 from cnt.models import chat_texts, encode
+from cnt.functions import function_prompts
 from cnt.pipeline import Pipeline, transfer_function
 from cnt.scores import neurons_for
 donor_name, target_name, base_name, what, n, sft_steps, locator = json.loads(sys.argv[1])
@@ -148,7 +149,7 @@ elif what == "baselines":
                            "recipe here; a SmolLM2 recipe is 120-440 steps)")
 else:
     Pipeline("refusal", donor, target, tok, task_kwargs=task_kwargs, progress=False, stage=timed).scores(locator)
-prompts = data.texts(data.load("harmful", task_kwargs["split"], seed=0, limit=n))  # the task's function prompts
+prompts = function_prompts("refusal", n, split=task_kwargs["split"])  # the task's own prompts (build_task's)
 forward_reference(prompts)
 out["peak_rss_mib"] = rss()
 out["n_prompts"] = len(prompts)

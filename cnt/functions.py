@@ -80,6 +80,14 @@ def default_scorer(function: str) -> str:
 UTILITY_WEIGHT = 8.0
 
 
+def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed: int = 0) -> list[str]:
+    """The prompts a refusal-sourced function's task is built on (:func:`build_task`): the first ``n`` harmful prompts
+    of ``split``. Benchmarks read them here to time a forward pass over the same prompts."""
+    if function_spec(function).source != "refusal":
+        raise ValueError(f"{function!r} is built on StereoSet sentence pairs, not prompts")
+    return data.texts(data.load("harmful", split, seed=seed, limit=n))
+
+
 def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48, n_utility: int = 32, seed: int = 0,
                response_tokens: int = 3, utility_weight: float = UTILITY_WEIGHT, n_wiki: int = 32,
                split: str = "locate", progress: bool = False) -> Task:
@@ -90,7 +98,7 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
     if function_spec(function).source == "refusal":
-        harmful = data.texts(data.load("harmful", split, seed=seed, limit=n_function))
+        harmful = function_prompts(function, n_function, split=split, seed=seed)
         benign = data.texts(data.load("benign", split, seed=seed, limit=n_utility))
         with inference_dtype(donor, fast_dtype(model_device(donor))) as d:
             d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)

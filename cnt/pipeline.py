@@ -141,6 +141,47 @@ class Pipeline:
         with self.stage("transfer"):
             return NeuronPatch.extract(self.donor, self.target, sel, alpha=alpha, gamma=gamma, **names)
 
+    def transfer(self, budget: float | str = "auto", *, scorer: str | None = None, kinds: Sequence[str] = ("mlp",),
+                 alpha: float | Sequence[float] = ALPHAS, donor_name: str = "donor", target_name: str = "target",
+                 search_kwargs: dict | None = None) -> tuple[NeuronPatch, dict]:
+        """Score units (``kinds``: MLP neurons, and ``"head"``/``"kv"`` for attention heads and k/v groups), pick the
+        subset (``budget``: a fraction of MLP neurons — with other kinds, the weights of that many neurons — or
+        ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. Several ``alpha`` values are chosen
+        among on the validation split (by the search, or by :meth:`at_budget` at a fixed budget). ``scorer``: the
+        locator (None: the function's default, :func:`cnt.functions.default_scorer`). Arguments are checked before
+        any compute."""
+        scorer = scorer or default_scorer(self.function)
+        kinds = tuple(kinds)
+        budget = check_budget(budget, auto=True, error=PatchError)
+        alphas = check_alphas(alpha)
+        try:
+            check_distinct(self.donor, self.target)
+        except IncompatibleModelsError as e:
+            raise PatchError(str(e)) from None
+        t0 = time.time()
+        scores = self.scores(scorer, kinds)
+        info: dict = {"function": self.function, "scorer": scorer, "kinds": list(kinds),
+                      "locate_seconds": scores.seconds, "task": self.task.meta}
+        if budget == "auto":
+            res = self.search(scores, alphas, **(search_kwargs or {}))
+            info["search"] = res.to_dict()
+            k = res.k if res.reached else max(s.k for s in res.steps if s.alpha == res.alpha)
+            chosen_alpha = res.alpha
+        else:
+            k = neurons_for(budget, self.n_neurons)
+            chosen_alpha = alphas[0]
+            if len(alphas) > 1:  # several amplifications: the one the search rule prefers on validation
+                chosen, steps = self.at_budget(scores, budget, alphas, **rule_limits(search_kwargs or {}))
+                chosen_alpha = chosen.alpha
+                info["alpha_choice"] = [dataclasses.asdict(s) for s in steps]
+        provenance = {"scorer": scorer, "kinds": list(kinds), "function": self.function,
+                      "task_digest": self.task.digest(), "seed": self.seed, "budget": budget, "split": "locate"}
+        patch = self.patch(scores, k, chosen_alpha, donor_name=donor_name, target_name=target_name,
+                           provenance=provenance)
+        info["seconds"] = round(time.time() - t0, 1)
+        info["timings"] = dict(self.timings)
+        return patch, info
+
 
 def transfer_function(donor, target, tokenizer, function: str, *, budget: float | str = "auto",
                       scorer: str | None = None, kinds: Sequence[str] = ("mlp",),
@@ -148,41 +189,10 @@ def transfer_function(donor, target, tokenizer, function: str, *, budget: float 
                       target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,
                       progress: bool = True,
                       stage: Callable[[str], ContextManager] | None = None) -> tuple[NeuronPatch, dict]:
-    """CNT for one pair, end to end: build the task, score units (``kinds``: MLP neurons, and ``"head"``/``"kv"`` for
-    attention heads and k/v groups), pick the subset (``budget``: a fraction of MLP neurons — with other kinds, the
-    weights of that many neurons — or ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. Several
-    ``alpha`` values are chosen among on the validation split (by the search, or by :meth:`Pipeline.at_budget` at a
-    fixed budget). ``scorer``: the locator (None: the function's default, :func:`cnt.functions.default_scorer`).
-    ``stage``: see :class:`Pipeline`. Every argument is checked before any compute; the target is not modified."""
+    """CNT for one pair, end to end (:meth:`Pipeline.transfer` on a new pipeline): build the task, score units, pick
+    the subset and return ``(patch, info)``. Every argument is checked before any compute; the target is not
+    modified."""
     pipe = Pipeline(function, donor, target, tokenizer, seed=seed, task_kwargs=task_kwargs, progress=progress,
                     stage=stage)
-    scorer = scorer or default_scorer(function)
-    kinds = tuple(kinds)
-    budget = check_budget(budget, auto=True, error=PatchError)
-    alphas = check_alphas(alpha)
-    try:
-        check_distinct(donor, target)
-    except IncompatibleModelsError as e:
-        raise PatchError(str(e)) from None
-    t0 = time.time()
-    scores = pipe.scores(scorer, kinds)
-    info: dict = {"function": function, "scorer": scorer, "kinds": list(kinds), "locate_seconds": scores.seconds,
-                  "task": pipe.task.meta}
-    if budget == "auto":
-        res = pipe.search(scores, alphas, **(search_kwargs or {}))
-        info["search"] = res.to_dict()
-        k = res.k if res.reached else max(s.k for s in res.steps if s.alpha == res.alpha)
-        chosen_alpha = res.alpha
-    else:
-        k = neurons_for(budget, pipe.n_neurons)
-        chosen_alpha = alphas[0]
-        if len(alphas) > 1:  # several amplifications: the one the search rule prefers on validation
-            chosen, steps = pipe.at_budget(scores, budget, alphas, **rule_limits(search_kwargs or {}))
-            chosen_alpha = chosen.alpha
-            info["alpha_choice"] = [dataclasses.asdict(s) for s in steps]
-    provenance = {"scorer": scorer, "kinds": list(kinds), "function": function, "task_digest": pipe.task.digest(),
-                  "seed": seed, "budget": budget, "split": "locate"}
-    patch = pipe.patch(scores, k, chosen_alpha, donor_name=donor_name, target_name=target_name, provenance=provenance)
-    info["seconds"] = round(time.time() - t0, 1)
-    info["timings"] = dict(pipe.timings)
-    return patch, info
+    return pipe.transfer(budget, scorer=scorer, kinds=kinds, alpha=alpha, donor_name=donor_name,
+                         target_name=target_name, search_kwargs=search_kwargs)
