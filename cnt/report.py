@@ -435,7 +435,8 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
         m = g["minimal"]
         sizes = ", ".join("not reached" if f is None else f"{_pct(f, 2)} of neurons ({_pct(p, 3)} of weights)"
                           for f, p in zip(m["neuron_fractions"], m["param_fractions"]))
-        overlap = (f"; Jaccard of their units {m['jaccard_mean']:.2f} (chance {m.get('jaccard_chance', float('nan')):.3f})"
+        overlap = (f"; Jaccard of their units {m['jaccard_mean']:.2f} (chance {m.get('jaccard_chance', float('nan')):.3f}), "
+                   f"share of the smaller subset's units in the larger {m['containment_mean']:.2f}"
                    if "jaccard_mean" in m else "")
         minimal.append(f"- {g['application']} ({g['family']}), minimal subset per seed: {sizes}{overlap}.")
     return L + ["", *minimal, ""]

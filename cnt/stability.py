@@ -32,6 +32,13 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / union if union else 1.0
 
 
+def containment(a: set, b: set) -> float:
+    """|a ∩ b| / min(|a|, |b|): 1.0 when the smaller set lies inside the larger (subsets of different sizes, such as
+    two seeds' minimal subsets, can share every unit of the smaller yet have a small Jaccard overlap)."""
+    small = min(len(a), len(b))
+    return len(a & b) / small if small else 1.0
+
+
 def chance_jaccard(k1: int, k2: int, n: int) -> float:
     """The expected Jaccard overlap of two uniformly random subsets of sizes ``k1`` and ``k2`` out of ``n`` units
     (ratio of expectations: E|∩| = k1·k2/n): what an unstable locator would show."""
@@ -83,6 +90,7 @@ def _pairwise(entries: Sequence[MethodEntry], fingerprint: ArchFingerprint | Non
     layers = [layer_overlap(entries[i].per_layer, entries[j].per_layer) for i, j in pairs
               if entries[i].per_layer and entries[j].per_layer]
     out = {"jaccard_mean": statistics.fmean(unit), "jaccard_min": min(unit), "jaccard_max": max(unit),
+           "containment_mean": statistics.fmean(containment(sets[i], sets[j]) for i, j in pairs),
            "layer_overlap_mean": statistics.fmean(layers) if layers else None}
     if fingerprint is not None:
         n = sum(fingerprint.n_units(kind) for kind in {k for e in entries for k in e.units})

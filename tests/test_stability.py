@@ -8,7 +8,7 @@ import pytest
 
 from cnt import report
 from cnt.results import ApplicationResult
-from cnt.stability import chance_jaccard, jaccard, layer_overlap, seed_groups, stability, unit_set
+from cnt.stability import chance_jaccard, containment, jaccard, layer_overlap, seed_groups, stability, unit_set
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_alignment_enhancement.json"
 
@@ -16,6 +16,8 @@ FIXTURE = Path(__file__).parent / "data" / "tiny_alignment_enhancement.json"
 def test_overlaps_by_hand():
     assert jaccard({1, 2, 3}, {2, 3, 4}) == pytest.approx(2 / 4)
     assert jaccard(set(), set()) == 1.0 and jaccard({1}, set()) == 0.0
+    assert containment({1, 2}, {1, 2, 3, 4, 5}) == 1.0 and jaccard({1, 2}, {1, 2, 3, 4, 5}) == pytest.approx(0.4)
+    assert containment({1, 9}, {1, 2, 3}) == 0.5 and containment(set(), {1}) == 1.0
     assert unit_set({"mlp": {"0": [1, 5], "1": [5]}, "head": {"3": [0]}}) == {("mlp", 0, 1), ("mlp", 0, 5),
                                                                               ("mlp", 1, 5), ("head", 3, 0)}
     assert layer_overlap([2, 0, 1], [1, 1, 1]) == pytest.approx(2 / 4)  # Σ min 2, Σ max 4
@@ -84,7 +86,7 @@ def test_seed_runs_are_grouped_and_summarised(seeds):
     assert large["jaccard_mean"] == pytest.approx((5 / 15 + 1 + 5 / 15) / 3)
     m = s["minimal"]
     assert m["neuron_fractions"][1] is None and m["neuron_fractions"][0] is not None
-    assert m["jaccard_mean"] == pytest.approx(1.0)  # seeds 0 and 2 chose the same ten units
+    assert m["jaccard_mean"] == pytest.approx(1.0) and m["containment_mean"] == 1.0  # seeds 0, 2: the same ten
 
 
 def test_the_report_prints_the_seeds_and_summary_holds_them(seeds):
@@ -94,6 +96,7 @@ def test_the_report_prints_the_seeds_and_summary_holds_them(seeds):
     row = next(line for line in text.splitlines() if line.startswith("| alignment_enhancement") and "| 5.00% |" in line)
     assert "40% ± 10%" in row and "50%, 30%, 40%" in row and "0.30 [0.00, 0.75]" in row
     assert "minimal subset per seed" in text and "not reached" in text
+    assert "share of the smaller subset's units in the larger 1.00" in text
     summary = json.loads(s.read_text())
     assert [g["seeds"] for g in summary["stability"]] == [[0, 1, 2]]
 
