@@ -67,7 +67,7 @@ def effect_vs_fraction(result: ApplicationResult, title: str | None = None):
         entries = sorted(entries, key=lambda e: e.neuron_fraction)
         xs = [100 * e.neuron_fraction for e in entries]
         ys = [e.score for e in entries]
-        if name == "random" and entries and entries[0].score_sd is not None:
+        if name == "random" and len(entries[0].seeds or []) > 1:  # several draws: their spread (one: its CI)
             ax.errorbar(xs, ys, yerr=[e.score_sd for e in entries], color=c, marker=m, ls=ls, capsize=3,
                         label="random neurons (mean ± sd over seeds)")
         else:
