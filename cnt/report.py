@@ -417,9 +417,10 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
          "Runs of one configuration that differ only in their seed (another split draw, other locate prompts, other "
          "mask initialisations), each measured on its own eval split. Jaccard: |A ∩ B| / |A ∪ B| of the selected units, "
          "mean [min, max] over pairs of seeds; chance: two random subsets of the same sizes; layer maps: Σ min / Σ max "
-         "of the per-layer counts.", "",
+         "of the per-layer counts; vs best: the same two overlaps of the other seeds' subsets with the subset of the "
+         "seed that went furthest (its seed named), mean over the other seeds.", "",
          "| application | runs | MLP neurons | share of gap, mean ± sd | per seed | α per seed | Jaccard of units "
-         "| chance | layer maps |", "|---|---|---|---|---|---|---|---|---|"]
+         "| chance | layer maps | vs best seed: Jaccard; layer maps |", "|---|---|---|---|---|---|---|---|---|---|"]
     minimal = []
     for g in groups:
         runs = ", ".join(g["runs"])
@@ -428,10 +429,14 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
                    if "jaccard_mean" in row else "– (units not recorded)")
             chance = f"{row['jaccard_chance']:.3f}" if "jaccard_chance" in row else "–"
             layers = f"{row['layer_overlap_mean']:.2f}" if row.get("layer_overlap_mean") is not None else "–"
+            best = (f"seed {row['best_seed']}: {row['jaccard_vs_best']:.2f}; "
+                    + (f"{row['layer_overlap_vs_best']:.2f}" if row["layer_overlap_vs_best"] is not None else "–")
+                    if "best_seed" in row else "–")
             L.append(f"| {g['application']} ({g['family']}) | {runs} | {_pct(row['budget'], 2)} | "
                      f"{_pct(row['share_mean'], 0)} ± {_pct(row['share_sd'], 0)} | "
                      f"{', '.join(_pct(x, 0) for x in row['shares'])} | "
-                     f"{', '.join(f'{a:g}' for a in row['alphas'] if a is not None)} | {jac} | {chance} | {layers} |")
+                     f"{', '.join(f'{a:g}' for a in row['alphas'] if a is not None)} | {jac} | {chance} | {layers} | "
+                     f"{best} |")
         m = g["minimal"]
         sizes = ", ".join("not reached" if f is None else f"{_pct(f, 2)} of neurons ({_pct(p, 3)} of weights)"
                           for f, p in zip(m["neuron_fractions"], m["param_fractions"]))

@@ -1,7 +1,8 @@
 """How stable CNT's located subset is across seeds: runs of one application that differ only in their seed (another
 split draw, other locate prompts, other mask initialisations) compared budget by budget — the effect's mean and spread,
 the minimal subset's size, and the overlap of the selected units (Jaccard) beside the overlap two random subsets of the
-same sizes would have by chance, and of their layer maps.
+same sizes would have by chance, and of their layer maps — over every pair of seeds, and against the seed whose subset
+moved the function furthest (the best-scored one: how far the other draws land from the subset a researcher would keep).
 
 Pure functions of :class:`cnt.results.ApplicationResult` records; :mod:`cnt.report` prints them and writes them into
 ``summary.json``. A run's selected units are ``MethodEntry.units`` (``{kind: {layer: [index, ...]}}``)."""
@@ -98,9 +99,23 @@ def _pairwise(entries: Sequence[MethodEntry], fingerprint: ArchFingerprint | Non
     return out
 
 
+def _against_best(entries: Sequence[MethodEntry], shares: Sequence[float], seeds: Sequence[int]) -> dict:
+    """Unit and layer-map overlap of every other seed's subset with the best-scored seed's (the largest share of the
+    gap; the first seed on a tie), as means over the other seeds."""
+    best = max(range(len(entries)), key=lambda i: (shares[i], -i))
+    others = [i for i in range(len(entries)) if i != best]
+    ref = unit_set(entries[best].units)
+    layers = [layer_overlap(entries[best].per_layer, entries[i].per_layer) for i in others
+              if entries[best].per_layer and entries[i].per_layer]
+    return {"best_seed": seeds[best],
+            "jaccard_vs_best": statistics.fmean(jaccard(ref, unit_set(entries[i].units)) for i in others),
+            "layer_overlap_vs_best": statistics.fmean(layers) if layers else None}
+
+
 def stability(group: Sequence[tuple[str, ApplicationResult]]) -> dict:
     """One group of seed runs (:func:`seed_groups`): per budget, the CNT effect (score and share of the gap) as mean ±
-    sd over seeds, each seed's α, and the overlap of the selected units across seeds; the minimal subset's size per
+    sd over seeds, each seed's α, and the overlap of the selected units across seeds and against the best-scored
+    seed's; the minimal subset's size per
     seed; every number per seed as well, so a reader can recompute the summary."""
     runs = [r for _, r in group]
     first = runs[0]
@@ -117,6 +132,7 @@ def stability(group: Sequence[tuple[str, ApplicationResult]]) -> dict:
         row["share_mean"], row["share_sd"] = _mean_sd(shares)
         if all(e.units for e in at):
             row.update(_pairwise(at, fp))
+            row.update(_against_best(at, shares, row["seeds"]))
         budgets.append(row)
     minimal = [(r.config.get("seed", 0), r.entries("cnt_minimal")[0] if r.entries("cnt_minimal") else None)
                for r in runs]

@@ -83,7 +83,11 @@ def test_seed_runs_are_grouped_and_summarised(seeds):
     n = 2 * 96  # the fixture's MLP neurons
     chance = [chance_jaccard(4, 3, n), chance_jaccard(4, 4, n), chance_jaccard(3, 4, n)]
     assert small["jaccard_chance"] == pytest.approx(sum(chance) / 3)
+    # against the best-scored seed (seed 0, share 0.5): seed 1 3/4, seed 2 1/7; layer maps 3/4 and 1
+    assert small["best_seed"] == 0 and small["jaccard_vs_best"] == pytest.approx((3 / 4 + 1 / 7) / 2)
+    assert small["layer_overlap_vs_best"] == pytest.approx((0.75 + 1) / 2)
     assert large["jaccard_mean"] == pytest.approx((5 / 15 + 1 + 5 / 15) / 3)
+    assert large["best_seed"] == 0 and large["jaccard_vs_best"] == pytest.approx((5 / 15 + 1) / 2)
     m = s["minimal"]
     assert m["neuron_fractions"][1] is None and m["neuron_fractions"][0] is not None
     assert m["jaccard_mean"] == pytest.approx(1.0) and m["containment_mean"] == 1.0  # seeds 0, 2: the same ten
@@ -94,7 +98,7 @@ def test_the_report_prints_the_seeds_and_summary_holds_them(seeds):
     text = rep.read_text()
     assert "## Seeds" in text
     row = next(line for line in text.splitlines() if line.startswith("| alignment_enhancement") and "| 5.00% |" in line)
-    assert "40% ± 10%" in row and "50%, 30%, 40%" in row and "0.30 [0.00, 0.75]" in row
+    assert "40% ± 10%" in row and "50%, 30%, 40%" in row and "0.30 [0.00, 0.75]" in row and "seed 0: 0.45; 0.88" in row
     assert "minimal subset per seed" in text and "not reached" in text
     assert "share of the smaller subset's units in the larger 1.00" in text
     summary = json.loads(s.read_text())
