@@ -1,6 +1,7 @@
 """The reproduction report: every claim of the paper beside what the kit measured, from the results JSON only.
 
-(Just over 400 lines: the report's sections, each a function of the results JSON.)
+(Over 400 lines: the report's sections — claims, headline, seeds, one per application, paired verdicts — each a
+function of the results JSON; split them and every section would import the same formatting helpers.)
 
 ``write(results_dir)`` reads ``<results_dir>/<application>.json`` (written by :func:`cnt.experiment.run_application`)
 as typed records (:class:`cnt.results.ApplicationResult`), writes ``summary.json`` beside them and ``REPORT.md`` one
