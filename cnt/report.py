@@ -20,6 +20,7 @@ from . import atomic
 from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .evaluate.paired import PairedTest, holm, paired_test
+from .evaluate.suite import get_profile
 from .plots import best_entry, figure_plan, gap_share
 from .results import ApplicationResult, MethodEntry
 from .stability import stabilities
@@ -41,6 +42,24 @@ PAPER = {  # the paper's claims and their source: the abstract of arXiv 2603.184
 
 def family_of(r: ApplicationResult) -> str:
     return r.family or r.config.get("family") or DEFAULT_FAMILY
+
+
+def whole_split(r: ApplicationResult) -> bool:
+    """Whether the run measured its reported settings on the whole eval split of its function (the two-stage
+    ``report`` profile, or any profile that takes every harmful prompt or StereoSet item of ``eval``)."""
+    try:
+        p = get_profile(r.config.get("profile", ""))
+    except ValueError:
+        return False
+    return p.split == "eval" and (p.stereoset if r.metric == "stereoset_ss" else p.harmful) is None
+
+
+def run_label(app: str, r: ApplicationResult) -> str:
+    """The run's name, marked as history when it was not measured on the whole eval split (an earlier profile and
+    earlier code: its numbers stand as the record of that run, not as the kit's current evidence)."""
+    if whole_split(r):
+        return app
+    return f"{app} (history: `{r.config.get('profile', '?')}` profile, {r.when[:10] or 'date unknown'})"
 
 
 def load_results(results_dir: str | Path, applications=APPLICATION_ORDER) -> dict[str, ApplicationResult]:
@@ -312,6 +331,12 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
               "level (see its card, `papers/zoo.md`) and could not register a 1% change. `-p profile=quick` or `full` "
               "adds them.",
               ""]
+    history = [stem for stem, r in results.items() if not whole_split(r)]
+    if history:
+        L += [f"Marked *history*: {', '.join(history)} — runs measured before the two-stage evaluation (their reported "
+              "settings on a sample of the eval split, e.g. the `sweep` profile's 48 harmful prompts or 160 StereoSet "
+              "items, and with the code of their date); they stand as the record of those runs until re-run with "
+              "`-p profile=report`, and their verdicts carry the width of their CIs.", ""]
     L += ["## Claims", "", "| claim (source) | application | measured | verdict |", "|---|---|---|---|"]
     for app, r in results.items():
         if (found := headline(r)) is None:
@@ -323,7 +348,7 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                    "supported" if pf <= SPARSITY_BUDGET and sh >= SPARSITY_GOAL else
                    "partly: sparse but short of 90% of the gap" if pf <= SPARSITY_BUDGET else
                    f"not reached: needs more than {_pct(SPARSITY_BUDGET, 2)} of weights")
-        L.append(f"| sparsity: {PAPER['sparsity']} | {app} | {label}: {_pct(pf, 3)} of weights "
+        L.append(f"| sparsity: {PAPER['sparsity']} | {run_label(app, r)} | {label}: {_pct(pf, 3)} of weights "
                  f"({_pct(h.neuron_fraction, 2)} of MLP neurons) → {_pct(sh, 0)} of the gap [{_pct(slo, 0)}, "
                  f"{_pct(shi, 0)}] | {verdict} |")
     for app, r in results.items():
@@ -339,7 +364,7 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
         if bad:
             verdict += f"; but {_fmt_side(bad)}"
         measured = _fmt_delta(d) + (f"; {_fmt_side(side)}" if side else "")
-        L.append(f"| utility: {PAPER['utility']} | {app} | {label}: {measured}{width} | {verdict} |")
+        L.append(f"| utility: {PAPER['utility']} | {run_label(app, r)} | {label}: {measured}{width} | {verdict} |")
     for app, r in results.items():
         if (found := headline(r)) is None:
             continue
@@ -350,7 +375,7 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                    "direction right; no paired test (the results hold no per-item outcomes)" if test is None else
                    "supported" if test.p < SIGNIFICANCE else "direction right, not significant")
         tested = f"; paired against the target: {_fmt_test(test)}" if test is not None else ""
-        L.append(f"| effect: {PAPER['effect']} | {app} | {r.metric} {_score(r, r.target_score)} → "
+        L.append(f"| effect: {PAPER['effect']} | {run_label(app, r)} | {r.metric} {_score(r, r.target_score)} → "
                  f"{_score(r, h.score)} {_ci(r, h.ci)} (donor {_score(r, r.donor_score)}){tested} | {verdict} |")
     for app, r in results.items():
         rows = compare_baselines(r)
@@ -374,8 +399,8 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
             significantly += f"; no paired test for {', '.join(untested)} (the results hold no per-item outcomes)"
         went_further = f"; went further only by breaking utility: {', '.join(broke)}" if broke else ""
         not_better = f"; went further with utility kept: {', '.join(lost)}" if lost else ""
-        L.append(f"| baselines: {PAPER['baselines']} | {app} | CNT ({_pct(rows[0]['cnt'].param_fraction, 2)} of weights) "
-                 f"moved further than {', '.join(won) or 'none'}{significantly}{went_further}{not_better} | "
+        L.append(f"| baselines: {PAPER['baselines']} | {run_label(app, r)} | CNT "
+                 f"({_pct(rows[0]['cnt'].param_fraction, 2)} of weights) moved further than {', '.join(won) or 'none'}{significantly}{went_further}{not_better} | "
                  f"{verdict} |")
     L += ["", *family_table(results), ""]
     L += seeds_section(results)
@@ -398,7 +423,7 @@ def family_table(results: dict[str, ApplicationResult]) -> list[str]:
         mini_s = (f"{_pct(mini.neuron_fraction, 2)} of neurons → {_score(r, mini.score)}" if mini else
                   "not reached" if r.search else "not run")
         app = r.application + (f" ({r.tag})" if r.tag else "")
-        L.append(f"| {family_of(r)} | {app} | {r.donor} → {r.target} | "
+        L.append(f"| {family_of(r)} | {run_label(app, r)} | {r.donor} → {r.target} | "
                  f"{_score(r, r.target_score)} | {_score(r, r.donor_score)} | "
                  + (f"{label}: {_score(r, h.score)} {_ci(r, h.ci)} | {_pct(_share(r, h), 0)} | "
                     f"{_fmt_delta(_utility_delta(r, h))}" if h else "– | – | –")
@@ -449,7 +474,7 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
 
 
 def application_section(app: str, r: ApplicationResult, figures: str) -> list[str]:
-    L = [f"## {app}: {r.donor} → {r.target} ({r.function})", "",
+    L = [f"## {run_label(app, r)}: {r.donor} → {r.target} ({r.function})", "",
          f"Target {r.metric} {_score(r, r.target_score)} {_ci(r, r.target_ci)}, donor "
          f"{_score(r, r.donor_score)} {_ci(r, r.donor_ci)}; profile `{r.config['profile']}`; "
          f"{r.n_params:,} parameters; run {r.seconds / 60:.1f} min"

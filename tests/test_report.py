@@ -162,7 +162,8 @@ def test_tagged_runs_do_not_replace_the_default(results_dir):
     summary = json.loads(s.read_text())
     assert summary["applications"]["alignment_enhancement"]["donor"] != "some-other-donor"
     assert summary["variants"]["alignment_enhancement.donor-full"]["donor"] == "some-other-donor"
-    assert "alignment_enhancement (donor-full) | some-other-donor" in rep.read_text()
+    assert any(line.startswith("| ") and "| alignment_enhancement (donor-full)" in line and "| some-other-donor →" in line
+               for line in rep.read_text().splitlines())
 
 
 def test_kept_utility_follows_the_runs_own_search_rule():
@@ -230,3 +231,21 @@ def test_plot_styles_come_from_the_methods_a_result_lists():
     assert {s[n][0] for n in ("cnt", "cnt_attribution", "cnt_minimal")} == {"C3"} and s["random"][0] == "0.5"
     others = [s[n] for n in ("weight_delta", "linear", "my_new_baseline")]
     assert len({c for c, _, _ in others}) == 3 and len({m for _, m, _ in others}) == 3
+
+
+def test_a_run_not_measured_on_the_whole_split_is_marked_history(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    base = json.loads(FIXTURE.read_text())
+    for stem, profile in (("alignment_enhancement", "report"), ("bias_removal", "sweep")):
+        run = dict(base, name=stem, when="2026-11-26T18:47:37", config=dict(base["config"], profile=profile))
+        if stem == "bias_removal":
+            run.update(application="bias_removal", metric="stereoset_ss")
+        (d / f"{stem}.json").write_text(json.dumps(run))
+    results = report.load_results(d)
+    assert report.whole_split(results["alignment_enhancement"]) and not report.whole_split(results["bias_removal"])
+    text = report.render(results)
+    assert "## alignment_enhancement:" in text and "## bias_removal (history: `sweep` profile, 2026-11-26):" in text
+    assert "Marked *history*: bias_removal —" in text
+    claims = [line for line in text.splitlines() if line.startswith("| sparsity:")]
+    assert [("(history" in line) for line in claims] == [False, True]
