@@ -11,6 +11,7 @@ JSON cannot disagree.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import time
@@ -309,13 +310,34 @@ def neuron_level_table(r: ApplicationResult) -> list[dict]:
 # the report
 # ---------------------------------------------------------------------------------------------------------------------
 
+def from_invocation(results: dict[str, ApplicationResult], invocation: dict) -> bool:
+    """Whether every result was written within ``invocation`` (a ``timings.json`` record with its end ``when`` and
+    ``seconds``; a record without ``when`` proves nothing)."""
+    if not invocation.get("when") or not results:
+        return False
+    end = dt.datetime.fromisoformat(invocation["when"])
+    start = end - dt.timedelta(seconds=invocation.get("seconds", 0) + 1)
+    try:
+        return all(start <= dt.datetime.fromisoformat(r.when) <= end + dt.timedelta(seconds=1)
+                   for r in results.values())
+    except ValueError:  # a result without its time
+        return False
+
+
 def render(results: dict[str, ApplicationResult], figures: str = "figures", timings: dict | None = None) -> str:
     """``timings``: ``papers/runs/timings.json`` (written by ``cnt reproduce``), for the duration of the last full
     default invocation."""
     full = (timings or {}).get("last_full_invocation")
-    took = (f" The last full `make reproduce` took {full['seconds'] / 60:.1f} min in one invocation ("
-            f"{len(full['notebooks'])} notebooks, {full.get('jobs', 1)} side by side; `papers/runs/timings.json`)."
-            if full else "")
+    took = ""
+    if full and from_invocation(results, full):
+        took = (f" The last full `make reproduce` took {full['seconds'] / 60:.1f} min in one invocation ("
+                f"{len(full['notebooks'])} notebooks, {full.get('jobs', 1)} side by side; `papers/runs/timings.json`)"
+                " and wrote every result below.")
+    elif results:
+        took = (" The results below do not all come from one `make reproduce` invocation: each section states its own "
+                "run and its time (the notebook's entry in `papers/runs/timings.json` says how it was run)"
+                + (f"; the last full default invocation took {full['seconds'] / 60:.1f} min"
+                   + (f" ({full['when'][:10]})" if full.get("when") else "") if full else "") + ".")
     L = ["# Reproduction report — Cross-Model Neuron Transfer (arXiv 2603.18449)", "",
          "Regenerated (`make reproduce`, or `cnt report` alone) from `papers/results/*.json` on "
          f"{time.strftime('%Y-%m-%d %H:%M')}. "

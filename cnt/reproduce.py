@@ -146,7 +146,8 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
               "sum_of_latest_seconds": round(sum(v["seconds"] for k, v in timings.items()  # default runs only
                                                  if (nb_dir / k).is_file()), 1),
               "last_invocation": {"notebooks": sorted(b.name for b in books), "seconds": total, "jobs": jobs,
-                                  "all": not only, "parameters": extra}}
+                                  "all": not only, "parameters": extra,
+                                  "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     if only or extra:  # a partial or non-default run keeps the record of the last full default one
         last = previous.get("last_invocation", {})
         full = previous.get("last_full_invocation") or (last if last.get("all") and not last.get("parameters") else None)

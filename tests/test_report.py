@@ -1,5 +1,6 @@
 """The report and figures are drawn from the results JSON only (fixture: a real tiny-model run of the runner)."""
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -249,3 +250,18 @@ def test_a_run_not_measured_on_the_whole_split_is_marked_history(tmp_path):
     assert "Marked *history*: bias_removal —" in text
     claims = [line for line in text.splitlines() if line.startswith("| sparsity:")]
     assert [("(history" in line) for line in claims] == [False, True]
+
+
+def test_the_report_says_one_invocation_only_when_it_wrote_every_result(results_dir):
+    results = report.load_results(results_dir)
+    when = results["alignment_enhancement"].when
+    end = (dt.datetime.fromisoformat(when) + dt.timedelta(seconds=30)).isoformat(timespec="seconds")
+    covering = {"notebooks": ["a.ipynb", "b.ipynb"], "seconds": 600.0, "jobs": 2, "when": end}
+    text = report.render(results, timings={"last_full_invocation": covering})
+    assert "took 10.0 min in one invocation" in text and "wrote every result below" in text
+    earlier = dict(covering, when="2020-01-01T00:00:00")  # before the result was written
+    for timings in ({"last_full_invocation": earlier}, {"last_full_invocation": dict(covering, when=None)}, {}):
+        text = report.render(results, timings=timings)
+        assert "in one invocation" not in text and "do not all come from one `make reproduce` invocation" in text
+    assert "the last full default invocation took 10.0 min (2020-01-01)" in report.render(
+        results, timings={"last_full_invocation": earlier})
