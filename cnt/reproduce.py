@@ -174,7 +174,8 @@ def execute_run(notebook: str, name: str, parameters: dict, *, threads: int | No
                 kernel: str = "python3") -> dict[str, bytes]:
     """One grid run wherever it is scheduled: papermill executes ``notebook`` with ``parameters`` into a private
     folder (``output_dir`` is set here), and every file it wrote comes back as ``{path under papers/: bytes}`` —
-    the results JSON, its figures and the executed notebook as ``runs/<name>.ipynb`` — for the caller to write, so
+    the results JSON, its figures and the executed notebook under the name ``make reproduce`` gives it
+    (:func:`run_name`: ``runs/<notebook stem>[.<family>][.<tag>].ipynb``) — for the caller to write, so
     a worker on another machine needs no shared disk. ``threads``: the kernel's OMP/MKL threads (None: as set)."""
     if threads is not None:
         os.environ.update(dict.fromkeys(_threads_per_job.VARS, str(threads)))
@@ -183,7 +184,7 @@ def execute_run(notebook: str, name: str, parameters: dict, *, threads: int | No
         (out / "results").mkdir(parents=True)
         executed = Path(tmp) / f"{name}.ipynb"
         run_papermill(Path(notebook), executed, {**parameters, "output_dir": str(out)}, kernel=kernel, progress=False)
-        files = {f"runs/{name}.ipynb": executed.read_bytes()}
+        files = {f"runs/{run_name(Path(notebook), parameters)}": executed.read_bytes()}  # as make reproduce names it
         files.update({str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()})
     return files
 
