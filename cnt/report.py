@@ -329,10 +329,10 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
     default invocation."""
     full = (timings or {}).get("last_full_invocation")
     took = ""
-    if full and from_invocation(results, full):
+    if full and (not results or from_invocation(results, full)):
         took = (f" The last full `make reproduce` took {full['seconds'] / 60:.1f} min in one invocation ("
                 f"{len(full['notebooks'])} notebooks, {full.get('jobs', 1)} side by side; `papers/runs/timings.json`)"
-                " and wrote every result below.")
+                + (" and wrote every result below." if results else "."))
     elif results:
         took = (" The results below do not all come from one `make reproduce` invocation: each section states its own "
                 "run and its time (the notebook's entry in `papers/runs/timings.json` says how it was run)"

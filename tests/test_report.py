@@ -263,5 +263,6 @@ def test_the_report_says_one_invocation_only_when_it_wrote_every_result(results_
     for timings in ({"last_full_invocation": earlier}, {"last_full_invocation": dict(covering, when=None)}, {}):
         text = report.render(results, timings=timings)
         assert "in one invocation" not in text and "do not all come from one `make reproduce` invocation" in text
+    assert "took 10.0 min in one invocation" in report.render({}, timings={"last_full_invocation": earlier})  # none yet
     assert "the last full default invocation took 10.0 min (2020-01-01)" in report.render(
         results, timings={"last_full_invocation": earlier})
