@@ -335,9 +335,11 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
                 + (" and wrote every result below." if results else "."))
     elif results:
         took = (" The results below do not all come from one `make reproduce` invocation: each section states its own "
-                "run and its time (the notebook's entry in `papers/runs/timings.json` says how it was run)"
-                + (f"; the last full default invocation took {full['seconds'] / 60:.1f} min"
-                   + (f" ({full['when'][:10]})" if full.get("when") else "") if full else "") + ".")
+                "run and its time (the notebook's entry in `papers/runs/timings.json` says how it was run)")
+        if full:
+            took += f"; the last full default invocation took {full['seconds'] / 60:.1f} min"
+            took += f" ({full['when'][:10]})" if full.get("when") else ""
+        took += "."
     L = ["# Reproduction report — Cross-Model Neuron Transfer (arXiv 2603.18449)", "",
          "Regenerated (`make reproduce`, or `cnt report` alone) from `papers/results/*.json` on "
          f"{time.strftime('%Y-%m-%d %H:%M')}. "
@@ -422,8 +424,8 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
         went_further = f"; went further only by breaking utility: {', '.join(broke)}" if broke else ""
         not_better = f"; went further with utility kept: {', '.join(lost)}" if lost else ""
         L.append(f"| baselines: {PAPER['baselines']} | {run_label(app, r)} | CNT "
-                 f"({_pct(rows[0]['cnt'].param_fraction, 2)} of weights) moved further than {', '.join(won) or 'none'}{significantly}{went_further}{not_better} | "
-                 f"{verdict} |")
+                 f"({_pct(rows[0]['cnt'].param_fraction, 2)} of weights) moved further than {', '.join(won) or 'none'}"
+                 f"{significantly}{went_further}{not_better} | {verdict} |")
     L += ["", *family_table(results), ""]
     L += seeds_section(results)
     for app, r in results.items():

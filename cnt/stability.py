@@ -82,14 +82,22 @@ def _share(r: ApplicationResult, e: MethodEntry) -> float:
     return gap_share(e.score, r.target_score, r.donor_score)
 
 
+def _overlaps(entries: Sequence[MethodEntry], pairs: Sequence[tuple[int, int]],
+              sets: Sequence[set] | None = None) -> tuple[list[float], list[float]]:
+    """For each pair of entries, the Jaccard overlap of their units, and of their layer maps where both have one."""
+    sets = sets if sets is not None else [unit_set(e.units) for e in entries]
+    unit = [jaccard(sets[i], sets[j]) for i, j in pairs]
+    layers = [layer_overlap(entries[i].per_layer, entries[j].per_layer) for i, j in pairs
+              if entries[i].per_layer and entries[j].per_layer]
+    return unit, layers
+
+
 def _pairwise(entries: Sequence[MethodEntry], fingerprint: ArchFingerprint | None) -> dict:
     """Unit and layer-map overlap over every pair of entries, with the chance level of the unit overlap (two random
     subsets of the same sizes from the units of the kinds they hold)."""
     sets = [unit_set(e.units) for e in entries]
     pairs = list(itertools.combinations(range(len(entries)), 2))
-    unit = [jaccard(sets[i], sets[j]) for i, j in pairs]
-    layers = [layer_overlap(entries[i].per_layer, entries[j].per_layer) for i, j in pairs
-              if entries[i].per_layer and entries[j].per_layer]
+    unit, layers = _overlaps(entries, pairs, sets)
     out = {"jaccard_mean": statistics.fmean(unit), "jaccard_min": min(unit), "jaccard_max": max(unit),
            "containment_mean": statistics.fmean(containment(sets[i], sets[j]) for i, j in pairs),
            "layer_overlap_mean": statistics.fmean(layers) if layers else None}
@@ -103,20 +111,16 @@ def _against_best(entries: Sequence[MethodEntry], shares: Sequence[float], seeds
     """Unit and layer-map overlap of every other seed's subset with the best-scored seed's (the largest share of the
     gap; the first seed on a tie), as means over the other seeds."""
     best = max(range(len(entries)), key=lambda i: (shares[i], -i))
-    others = [i for i in range(len(entries)) if i != best]
-    ref = unit_set(entries[best].units)
-    layers = [layer_overlap(entries[best].per_layer, entries[i].per_layer) for i in others
-              if entries[best].per_layer and entries[i].per_layer]
-    return {"best_seed": seeds[best],
-            "jaccard_vs_best": statistics.fmean(jaccard(ref, unit_set(entries[i].units)) for i in others),
+    unit, layers = _overlaps(entries, [(best, i) for i in range(len(entries)) if i != best])
+    return {"best_seed": seeds[best], "jaccard_vs_best": statistics.fmean(unit),
             "layer_overlap_vs_best": statistics.fmean(layers) if layers else None}
 
 
 def stability(group: Sequence[tuple[str, ApplicationResult]]) -> dict:
     """One group of seed runs (:func:`seed_groups`): per budget, the CNT effect (score and share of the gap) as mean ±
     sd over seeds, each seed's α, and the overlap of the selected units across seeds and against the best-scored
-    seed's; the minimal subset's size per
-    seed; every number per seed as well, so a reader can recompute the summary."""
+    seed's; the minimal subset's size per seed; every number per seed as well, so a reader can recompute the
+    summary."""
     runs = [r for _, r in group]
     first = runs[0]
     fp = ArchFingerprint.from_dict(first.fingerprint) if first.fingerprint else None

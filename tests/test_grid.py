@@ -109,7 +109,8 @@ def test_a_grid_runs_on_ray_resumes_and_matches_the_local_backend(tmp_path, ray_
     assert "disalignment (seed1)" in report and "bias_removal" in report
     executed = {p.name: p.stat().st_mtime_ns for p in (papers / "runs").glob("*.ipynb")}
     # named as make reproduce names them: the notebook's stem, then the family and tag of a variant
-    assert set(executed) == {"01_safety_disalignment.ipynb", "03_bias_removal.ipynb", "01_safety_disalignment.seed1.ipynb"}
+    assert set(executed) == {"01_safety_disalignment.ipynb", "03_bias_removal.ipynb",
+                             "01_safety_disalignment.seed1.ipynb"}
     timings = json.loads((papers / "runs" / "timings.json").read_text())
     assert all(timings["grid"][r.name]["backend"] == "ray" and timings["grid"][r.name]["seconds"] > 0 for r in runs)
 
