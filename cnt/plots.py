@@ -198,12 +198,14 @@ def neuron_map(scores, title: str = "neuron scores (layer × neuron)", top: int 
 
 def per_category(result: ApplicationResult, key: str = "per_bias_type", title: str | None = None):
     """Grouped bars of a per-category score (StereoSet SS per bias type) for the target, the donor and each method's
-    best setting (``details`` of each entry)."""
+    best setting (``details`` of each entry); CNT once, under the variant chosen on validation."""
     import pandas as pd
     import seaborn as sns
 
     rows = {"target": result.target_details.get(key, {}), "donor": result.donor_details.get(key, {})}
     for name in result.methods:
+        if name == "cnt" and all(e.variant in result.methods for e in result.entries(name)):
+            continue  # the best variant's entries, copied: drawn once, under the variant's name
         best = best_entry(result, name)
         if best and best.details.get(key):
             rows[name] = best.details[key]

@@ -266,3 +266,18 @@ def test_the_report_says_one_invocation_only_when_it_wrote_every_result(results_
     assert "took 10.0 min in one invocation" in report.render({}, timings={"last_full_invocation": earlier})  # none yet
     assert "the last full default invocation took 10.0 min (2020-01-01)" in report.render(
         results, timings={"last_full_invocation": earlier})
+
+
+def test_the_categories_plot_draws_cnt_once_under_its_variant():
+    """``cnt`` holds a copy of the variant chosen on validation: the per-category bars show that variant once (two
+    bars of one colour for the same entries read as two methods)."""
+    d = json.loads(FIXTURE.read_text())
+    cats = {"gender": 60.0, "race": 70.0}
+    d["target_details"], d["donor_details"] = {"per_bias_type": cats}, {"per_bias_type": {"gender": 50.0, "race": 52.0}}
+    for entries in d["methods"].values():
+        for e in entries:
+            e["details"] = {"per_bias_type": {c: v - e["score"] for c, v in cats.items()}}
+    fig = plots.per_category(R(d))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "cnt" not in labels and labels.count("cnt_attribution") == 1
+    assert {"target", "donor", "cnt_activation_contrast", "random"} <= set(labels)
