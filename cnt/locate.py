@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from .arch import MLPNeurons, check_compatible, units
-from .models import autocast_dtype, model_device
+from .models import autocast_dtype, lean_allocator, model_device
 from .masks import learned_mask
 from .mixing import gamma_gradient
 from .scores import NeuronScores, unit_costs
@@ -241,4 +241,5 @@ def locate(scorer: str, task: Task, donor, target, tokenizer, **settings) -> Neu
         found = SCORERS[scorer]
     except KeyError:
         raise ValueError(f"unknown scorer {scorer!r}; scorers: {', '.join(SCORERS)}") from None
-    return found(task, donor, target, tokenizer, **settings)
+    with lean_allocator(model_device(target)):  # the peak is what is live, not what earlier steps freed
+        return found(task, donor, target, tokenizer, **settings)

@@ -22,6 +22,9 @@ The first load checks the GGUF's sha256, de-quantizes it once into float32 safet
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import time
@@ -387,10 +390,11 @@ def encode(tokenizer, texts: Sequence[str], max_length: int | None = None, devic
 
 
 def pad_right(ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None,
-              device=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+              device=None, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Right-padded ``(input_ids, labels, attention_mask)`` (labels padded with -100). Right padding keeps positions
-    exact without position_ids: for scoring and training."""
-    width = max(map(len, ids))
+    exact without position_ids: for scoring and training. ``multiple``: the width rounded up to a multiple of it (a
+    few shapes instead of one per batch: see :data:`cnt.tasks.PAD_MULTIPLE`)."""
+    width = -(-max(map(len, ids)) // multiple) * multiple
     inp = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     lab = torch.full((len(ids), width), -100, dtype=torch.long) if labels is not None else None
@@ -427,6 +431,50 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
     return out
 
 
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+def release_freed_memory(device=None) -> None:
+    """Return the C allocator's freed CPU memory to the OS (glibc's ``malloc_trim``). Streamed passes allocate and
+    free many differently sized tensors per batch; glibc keeps the freed chunks in its arenas, so without this the
+    resident set creeps up batch after batch. A no-op off glibc and for GPU tensors."""
+    libc = _libc()
+    if libc is not None and (device is None or torch.device(device).type == "cpu"):
+        libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LEAN_MMAP_THRESHOLD = 1 << 20  # inside lean_allocator: CPU blocks from 1 MiB up are mapped and unmapped on their own
+SETTLED_MMAP_THRESHOLD = 32 << 20  # after it: glibc's own ceiling, where its dynamic threshold settles once large
+                                   # tensors have been freed
+
+
+@contextlib.contextmanager
+def lean_allocator(device=None):
+    """Inside: freed CPU tensors of 1 MiB and more go straight back to the OS. glibc's default raises its mmap
+    threshold to the size of each large block freed (up to 32 MiB), after which every activation of a streamed
+    backward pass comes from the heap and stays resident as fragments (the peak grows with each distinct batch shape).
+    Entering trims the heap; leaving sets the threshold to 32 MiB (where glibc's own settles; it stays static). A
+    no-op off glibc and for GPU tensors. Measured in papers/METHOD.md (locate's peak memory)."""
+    libc = _libc()
+    if libc is None or (device is not None and torch.device(device).type != "cpu"):
+        yield
+        return
+    libc.malloc_trim(0)
+    libc.mallopt(_M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding (what ``generate`` does); pass them to every padded forward."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -456,3 +504,4 @@ def inference_dtype(model, dtype: torch.dtype | None):
         yield copy
     finally:
         del copy
+        release_freed_memory(model_device(model))  # the copy's memory back to the OS, not kept by the allocator

@@ -4,13 +4,15 @@ between two texts, plain texts. Every locator scores units against a :class:`Tas
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from .models import chat_texts, model_device, pad_right
+from .models import chat_texts, model_device, pad_right, release_freed_memory
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -50,6 +52,9 @@ class Task:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+PAD_MULTIPLE = 32  # batches padded to a multiple of 32 tokens (see pair_batch)
+
+
 def pair_batch(tokenizer, examples: Sequence[Example], k: int, device):
     ids, labels = [], []
     for ex in examples:
@@ -57,23 +62,46 @@ def pair_batch(tokenizer, examples: Sequence[Example], k: int, device):
         r = tokenizer(ex.response, add_special_tokens=False)["input_ids"][:k] or [tokenizer.eos_token_id]
         ids.append(p + r)
         labels.append([-100] * len(p) + r)
-    return pad_right(ids, tokenizer.pad_token_id, labels, device)
+    return pad_right(ids, tokenizer.pad_token_id, labels, device, PAD_MULTIPLE)
 
 
 def text_batch(tokenizer, texts: Sequence[str], device, max_tokens: int = 128):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
-    return pad_right(ids, tokenizer.pad_token_id, [[-100] + i[1:] for i in ids], device)
+    return pad_right(ids, tokenizer.pad_token_id, [[-100] + i[1:] for i in ids], device, PAD_MULTIPLE)
+
+
+LOGSOFTMAX_ROWS = 64  # labelled positions per float32 log-softmax chunk (recomputed in the backward pass)
+
+
+def _label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
 
 
 def token_logprobs(model, inp, lab, mask):
-    """Log-probability of each labelled next token (0 elsewhere) and the label mask, ``[batch, positions - 1]``. The
-    softmax runs over the labelled positions only (a chat pair's few response tokens, not its whole prompt): the
-    float32 vocabulary-sized rows exist for those alone."""
-    logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits[:, :-1]  # no cache: recomputable
+    """Log-probability of each labelled next token (0 elsewhere) and the label mask, ``[batch, positions - 1]``.
+
+    Only the labelled positions reach the vocabulary: the model is asked for their logits alone (``logits_to_keep``
+    as a boolean mask, where the model's forward takes it — a chat pair's few response tokens, not its whole prompt),
+    and the float32 log-softmax runs ``LOGSOFTMAX_ROWS`` positions at a time under activation checkpointing, so a
+    long plain text holds its logits in the model's precision plus one chunk's float32 rows, not
+    ``positions × vocabulary`` float32 tensors for the forward and again for the backward pass. The same values as
+    the whole softmax at once (tested)."""
     tgt = lab[:, 1:]
     keep = tgt != -100
-    picked = torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).squeeze(-1)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        rows = torch.zeros_like(lab, dtype=torch.bool)
+        rows[:, :-1] = keep  # position p predicts token p + 1
+        logits = model(input_ids=inp, attention_mask=mask, use_cache=False, logits_to_keep=rows).logits  # [n, vocab]
+    else:
+        logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
+    labels = tgt[keep]
+    chunks = list(zip(logits.split(LOGSOFTMAX_ROWS), labels.split(LOGSOFTMAX_ROWS)))  # one backward node
+    if torch.is_grad_enabled() and logits.requires_grad:
+        parts = [checkpoint(_label_logprob, x, y, use_reentrant=False) for x, y in chunks]
+    else:
+        parts = [_label_logprob(x, y) for x, y in chunks]
+    picked = torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
     lp = torch.zeros(tgt.shape, dtype=picked.dtype, device=picked.device).index_put((keep,), picked)
     return lp, keep
 
@@ -96,6 +124,8 @@ def streamed_loss(model, tokenizer, examples: Sequence[Example], k: int, *, batc
         if backward:
             loss.backward()
         total += loss.item()
+        del loss
+        release_freed_memory(device)  # one batch's activations back to the OS before the next batch's
     return total
 
 

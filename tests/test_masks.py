@@ -187,3 +187,58 @@ def test_mask_is_seeded_and_leaves_the_models_alone(tok):
         all(p.requires_grad for p in target.parameters())
     with pytest.raises(ValueError, match="levels must be fractions"):
         locate("learned_mask", task, donor, target, tok, levels=(2.0,), progress=False)
+
+
+def _reference_logprobs(model, inp, lab, mask):
+    """The plain computation: every position's logits, one float32 log-softmax over the labelled ones."""
+    logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits[:, :-1]
+    tgt = lab[:, 1:]
+    keep = tgt != -100
+    picked = torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).squeeze(-1)
+    return torch.zeros(tgt.shape).index_put((keep,), picked), keep
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_token_logprobs_keeps_only_labelled_positions_and_equals_the_whole_softmax(model_type, monkeypatch):
+    """Asking the model for the labelled positions' logits alone (logits_to_keep) and taking the log-softmax in
+    checkpointed chunks gives the same values and the same gradients as the whole softmax at once (a chunk boundary
+    inside a row, right padding, a row with one label)."""
+    from cnt import tasks
+
+    monkeypatch.setattr(tasks, "LOGSOFTMAX_ROWS", 3)
+    model = tiny_model(model_type, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    inp = torch.randint(3, 100, (3, 9), generator=gen)
+    mask = torch.ones_like(inp)
+    mask[1, 7:], mask[2, 4:] = 0, 0
+    lab = inp.clone()
+    lab[mask == 0] = -100
+    lab[0, :3] = -100  # a prompt
+    lab[2, :3] = -100  # one labelled token
+    values, grads = [], []
+    for fn in (tasks.token_logprobs, _reference_logprobs):
+        model.zero_grad()
+        lp, keep = fn(model, inp, lab, mask)
+        (-lp.sum()).backward()
+        values.append((lp.detach(), keep))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(values[0][1], values[1][1])
+    torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_padding_to_a_multiple_changes_no_loss(tok, monkeypatch):
+    """Batches are padded to a multiple of tasks.PAD_MULTIPLE tokens (few distinct shapes: the allocator reuses
+    them); the padding is masked and unlabelled, so the loss is the one of the tightest padding."""
+    from cnt import tasks
+
+    model = tiny_model("llama", seed=0, vocab_size=len(tok))
+    ex = [Example(prompt=p, response="I cannot help with that.") for p in PROMPTS[:3]] + \
+        [Example(text="The quick brown fox jumps over the lazy dog.")]
+    inp, _, _ = tasks.pair_batch(tok, ex[:3], 3, "cpu")
+    assert inp.shape[1] % tasks.PAD_MULTIPLE == 0
+    with torch.no_grad():
+        padded = tasks.task_loss(model, tok, ex, 3)
+        monkeypatch.setattr(tasks, "PAD_MULTIPLE", 1)
+        tight = tasks.task_loss(model, tok, ex, 3)
+    torch.testing.assert_close(padded, tight, rtol=1e-5, atol=1e-5)
