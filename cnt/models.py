@@ -440,12 +440,17 @@ def _libc():
         return None
 
 
+def _cpu_libc(device):
+    """glibc, where ``device`` (None: the CPU) keeps its tensors in the C allocator; otherwise None."""
+    return _libc() if device is None or torch.device(device).type == "cpu" else None
+
+
 def release_freed_memory(device=None) -> None:
     """Return the C allocator's freed CPU memory to the OS (glibc's ``malloc_trim``). Streamed passes allocate and
     free many differently sized tensors per batch; glibc keeps the freed chunks in its arenas, so without this the
     resident set creeps up batch after batch. A no-op off glibc and for GPU tensors."""
-    libc = _libc()
-    if libc is not None and (device is None or torch.device(device).type == "cpu"):
+    libc = _cpu_libc(device)
+    if libc is not None:
         libc.malloc_trim(0)
 
 
@@ -462,17 +467,17 @@ def lean_allocator(device=None):
     backward pass comes from the heap and stays resident as fragments (the peak grows with each distinct batch shape).
     Entering trims the heap; leaving sets the threshold to 32 MiB (where glibc's own settles; it stays static). A
     no-op off glibc and for GPU tensors. Measured in papers/METHOD.md (locate's peak memory)."""
-    libc = _libc()
-    if libc is None or (device is not None and torch.device(device).type != "cpu"):
+    libc = _cpu_libc(device)
+    if libc is None:
         yield
         return
-    libc.malloc_trim(0)
+    release_freed_memory(device)
     libc.mallopt(_M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD)
     try:
         yield
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
-        libc.malloc_trim(0)
+        release_freed_memory(device)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

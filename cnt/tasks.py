@@ -3,6 +3,7 @@ between two texts, plain texts. Every locator scores units against a :class:`Tas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -78,6 +79,12 @@ def _label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
 
 
+@functools.cache
+def _takes_logits_to_keep(model_class) -> bool:
+    """Whether this model class's forward can return logits for chosen positions only (read once per class)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def token_logprobs(model, inp, lab, mask):
     """Log-probability of each labelled next token (0 elsewhere) and the label mask, ``[batch, positions - 1]``.
 
@@ -89,7 +96,7 @@ def token_logprobs(model, inp, lab, mask):
     the whole softmax at once (tested)."""
     tgt = lab[:, 1:]
     keep = tgt != -100
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if _takes_logits_to_keep(type(model)):
         rows = torch.zeros_like(lab, dtype=torch.bool)
         rows[:, :-1] = keep  # position p predicts token p + 1
         logits = model(input_ids=inp, attention_mask=mask, use_cache=False, logits_to_keep=rows).logits  # [n, vocab]
