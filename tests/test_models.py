@@ -120,7 +120,7 @@ def test_qwen_loads_and_answers():
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator, read from /proc")
 def test_lean_allocator_returns_freed_blocks_to_the_os():
     """Inside lean_allocator a freed tensor of 1 MiB or more leaves the resident set even when a small live tensor
-    sits after it on the heap; glibc's default (its threshold raised by a large free) keeps each such hole."""
+    sits after it on the heap, where glibc's default (its threshold raised by a large free) can keep each such hole."""
     import subprocess
 
     code = """if True:
@@ -137,6 +137,8 @@ def test_lean_allocator_returns_freed_blocks_to_the_os():
         with models.lean_allocator("cuda"):  # not the CPU: nothing changes
             pass
     """
-    grown = {m: float(subprocess.run([sys.executable, "-c", code, m], check=True, capture_output=True,
-                                     text=True).stdout) for m in ("default", "lean")}
-    assert grown["lean"] < 4 < 30 < grown["default"], grown
+    # only the lean side is asserted: whether glibc's default keeps the holes depends on where its small free chunks
+    # lie (it kept > 30 MiB in 3 of 4 runs, 1.9 MiB in the fourth), so that side is not a stable expectation
+    grown = float(subprocess.run([sys.executable, "-c", code, "lean"], check=True, capture_output=True,
+                                 text=True).stdout)
+    assert grown < 4, grown
