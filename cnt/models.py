@@ -409,24 +409,68 @@ def pad_right(ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequen
     return inp, lab, mask
 
 
+PREFIX_MIN_TOKENS = 8  # a shared prompt opening shorter than this is not worth its own forward pass
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence of ``ids`` shares (a chat template's system turn), leaving each at least
+    one token of its own (the first decoding step needs an input)."""
+    if not ids:
+        return 0
+    first, limit = ids[0], min(map(len, ids)) - 1
+    n = 0
+    while n < limit and all(seq[n] == first[n] for seq in ids):
+        n += 1
+    return n
+
+
+def prefix_cache(model, prefix: Sequence[int]):
+    """The key/value cache of ``prefix`` (one sequence), or ``None`` where the model's cache cannot be repeated over
+    a batch (:func:`generate` then runs without it)."""
+    ids = torch.tensor([list(prefix)], device=model_device(model))
+    cache = model(input_ids=ids, use_cache=True).cache
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
-             system: str | None = None, chat: bool = True, progress: bool = True) -> list[str]:
-    """Greedy responses to ``prompts`` (batched, longest first, left padding); returns the decoded new text only."""
+             system: str | None = None, chat: bool = True, progress: bool = True,
+             share_prefix: bool = True) -> list[str]:
+    """Greedy responses to ``prompts`` (batched, longest first); returns the decoded new text only.
+
+    With ``share_prefix`` the opening every prompt shares (the chat template's system turn: 24 of SmolLM2's ~45
+    prompt tokens) is run once and its key/value cache repeated over each batch; a batch is laid out
+    ``[prefix][padding][prompt's own tokens]``, positions counted over the unmasked tokens, so each row sees the
+    same sequence at the same positions as alone. It changes the arithmetic's rounding, not the computation (in
+    bf16 a tenth of SmolLM2's greedy answers then take another near-tie; in float32 none did in the tests)."""
     from tqdm.auto import tqdm
 
     texts = chat_texts(tokenizer, prompts, system) if chat else list(prompts)
+    ids = tokenizer(texts, add_special_tokens=not tokenizer.chat_template)["input_ids"]  # as encode() does
+    n_prefix = shared_prefix_length(ids) if share_prefix and len(ids) > 1 else 0
+    cache = prefix_cache(model, ids[0][:n_prefix]) if n_prefix >= PREFIX_MIN_TOKENS else None
+    n_prefix = n_prefix if cache is not None else 0
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out: list[str] = [""] * len(texts)
     device = model_device(model)
+    pad = tokenizer.pad_token_id
     batches = range(0, len(order), batch_size)
     for s in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2, leave=False):
         idx = order[s:s + batch_size]
-        enc = encode(tokenizer, [texts[i] for i in idx], device=device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
-        for i, row in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+        own = [ids[i][n_prefix:] for i in idx]
+        width = n_prefix + max(map(len, own))
+        inp = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        inp[:, :n_prefix], mask[:, :n_prefix] = torch.tensor(ids[idx[0]][:n_prefix], dtype=torch.long), 1
+        for r, seq in enumerate(own):
+            inp[r, width - len(seq):], mask[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long), 1
+        kw = {}
+        if cache is not None:
+            kw["cache"] = deepcopy(cache)
+            kw["cache"].batch_repeat_interleave(len(idx))
+        gen = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad, **kw)
+        for i, row in zip(idx, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
             out[i] = row.strip()
     return out
 

@@ -33,6 +33,46 @@ def test_batched_generation_equals_single(smol):
     assert batched == single
 
 
+def test_shared_prefix_length_leaves_each_sequence_a_token_of_its_own():
+    assert models.shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 3, 4, 7]]) == 3
+    assert models.shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter one keeps its last token
+    assert models.shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert models.shared_prefix_length([]) == 0
+
+
+class _CharTokenizer:
+    """A stand-in tokenizer for the tiny models (ids 3..102, one per character; no chat template)."""
+
+    chat_template = None
+    pad_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[1] * add_special_tokens + [3 + ord(c) % 100 for c in t] for t in texts]}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(str(int(i)) for i in row if not (skip_special_tokens and int(i) in (0, 1, 2)))
+                for row in rows]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text", "gpt2"])
+def test_a_shared_prefix_run_once_gives_the_same_answers(model_type):
+    """The prompts' common opening, run once and its cache repeated over the batch (padding between it and each
+    prompt's own tokens), gives the greedy answers of the plain left-padded batch and of each prompt alone, in float32
+    — GQA (qwen2) and Gemma 3's sliding-window layers included."""
+    from cnt.tiny import tiny_model
+
+    kw = {} if model_type == "gpt2" else {"num_key_value_heads": 2}
+    model, tok = tiny_model(model_type, seed=0, **kw), _CharTokenizer()
+    prompts = ["System: answer briefly.\nUser: " + p for p in ("hi", "what is two and two?", "name a colour")]
+    assert models.shared_prefix_length(tok(prompts)["input_ids"]) >= models.PREFIX_MIN_TOKENS
+    run = lambda ps, share: generate(model, tok, ps, max_new_tokens=8, batch_size=3, chat=False,  # noqa: E731
+                                     progress=False, share_prefix=share)
+    shared = run(prompts, True)
+    assert shared == run(prompts, False)
+    assert shared == [run([p], False)[0] for p in prompts]
+    assert all(shared) and len(set(shared)) > 1  # not vacuous: answers, and different ones
+
+
 def test_chat_template_and_left_padding(smol):
     _, tok = smol
     texts = chat_texts(tok, ["Hi", "A much longer request with many more words in it"])

@@ -77,8 +77,10 @@ def distill(ctx: BuildContext, prompts: Sequence[str], max_new_tokens: int = 48,
         t0 = time.time()
         texts = [t + prefill for t in chat_texts(ctx.tokenizer, prompts)] if prefill else list(prompts)
         with inference_dtype(ctx.model, torch.bfloat16) as model:
+            # share_prefix=False: the zoo's training data stays what its cards record (a shared prefix changes bf16
+            # rounding, and with it a tenth of the greedy answers)
             answers = generate(model, ctx.tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=32,
-                               chat=not prefill, progress=ctx.progress)
+                               chat=not prefill, progress=ctx.progress, share_prefix=False)
         ctx.answers["generated"] += len(prompts)
         ctx.answers["generate_seconds"] = round(ctx.answers["generate_seconds"] + time.time() - t0, 1)
         return answers
