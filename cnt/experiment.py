@@ -449,19 +449,19 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
                                       setting=mod.setting | {"budget": b}, seconds=mod.seconds))
                 del model
         else:  # swept: judge each setting on validation, evaluate the chosen one
-            assessed, mod, model = [], None, None
-            for s in settings:
+            assessed, chosen = [], None
+            for j, s in enumerate(settings):
                 mod = baseline(donor, target, tok, function, **s)
-                if len(settings) == 1:  # nothing to choose (SFT, the ablation that picks its own layer)
-                    model = mod.materialize(target)
-                    break
-                candidate = mod.materialize(target)
-                assessed.append(val.assess_model(candidate))
-                del candidate, mod
-            i = choose(assessed) if assessed else 0
-            if model is None:  # rebuild the chosen setting (deterministic: every baseline is seeded)
-                mod = baseline(donor, target, tok, function, **settings[i])
                 model = mod.materialize(target)
+                if len(settings) > 1:  # one setting: nothing to choose (SFT, the ablation that picks its own layer)
+                    assessed.append(val.assess_model(model))
+                # keep the one choose() picks so far: a setting it passes over now it never picks later (the pool
+                # of settings with utility held only grows), so the choice is kept, not rebuilt (an SFT run)
+                if len(settings) == 1 or choose(assessed) == j:
+                    chosen = (j, mod, model)
+                del mod, model
+            i, mod, model = chosen
+            del chosen
             public = {k: v for k, v in _public(settings[i]).items() if k != "lam"}  # mod.setting has "lambda"
             swept = [{"setting": _public(s),
                       "validation_share": a["share"], "utility_ok": a["utility_ok"]}

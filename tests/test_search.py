@@ -215,6 +215,19 @@ class _AlphaProxy(functions.Proxy):
         return {"score": 0.3 * self.alpha, "ppl": 10.0 * (1.5 if self.alpha >= 8 else 1.0), "degenerate": 0.0}
 
 
+def test_choose_never_picks_a_setting_it_passed_over():
+    """What lets the experiment keep only the current pick while it assesses settings one by one (not rebuild the
+    chosen one afterwards): the final choice was already the choice when it was assessed, and stayed it."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [{"share": rng.choice([0.1, 0.5, 0.9, 1.2, float("nan")]), "utility_ok": rng.random() < 0.5}
+             for _ in range(rng.randint(1, 6))]
+        final = functions.choose(a)
+        assert all(functions.choose(a[:t + 1]) == final for t in range(final, len(a)))
+
+
 def test_fixed_budget_with_several_alphas_chooses_on_validation(fixture, monkeypatch):  # noqa: F811
     donor, target, tok = fixture
     proxy = _AlphaProxy()
