@@ -6,6 +6,10 @@ cnt: locate + search + transfer for a zoo pair (goal for SmolLM2: <= 60 s on 2 C
      reference, wall time, CPU time (all threads; what the cost goal is judged on, since it does not grow when
      other jobs share the cores) and peak memory, with ratios to one forward pass over the same prompts.
 scaling: locate's time against the number of function prompts (32 -> 512), with a linear fit.
+generate: the report profile's generations (every harmful eval prompt, 200 benign + every over-refusal one, 200
+     additions) on the alignment target, one torch thread, bf16, with the prompts' shared opening run once and
+     without: CPU time of each and how many answers and judge verdicts stay the same (what ``make reproduce`` spends
+     most of its time on; the 60-minute goal of issue #24).
 
 `cnt --reuse-reference` measures CNT again and keeps the baselines and the SFT reference from bench.json (same pair).
 
@@ -51,6 +55,54 @@ def time_eval(name: str, profile: str, goal_s: float) -> dict:
     res = json.loads(out.stdout.strip().splitlines()[-1])
     return {"model": name, "profile": profile, "seconds": round(res["seconds"], 1), "goal_s": goal_s,
             "meets_goal": res["seconds"] <= goal_s, "per_metric_s": res["per_metric"]}
+
+
+_GENERATE_CODE = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from cnt import data
+from cnt.evaluate import PROFILES
+from cnt.models import fast_dtype, generate, inference_dtype
+from cnt.zoo import load_model
+name, share = json.loads(sys.argv[1])
+p = PROFILES["report"]
+model, tok = load_model(name)
+sets = {"harmful": (data.texts(data.load("harmful", "eval", limit=p.harmful)), p.max_new_tokens),
+        "benign": (data.texts(data.load("benign", "eval", limit=p.benign))
+                   + data.texts(data.load("overrefusal", "eval", limit=p.overrefusal)), p.max_new_tokens),
+        "arithmetic": ([r["prompt"] for r in data.load("arithmetic", "eval", limit=p.arithmetic)], 24)}
+out = {}
+with inference_dtype(model, fast_dtype(None)) as fast:
+    for key, (prompts, tokens) in sets.items():
+        cpu = time.process_time()
+        answers = generate(fast, tok, prompts, max_new_tokens=tokens, batch_size=p.batch_size, progress=False,
+                           share_prefix=share)
+        out[key] = {"cpu_s": round(time.process_time() - cpu, 1), "n": len(prompts), "answers": answers}
+print(json.dumps(out))
+"""
+
+
+def time_generate(name: str = "smol-arith") -> dict:
+    """The report profile's generations with and without the shared prefix (each in a fresh process, one thread)."""
+    from cnt.evaluate.judge import is_degenerate, is_refusal
+
+    runs = {}
+    for share in (False, True):
+        out = subprocess.run([sys.executable, "-c", _GENERATE_CODE, json.dumps([name, share])], check=True,
+                             capture_output=True, text=True, cwd=ROOT)
+        runs[share] = json.loads(out.stdout.strip().splitlines()[-1])
+    res = {"model": name, "profile": "report", "torch_threads": 1, "sets": {}}
+    for key in runs[False]:
+        plain, shared = runs[False][key], runs[True][key]
+        pairs = list(zip(plain["answers"], shared["answers"]))
+        res["sets"][key] = {"n": plain["n"], "plain_cpu_s": plain["cpu_s"], "shared_prefix_cpu_s": shared["cpu_s"],
+                            "same_answer": sum(a == b for a, b in pairs),
+                            "same_refusal_verdict": sum(is_refusal(a) == is_refusal(b) for a, b in pairs),
+                            "same_degenerate_verdict": sum(is_degenerate(a) == is_degenerate(b) for a, b in pairs)}
+    total = {k: round(sum(v[k] for v in res["sets"].values()), 1) for k in ("plain_cpu_s", "shared_prefix_cpu_s")}
+    res.update(total, saved=round(1 - total["shared_prefix_cpu_s"] / total["plain_cpu_s"], 3))
+    return res
 
 
 PAIRS = {"smollm2": ("smol-safe", "smol-arith", "smollm2-135m-instruct"),
@@ -267,7 +319,7 @@ def main() -> None:
         args = args[:i] + args[i + 2:]
     reuse = "--reuse-reference" in args  # CNT measured again, the baselines and SFT reference kept from bench.json
     args = [a for a in args if a != "--reuse-reference"]
-    which = args or ["load", "eval", "cnt", "scaling"]
+    which = args or ["load", "eval", "generate", "cnt", "scaling"]
     results: dict = {"when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "papers" / "results" / "bench.json"
     previous = json.loads(out.read_text()) if out.is_file() else {}
@@ -276,6 +328,8 @@ def main() -> None:
     if "eval" in which:
         results["eval"] = [time_eval("smollm2-135m-instruct", "quick", 60.0),
                            time_eval("smollm2-135m-instruct", "full", 300.0)]
+    if "generate" in which:
+        results["generate"] = [time_generate()]
     if "cnt" in which:
         earlier = {c["family"]: c for c in previous.get("cnt", [])}
         if reuse and not all(f in earlier for f in families):
