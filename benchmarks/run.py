@@ -6,6 +6,7 @@ cnt: locate + search + transfer for a zoo pair (goal for SmolLM2: <= 60 s on 2 C
      reference, wall time, CPU time (all threads; what the cost goal is judged on, since it does not grow when
      other jobs share the cores) and peak memory, with ratios to one forward pass over the same prompts.
 scaling: locate's time against the number of function prompts (32 -> 512), with a linear fit.
+memory: locate alone with each locator (48 prompts), its peak over the donor's + target's weights (goal <= 1.5x).
 generate: the report profile's generations (every harmful eval prompt, 200 benign + every over-refusal one, 200
      additions) on the alignment target, one torch thread, bf16, with the prompts' shared opening run once and
      without: CPU time of each and how many answers and judge verdicts stay the same (what ``make reproduce`` spends
@@ -252,6 +253,15 @@ def time_cnt(family: str, sft_steps: int = 20, reference: dict | None = None) ->
     return res
 
 
+def locate_memory(family: str) -> dict:
+    """Locate alone with each locator (a fresh process each): the peak through it over the two models' weights."""
+    runs = {loc: _run(family, "locate", locator=loc) for loc in LOCATORS}
+    keep = ("locate_cpu_s", "peak_locate_mib", "rss_kit_mib", "param_mib_each", "locate_peak_over_weights")
+    return {"family": family, "goal_over_weights": 1.5,
+            "locators": {loc: {k: r[k] for k in keep} | {"meets_memory_goal": r["locate_peak_over_weights"] <= 1.5}
+                         for loc, r in runs.items()}}
+
+
 def scaling(family: str, sizes=SIZES) -> dict:
     import numpy as np
 
@@ -339,10 +349,12 @@ def main() -> None:
         if reuse:
             for c in results["cnt"]:
                 c["reference_measured"] = earlier[c["family"]].get("reference_measured", previous.get("when"))
+    if "memory" in which:
+        results["memory"] = [locate_memory(f) for f in families]
     if "scaling" in which:
         results["scaling"] = [scaling(f, sizes) for f in families]
     out.parent.mkdir(parents=True, exist_ok=True)
-    for key in ("cnt", "scaling"):  # keep other families' entries
+    for key in ("cnt", "scaling", "memory"):  # keep other families' entries
         if key in results:
             results[key] = [r for r in previous.get(key, []) if r["family"] not in families] + results[key]
     previous.update(results)
