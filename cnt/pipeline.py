@@ -18,6 +18,7 @@ from typing import Callable, ContextManager, Sequence
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
 from .functions import Proxy, Validator, build_task, choose, default_scorer, rule_limits
 from .locate import NeuronScores, Task, kind_scorers, locate
+from .models import model_device, release_freed_memory
 from .scores import check_budget, neurons_for
 from .search import ALPHAS, SearchResult, SearchStep, minimal_subset, step_of
 from .transfer import NeuronPatch, PatchError, check_alpha
@@ -72,6 +73,9 @@ class Pipeline:
             with self.stage("task"):
                 self._task = build_task(self.function, self.donor, self.target, self.tokenizer, seed=self.seed,
                                         progress=self.progress, **self.task_kwargs)
+                # what generating the answers freed goes back to the system before locate starts (measured on
+                # SmolLM2: the resident set before locate 1.62x the two models' weights without this, 1.22x with it)
+                release_freed_memory(model_device(self.target))
         return self._task
 
     def scores(self, scorer: str | None = None, kinds: Sequence[str] = ("mlp",), *,
