@@ -90,7 +90,7 @@ def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed:
 
 def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48, n_utility: int = 32, seed: int = 0,
                response_tokens: int = 3, utility_weight: float = UTILITY_WEIGHT, n_wiki: int = 32,
-               split: str = "locate", progress: bool = False) -> Task:
+               n_overrefusal: int = 0, split: str = "locate", progress: bool = False) -> Task:
     """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16). Utility: the
     target's own answers to ``n_utility`` benign prompts and ``n_wiki`` Wikipedia passages (language modelling, what
     perplexity checks), weighted ``utility_weight`` against the function; for bias, ``n_utility`` passages. ``split``
@@ -100,6 +100,8 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     if function_spec(function).source == "refusal":
         harmful = function_prompts(function, n_function, split=split, seed=seed)
         benign = data.texts(data.load("benign", split, seed=seed, limit=n_utility))
+        if n_overrefusal:
+            benign += data.texts(data.load("overrefusal", split, seed=seed, limit=n_overrefusal))
         with inference_dtype(donor, fast_dtype(model_device(donor))) as d:
             d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)
         with inference_dtype(target, fast_dtype(model_device(target))) as t:
@@ -107,7 +109,8 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
         wiki = [Example(text=r["text"]) for r in data.load("wiki", split, seed=seed, limit=n_wiki)] if n_wiki else []
         return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
                     [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)] + wiki, response_tokens,
-                    utility_weight, {"split": split, "seed": seed, "n_wiki": len(wiki)})
+                    utility_weight, {"split": split, "seed": seed, "n_wiki": len(wiki),
+                                     "n_overrefusal": n_overrefusal})
     items = data.load("stereoset", split, seed=seed, limit=n_function)
     donor_ss = _ss(donor, tokenizer, items)
     target_ss = _ss(target, tokenizer, items)
