@@ -114,6 +114,13 @@ class ApplicationConfig:
         return result_name(self.application, self.family, self.tag)
 
 
+def _alpha_candidates(steps) -> list[dict]:
+    """Every amplification tried at a budget, as judged on validation (its share, whether utility held and which
+    check failed): the record of why the chosen α won, beside the baselines' swept settings."""
+    return [{"setting": {"alpha": s.alpha}, "validation_share": s.share, "utility_ok": s.utility_ok,
+             "failed": list(s.failed)} for s in steps]
+
+
 def _check_field_types(config) -> None:
     """Each field of exactly its declared type (a JSON or papermill value of another type is refused, not coerced:
     ``budgets=True`` is not 100%, ``seed="0"`` is not 0); numbers finite; one value where a tuple is declared is
@@ -394,7 +401,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
             variants.setdefault(f"cnt_{scorer}", []).append(
                 _entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params, alpha=patch.alpha,
                        budget=b, validation_share=chosen.share, per_layer=patch.per_layer(),
-                       units=patch.unit_lists()))
+                       units=patch.unit_lists(), validation=_alpha_candidates(steps)))
     # the best variant, on validation: the one whose patches went furthest toward the donor on average
     best = max(variants, key=lambda v: sum(e.validation_share for e in variants[v]))
     best_scores = pipe.scores(best.removeprefix("cnt_"), iterative_budget=max(config.budgets))
@@ -411,7 +418,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
             methods["cnt_minimal"] = [_entry(rep, metric, patch.neuron_fraction, patch.n_params / n_params,
                                              alpha=res.alpha, validation_share=res.share, variant=best,
                                              per_layer=patch.per_layer(), units=patch.unit_lists())]
-        search_info = {k: v for k, v in res.to_dict().items() if k != "steps"} | {"n_steps": len(res.steps)}
+        search_info = res.to_dict() | {"n_steps": len(res.steps)}
     else:
         search_info = None
     timings.update((k, v) for k, v in pipe.timings.items() if k != "transfer")

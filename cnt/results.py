@@ -52,7 +52,7 @@ class MethodEntry(_FlatRecord):
     setting: dict | None = None  # a baseline's setting
     seconds: float | None = None
     chosen_on_validation: bool | None = None
-    validation: list | None = None  # a swept baseline: every setting's validation share
+    validation: list | None = None  # every setting tried on validation (a baseline's sweep; CNT's α per budget)
     score_sd: float | None = None  # random neurons: spread over seeds
     seeds: list[float] | None = None
     seed_cis: list | None = None

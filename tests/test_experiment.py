@@ -62,6 +62,12 @@ def test_run_application_end_to_end(tiny_folders):
     assert lin[0]["setting"]["lambda"] in (0.5, 1.0)  # recorded under the merge's own name
     # the best CNT variant is named, and chosen on validation shares (present on every entry)
     assert all("validation_share" in e for e in saved["methods"]["cnt"])
+    # and every α tried at each budget, judged on validation: the chosen one among them, with its share; a rejected
+    # one names the check that failed
+    for e in saved["methods"]["cnt"]:
+        tried = {v["setting"]["alpha"]: v for v in e["validation"]}
+        assert sorted(tried) == [1.0, 2.0] and tried[e["alpha"]]["validation_share"] == e["validation_share"]
+        assert all(v["utility_ok"] == (not v["failed"]) for v in tried.values())
     # the selected units, for stability across seeds: as many as the budget's neurons, in the layers per_layer counts
     for e in saved["methods"]["cnt"]:
         assert [len(e["units"]["mlp"].get(str(layer), [])) for layer in range(len(e["per_layer"]))] == e["per_layer"]
