@@ -146,19 +146,24 @@ class Proxy:
     wiki: list[str] = field(default_factory=list)
     n_generate: int = 48  # harmful prompts answered greedily to check the text is still language (``degenerate``)
     generate_tokens: int = 20
+    benign_more: list[str] = field(default_factory=list)  # the rest of the split's benign prompts (whole_false_refusal)
 
     @classmethod
-    def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16, n_benign: int = 40) -> "Proxy":
+    def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16, n_benign: int = 40,
+                     whole_benign: bool = True) -> "Proxy":
         """``n`` harmful prompts; ``n_benign`` benign ones, a fifth of them over-refusal probes (as in the
-        evaluation's false-refusal sample)."""
+        evaluation's false-refusal sample); with ``whole_benign``, every other benign and over-refusal prompt of the
+        validation split in :attr:`benign_more`, for :meth:`whole_false_refusal`."""
         wiki = data.texts(data.load("wiki", "validation", seed=seed, limit=n_wiki), "text")
         if function_spec(function).source == "stereoset":
             return cls(function, stereo=data.load("stereoset", "validation", seed=seed), wiki=wiki)
         n_over = n_benign // 5
-        benign = data.texts(data.load("benign", "validation", seed=seed, limit=n_benign - n_over)) + \
-            data.texts(data.load("overrefusal", "validation", seed=seed, limit=n_over))
+        everyday = data.texts(data.load("benign", "validation", seed=seed))
+        over = data.texts(data.load("overrefusal", "validation", seed=seed))
+        cut = n_benign - n_over
+        more = everyday[cut:] + over[n_over:] if whole_benign and function_spec(function).adds_refusal else []
         return cls(function, harmful=data.texts(data.load("harmful", "validation", seed=seed, limit=n)),
-                   benign=benign, wiki=wiki)
+                   benign=everyday[:cut] + over[:n_over], wiki=wiki, benign_more=more)
 
     @torch.no_grad()
     def measure(self, model, tokenizer) -> dict[str, float]:
@@ -179,6 +184,17 @@ class Proxy:
             if spec.adds_refusal:
                 out["false_refusal"] = float(np.mean([is_refusal(a) for a in answers[len(prompts) - len(self.benign):]]))
         return out
+
+    @torch.no_grad()
+    def whole_false_refusal(self, model, tokenizer, sample_rate: float) -> float:
+        """False refusal over every benign prompt the proxy holds: the sample's rate (``sample_rate``, on
+        :attr:`benign`, from :meth:`measure`) pooled with greedy answers to :attr:`benign_more`. The sample alone
+        (40 prompts: one answer moves it 2.5 points) let settings through that refused 7-15 points more benign eval
+        prompts than the target (METHOD.md)."""
+        answers = generate(model, tokenizer, self.benign_more, max_new_tokens=self.generate_tokens, batch_size=48,
+                           progress=False)
+        refused = sample_rate * len(self.benign) + sum(map(is_refusal, answers))
+        return float(refused / (len(self.benign) + len(answers)))
 
 
 def gap_share(score: float, t: float, d: float) -> float:
@@ -235,8 +251,22 @@ class Validator:
         self.work = deepcopy(target).to(self.fast)
         if measured is None:
             with torch.no_grad(), inference_dtype(donor, self.fast) as fast_donor:
-                measured = proxy.measure(self.work, tokenizer), proxy.measure(fast_donor, tokenizer)
+                measured = self._measure(self.work, always=True), self._measure(fast_donor, always=True)
         self.target, self.donor = measured
+
+    def _measure(self, model, always: bool = False) -> dict:
+        """The proxy's values; false refusal read on every benign prompt it holds (:meth:`Proxy.whole_false_refusal`)
+        for the target and donor, and for a change whose other utility checks held on the sample — a change that
+        already failed one is rejected whatever its false refusal (``false_refusal_n``: the prompts it was read on)."""
+        m = self.proxy.measure(model, self.tokenizer)
+        if m.get("false_refusal") is None:
+            return m
+        m["false_refusal_n"] = len(self.proxy.benign)
+        if self.proxy.benign_more and (always or judge({**m, "false_refusal": None}, self.target, self.donor,
+                                                       self.proxy.function, **self.rule)["utility_ok"]):
+            m["false_refusal"] = self.proxy.whole_false_refusal(model, self.tokenizer, m["false_refusal"])
+            m["false_refusal_n"] += len(self.proxy.benign_more)
+        return m
 
     def with_rule(self, **rule) -> "Validator":
         """The same validator (one working copy of the target, the same measurements) judging by other limits."""
@@ -253,7 +283,7 @@ class Validator:
         cast = patch.to(self.fast)
         cast.apply(self.work)
         try:
-            m = self.proxy.measure(self.work, self.tokenizer)
+            m = self._measure(self.work)
         finally:
             cast.revert(self.work)
         return self._judged(m)
@@ -262,4 +292,4 @@ class Validator:
     def assess_model(self, model) -> dict:
         """The same for a whole modified model (a merge, a fine-tune)."""
         with inference_dtype(model, self.fast) as fast:
-            return self._judged(self.proxy.measure(fast, self.tokenizer))
+            return self._judged(self._measure(fast))

@@ -282,3 +282,43 @@ def test_judge_names_each_utility_check_that_failed():
                          "refusal")
     assert not broke["ok"] and not broke["utility_ok"] and broke["share"] == pytest.approx(0.95)
     assert broke["failed"] == ["perplexity +5.0% (limit +2%)", "false refusal +8.3 points (limit +5)"]
+
+
+class _BenignProxy(functions.Proxy):
+    """Adding refusal: the 40-prompt sample shows no false refusal, the rest of the split's benign prompts a rate
+    ``more_rate``; perplexity breaks when ``broken``. Counts how often the rest is generated."""
+
+    def __init__(self, more_rate: float):
+        super().__init__("refusal", benign=["b"] * 40, benign_more=["m"] * 160)
+        self.more_rate, self.broken, self.whole_calls = more_rate, False, 0
+
+    def measure(self, model, tokenizer):
+        return {"score": 1.0, "ppl": 10.0 * (2 if self.broken else 1), "degenerate": 0.0, "false_refusal": 0.0}
+
+    def whole_false_refusal(self, model, tokenizer, sample_rate):
+        self.whole_calls += 1
+        return (sample_rate * len(self.benign) + self.more_rate * len(self.benign_more)) / 200
+
+
+def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # noqa: F811
+    """The rule's false-refusal check reads the whole validation split's benign prompts, not the 40-prompt sample
+    (whose 2.5-point resolution passed settings that refused 7-15 points more on eval); a change that already broke
+    another check is rejected without generating the rest."""
+    donor, target, tok = fixture
+    proxy = _BenignProxy(more_rate=0.0)
+    val = functions.Validator(donor, target, tok, proxy, measured=None)
+    assert proxy.whole_calls == 2 and val.target["false_refusal_n"] == 200  # target and donor on all 200
+    patch = NeuronPatch.extract(donor, target, {0: [0]})
+    proxy.more_rate = 0.1  # the change refuses 16 of the other 160: 8% over all 200, 0% on the sample
+    verdict = val.assess(patch)
+    assert not verdict["utility_ok"] and verdict["proxy"]["false_refusal"] == pytest.approx(0.08)
+    assert verdict["failed"] == ["false refusal +8.0 points (limit +5)"] and proxy.whole_calls == 3
+    proxy.more_rate = 0.05  # 4% over all 200: held
+    assert val.assess(patch)["utility_ok"] and proxy.whole_calls == 4
+    proxy.broken = True  # perplexity broke on the sample's measurement: the rest is not generated
+    verdict = val.assess(patch)
+    assert not verdict["utility_ok"] and proxy.whole_calls == 4 and verdict["proxy"]["false_refusal_n"] == 40
+    # the split: the sample (32 everyday + 8 over-refusal prompts) and every other benign validation prompt, disjoint
+    real = functions.Proxy.for_function("refusal", seed=0)
+    assert len(real.benign) == 40 and not set(real.benign) & set(real.benign_more) and len(real.benign_more) > 100
+    assert not functions.Proxy.for_function("compliance").benign_more  # deleting refusal watches no benign prompts
