@@ -168,6 +168,18 @@ def test_task_never_reads_the_eval_split(fixture):  # noqa: F811
         functions.build_task("refusal", *fixture, split="eval")
 
 
+def test_task_utility_can_hold_over_refusal_probes(fixture):  # noqa: F811
+    """``n_overrefusal``: the split's over-refusal probes join the benign prompts of the utility term, each with the
+    target's own answer (measured on SmolLM2: no effect on what is located, METHOD.md)."""
+    from cnt import data
+
+    plain = functions.build_task("refusal", *fixture, n_function=2, n_utility=3, n_wiki=0)
+    more = functions.build_task("refusal", *fixture, n_function=2, n_utility=3, n_wiki=0, n_overrefusal=2)
+    probes = data.texts(data.load("overrefusal", "locate", seed=0, limit=2))
+    assert [e.prompt for e in more.utility] == [e.prompt for e in plain.utility] + probes
+    assert more.meta["n_overrefusal"] == 2 and more.digest() != plain.digest()
+
+
 def test_a_later_alpha_only_searches_below_the_best_k(fixture, monkeypatch):  # noqa: F811
     donor, target, tok = fixture
     from cnt.locate import NeuronScores
