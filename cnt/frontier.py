@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import evaluate
-from .functions import Proxy, choose, function_spec, gap_share
+from .functions import Proxy, choose_alpha, function_spec, gap_share
 from .pipeline import Pipeline
 from .results import FrontierPoint, FrontierResult
 from .search import ALPHAS
@@ -94,15 +94,12 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
     t_score, d_score = r_target[metric].value, r_donor[metric].value
     points: list[FrontierPoint] = []
 
-    def at_alphas(patch: NeuronPatch) -> list[tuple[NeuronPatch, float]]:
-        """The candidates of one point: the same slices at each α (tensors shared, not copied)."""
-        return [(dataclasses.replace(patch, alpha=check_alpha(a)), a) for a in alphas]
-
-    def add(method, kinds, budget, candidates, **extra):
-        """``candidates``: (patch, alpha) pairs; the one chosen on validation is evaluated on eval. ``extra``: recorded
-        with the point."""
-        assessed = [validator.assess(patch) for patch, _ in candidates]
-        i = choose(assessed)
+    def add(method, kinds, budget, slices: NeuronPatch, **extra):
+        """One point: the same ``slices`` at each α (tensors shared, not copied), the α chosen on validation
+        (:func:`cnt.functions.choose_alpha`) evaluated on eval. ``extra``: recorded with the point."""
+        tried, assessed, i = choose_alpha(alphas, lambda a: validator.assess(
+            dataclasses.replace(slices, alpha=check_alpha(a))))
+        candidates = [(dataclasses.replace(slices, alpha=a), a) for a in tried]
         patch, alpha = candidates[i]
         patch.apply(target)
         rep = ev(target)
@@ -143,18 +140,18 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         timings[f"{name}:{'+'.join(kinds)}"] = scores.seconds
         for b in budgets:
             sel, gamma = scores.select(int(b * n_weights))
-            add(name, kinds, b, at_alphas(NeuronPatch.extract(donor, target, sel, gamma=gamma)))
+            add(name, kinds, b, NeuronPatch.extract(donor, target, sel, gamma=gamma))
     per_neuron = NeuronPatch.extract(donor, target, {0: [0]}).n_params  # weights of one MLP neuron
     for b in budgets:  # neuron-level baselines at the same weights
         k = max(1, int(b * n_weights) // per_neuron)
         for s in random_seeds if "random" in baselines else ():
             mod = B.run("random", donor, target, tokenizer, function, k=k, seed=s)
-            add("random", ["mlp"], b, at_alphas(mod.patch), seed=s)
+            add("random", ["mlp"], b, mod.patch, seed=s)
         if "weight_delta" in baselines:
             mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
-            add("weight_delta", ["mlp"], b, at_alphas(mod.patch))
+            add("weight_delta", ["mlp"], b, mod.patch)
     for name, kinds in CEILINGS.items():
-        add(name, kinds, None, at_alphas(transfer_all(donor, target, kinds)))
+        add(name, kinds, None, transfer_all(donor, target, kinds))
     bar.close()
     return result(partial=False)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from copy import copy, deepcopy
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -236,6 +236,24 @@ def choose(assessed: Sequence[dict]) -> int:
     pool = [i for i, a in enumerate(assessed) if a["utility_ok"]] or list(range(len(assessed)))
     reach = [min(a["share"], 1.0) if np.isfinite(a["share"]) else -np.inf for a in assessed]
     return max(pool, key=lambda i: (reach[i], -i))
+
+
+def choose_alpha(alphas: Sequence[float], assess: Callable[[float], dict], *, refine: bool = True) -> tuple[list[float], list[dict], int]:
+    """Judge each amplification (``assess(alpha)``: a :func:`judge` verdict), mildest first, and :func:`choose`.
+    With ``refine``, where the next larger α broke utility and the chosen one held it short of the donor, the α
+    halfway between them is judged too and joins the choice (one bisection step of the boundary: on SmolLM2's added
+    refusal at 1% of the weights, α 2 broke false refusal where 1 held; 1.5 moved twice 1's share with utility held,
+    METHOD.md). Returns the α tried (in order), their verdicts and the chosen index."""
+    alphas = sorted(alphas)
+    assessed = [assess(a) for a in alphas]
+    i = choose(assessed)
+    if refine and i + 1 < len(alphas) and assessed[i]["utility_ok"] and not assessed[i + 1]["utility_ok"] \
+            and np.isfinite(assessed[i]["share"]) and assessed[i]["share"] < 1:
+        mid = (alphas[i] + alphas[i + 1]) / 2
+        alphas.insert(i + 1, mid)
+        assessed.insert(i + 1, assess(mid))
+        i = choose(assessed)
+    return alphas, assessed, i
 
 
 class Validator:

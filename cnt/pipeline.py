@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Sequence
 
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .functions import Proxy, Validator, build_task, choose, default_scorer, rule_limits
+from .functions import Proxy, Validator, build_task, choose_alpha, default_scorer, rule_limits
 from .locate import NeuronScores, Task, kind_scorers, locate
 from .models import model_device, release_freed_memory
 from .scores import check_budget, neurons_for
@@ -117,19 +117,26 @@ class Pipeline:
                 self._validators[key] = Validator(self.donor, self.target, self.tokenizer, self.proxy, **rule)
         return self._validators[key]
 
-    def at_budget(self, scores: NeuronScores, budget: float, alphas: Sequence[float] = ALPHAS,
-                  **rule) -> tuple[NeuronPatch, list[SearchStep]]:
+    def at_budget(self, scores: NeuronScores, budget: float, alphas: Sequence[float] = ALPHAS, *,
+                  refine: bool = True, **rule) -> tuple[NeuronPatch, list[SearchStep]]:
         """The subset a fixed ``budget`` (a fraction of MLP neurons; with other kinds of unit, the weights of that
         many neurons) buys, at the amplification chosen on validation among ``alphas`` by the kit's rule
-        (:func:`cnt.functions.choose`: utility held, furthest toward the donor; reaching it is enough, so the smaller α
-        wins). Every α shares one extracted patch. Returns the chosen patch and one step per α."""
+        (:func:`cnt.functions.choose_alpha`: utility held, furthest toward the donor; reaching it is enough, so the
+        smaller α wins; with ``refine``, the α halfway to the next one when that one broke utility). Every α shares
+        one extracted patch. Returns the chosen patch and one step per α tried, mildest first."""
         k = neurons_for(check_budget(budget), self.n_neurons)
-        alphas = sorted(check_alphas(alphas))  # mildest first: of settings equally far, the smaller α wins
-        base = self.patch(scores, k, alphas[0])
+        alphas = check_alphas(alphas)
+        base = self.patch(scores, k, min(alphas))
         validator = self.validator(**rule)
-        candidates = [dataclasses.replace(base, alpha=a) for a in alphas]
-        steps = [step_of(k, p, validator.assess(p)) for p in candidates]
-        return candidates[choose([{"share": s.share, "utility_ok": s.utility_ok} for s in steps])], steps
+        steps: dict[float, SearchStep] = {}
+
+        def assess(alpha: float) -> dict:
+            patch = dataclasses.replace(base, alpha=alpha)
+            steps[alpha] = step_of(k, patch, validator.assess(patch))
+            return {"share": steps[alpha].share, "utility_ok": steps[alpha].utility_ok}
+
+        tried, _, i = choose_alpha(alphas, assess, refine=refine)
+        return dataclasses.replace(base, alpha=tried[i]), [steps[a] for a in tried]
 
     def search(self, scores: NeuronScores, alphas: Sequence[float] = ALPHAS, **search_kwargs) -> SearchResult:
         """The minimal subset on ``scores`` (:func:`cnt.search.minimal_subset`, judged by this pipeline's validator);

@@ -66,7 +66,8 @@ def test_run_application_end_to_end(tiny_folders):
     # one names the check that failed
     for e in saved["methods"]["cnt"]:
         tried = {v["setting"]["alpha"]: v for v in e["validation"]}
-        assert sorted(tried) == [1.0, 2.0] and tried[e["alpha"]]["validation_share"] == e["validation_share"]
+        assert {1.0, 2.0} <= set(tried) <= {1.0, 1.5, 2.0}  # the grid, and halfway where 2 broke utility
+        assert tried[e["alpha"]]["validation_share"] == e["validation_share"]
         assert all(v["utility_ok"] == (not v["failed"]) for v in tried.values())
     # the selected units, for stability across seeds: as many as the budget's neurons, in the layers per_layer counts
     for e in saved["methods"]["cnt"]:

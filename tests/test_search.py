@@ -274,8 +274,9 @@ def test_a_fixed_budget_takes_the_rules_limits_from_the_search_settings(fixture,
 
     monkeypatch.setattr(functions.Validator, "assess", assess)
     kw = dict(budget=0.1, alpha=(8.0, 1.0, 2.0), task_kwargs={"n_function": 6, "n_utility": 4}, progress=False)
-    patch, _ = pipeline.transfer_function(donor, target, tok, "compliance", **kw)
-    assert patch.alpha == 2.0  # alpha 8 broke perplexity (+50%, limit +2%)
+    patch, info = pipeline.transfer_function(donor, target, tok, "compliance", **kw)
+    # alpha 8 broke perplexity (+50%, limit +2%) where 2 held short of the donor: halfway, 5 is judged too, and holds
+    assert [s["alpha"] for s in info["alpha_choice"]] == [1.0, 2.0, 5.0, 8.0] and patch.alpha == 5.0
     proxy.calls = 0
     patch, info = pipeline.transfer_function(donor, target, tok, "compliance", **kw,
                                              search_kwargs={"max_ppl_increase": 0.6, "growth": 2})
@@ -334,3 +335,32 @@ def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # 
     real = functions.Proxy.for_function("refusal", seed=0)
     assert len(real.benign) == 40 and not set(real.benign) & set(real.benign_more) and len(real.benign_more) > 100
     assert not functions.Proxy.for_function("compliance").benign_more  # deleting refusal watches no benign prompts
+
+
+def test_choose_alpha_bisects_the_boundary_once():
+    """The α halfway between the chosen one and the next, which broke utility, is judged and can be chosen; nothing
+    is added when the next one held, when the chosen one already reaches the donor, or when none held."""
+    def scripted(share_per_alpha, breaks_at):
+        seen = []
+
+        def assess(a):
+            seen.append(a)
+            return {"share": share_per_alpha * a, "utility_ok": a < breaks_at}
+        return assess, seen
+
+    assess, seen = scripted(0.25, breaks_at=2.0)  # 1 held (0.25), 2 broke: 1.5 holds (0.375) and wins
+    tried, assessed, i = functions.choose_alpha([8.0, 1.0, 4.0, 2.0], assess)
+    assert tried == [1.0, 1.5, 2.0, 4.0, 8.0] and tried[i] == 1.5 and seen == [1.0, 2.0, 4.0, 8.0, 1.5]
+    assess, _ = scripted(0.25, breaks_at=1.4)  # 1.5 breaks too: 1 stays the choice
+    tried, _, i = functions.choose_alpha([1.0, 2.0, 4.0], assess)
+    assert tried == [1.0, 1.5, 2.0, 4.0] and tried[i] == 1.0
+    assess, seen = scripted(0.6, breaks_at=8.0)  # 2 reaches the donor (1.2): no bisection
+    tried, _, i = functions.choose_alpha([1.0, 2.0, 4.0, 8.0], assess)
+    assert tried == [1.0, 2.0, 4.0, 8.0] and tried[i] == 2.0
+    assess, _ = scripted(0.1, breaks_at=100.0)  # every α held: the largest, nothing above it
+    assert functions.choose_alpha([1.0, 2.0], assess)[0] == [1.0, 2.0]
+    assess, _ = scripted(0.1, breaks_at=0.5)  # none held: the furthest, no bisection
+    tried, _, i = functions.choose_alpha([1.0, 2.0], assess)
+    assert tried == [1.0, 2.0] and tried[i] == 2.0
+    assess, _ = scripted(0.25, breaks_at=2.0)
+    assert functions.choose_alpha([1.0, 2.0], assess, refine=False)[0] == [1.0, 2.0]
