@@ -297,7 +297,8 @@ def _cmd_transfer(args) -> int:
                                     seed=args.seed, donor_name=args.donor, target_name=args.target)
     search = info.get("search")
     if search is not None and not search["reached"]:
-        short = (f"--budget auto did not reach its goal: the largest subset tried ({patch.n_neurons} neurons, "
+        short = (f"--budget auto did not reach its goal: the subset tried that went furthest with utility held "
+                 f"({patch.n_neurons} neurons, "
                  f"{100 * patch.param_fraction:.3g}% of the weights) moved {100 * search['share']:.0f}% of the gap "
                  f"on validation, the goal is {100 * search['goal']:.0f}% with utility held")
         broke = [s for s in search["steps"] if s["share"] >= search["goal"] and s["failed"]]
@@ -533,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen among on the validation split (utility held, answers still language)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--save-best-effort", action="store_true",
-                   help="with --budget auto: save the largest subset tried even when it misses the goal (default: "
-                        "exit 1 and save nothing)")
+                   help="with --budget auto: save the subset tried that went furthest with utility held even when "
+                        "it misses the goal (default: exit 1 and save nothing)")
     s.add_argument("--out", required=True, help="folder for the patch")
     _allow_build(s)
     s.set_defaults(func=_cmd_transfer)

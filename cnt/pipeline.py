@@ -176,7 +176,7 @@ class Pipeline:
         if budget == "auto":
             res = self.search(scores, alphas, **(search_kwargs or {}))
             info["search"] = res.to_dict()
-            k = res.k if res.reached else max(s.k for s in res.steps if s.alpha == res.alpha)
+            k = res.closest_k  # the minimal subset, or the trial furthest toward the donor with utility held
             chosen_alpha = res.alpha
         else:
             k = neurons_for(budget, self.n_neurons)

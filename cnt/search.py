@@ -12,9 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 
-from .functions import Proxy, Validator
+from .functions import Proxy, Validator, choose
 from .scores import NeuronScores
 from .transfer import NeuronPatch
 
@@ -49,6 +48,8 @@ class SearchResult:
     seconds: float
     goal: float
     max_ppl_increase: float
+    closest_k: int = 0  # the subset to use: the minimal one, or when the goal was out of reach the trial furthest
+                        # toward the donor with utility held (functions.choose), at ``alpha``
 
     def to_dict(self) -> dict:
         return {**asdict(self), "steps": [asdict(s) for s in self.steps]}
@@ -182,9 +183,9 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy 
                     alphas=alphas, growth=growth)
     bar.close()
     base, don, steps = validator.target, validator.donor, trials.steps
-    if best is None:
-        top = max(steps, key=lambda s: (s.share if np.isfinite(s.share) else -1))
+    if best is None:  # out of reach: the trial a researcher would pick instead, as at a fixed budget (utility held)
+        top = steps[choose([{"share": s.share, "utility_ok": s.utility_ok} for s in steps])]
         return SearchResult(0, top.alpha, False, top.share, base, don, steps, round(time.time() - t0, 1), goal,
-                            max_ppl_increase)
+                            max_ppl_increase, closest_k=top.k)
     return SearchResult(best.k, best.alpha, True, best.share, base, don, steps, round(time.time() - t0, 1), goal,
-                        max_ppl_increase)
+                        max_ppl_increase, closest_k=best.k)

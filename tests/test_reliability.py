@@ -384,14 +384,14 @@ def test_budget_auto_that_misses_its_goal_exits_1_unless_asked(world, tmp_path, 
     def short_search(scores, donor, target, tokenizer, *, alphas, progress, **kw):
         steps = [search.SearchStep(k=k, alpha=alphas[0], score=0.1, share=0.3, ppl=10.0, drift=None, ok=False)
                  for k in (10, 40)]
-        return search.SearchResult(0, alphas[0], False, 0.3, {}, {}, steps, 0.1, 0.9, 0.02)
+        return search.SearchResult(0, alphas[0], False, 0.3, {}, {}, steps, 0.1, 0.9, 0.02, closest_k=40)
 
     def broken_search(scores, donor, target, tokenizer, *, alphas, progress, **kw):  # reached, utility broke
         failed = ["false refusal +8.3 points (limit +5)"]
         steps = [search.SearchStep(k=10, alpha=4.0, score=0.1, share=0.4, ppl=10.0, drift=None, ok=False),
                  search.SearchStep(k=40, alpha=4.0, score=0.9, share=0.99, ppl=10.0, drift=None, ok=False,
                                    utility_ok=False, failed=failed)]
-        return search.SearchResult(0, 4.0, False, 0.99, {}, {}, steps, 0.1, 0.9, 0.02)
+        return search.SearchResult(0, 4.0, False, 0.99, {}, {}, steps, 0.1, 0.9, 0.02, closest_k=10)
 
     monkeypatch.setattr(pipeline, "minimal_subset", short_search)
     argv = ["transfer", "--donor", str(world["root"] / "donor"), "--target", str(world["root"] / "target"),

@@ -364,3 +364,12 @@ def test_choose_alpha_bisects_the_boundary_once():
     assert tried == [1.0, 2.0] and tried[i] == 2.0
     assess, _ = scripted(0.25, breaks_at=2.0)
     assert functions.choose_alpha([1.0, 2.0], assess, refine=False)[0] == [1.0, 2.0]
+
+
+def test_a_search_out_of_reach_falls_back_to_a_subset_that_held_utility(fixture, monkeypatch):  # noqa: F811
+    """When no subset reaches the goal, the subset it hands back (``closest_k``, what ``cnt transfer --budget auto
+    --save-best-effort`` saves) is the trial furthest toward the donor *with utility held* — not the largest or
+    furthest one, which broke it."""
+    res = _scripted_search(fixture, monkeypatch, k_bad=20, k_goal=10_000)  # perplexity breaks above 20 neurons
+    assert not res.reached and [s.k for s in res.steps] == [2, 8, 32] and not res.steps[-1].utility_ok
+    assert res.closest_k == 8 and res.share == res.steps[1].share
