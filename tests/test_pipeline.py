@@ -32,7 +32,8 @@ def test_each_step_runs_once_inside_the_callers_hook(fixture, monkeypatch):  # n
     scores = pipe.scores("attribution")
     assert pipe.scores("attribution") is scores and len(built) == 1  # the task and the scores are computed once
     patch, steps = pipe.at_budget(scores, 0.05, alphas=(2.0, 1.0))
-    assert [s.alpha for s in steps] == [1.0, 2.0] and patch.alpha in (1.0, 2.0)  # mildest first
+    # mildest first; halfway (1.5) judged too when 2 broke utility and 1 held
+    assert [s.alpha for s in steps] in ([1.0, 2.0], [1.0, 1.5, 2.0]) and patch.alpha in [s.alpha for s in steps]
     assert patch.n_neurons == neurons_for(0.05, pipe.n_neurons)
     assert entered == ["task", "locate", "transfer"]
     assert set(pipe.timings) == {"task", "locate_attribution", "transfer"}
