@@ -99,8 +99,8 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         (:func:`cnt.functions.choose_alpha`) evaluated on eval. ``extra``: recorded with the point."""
         tried, assessed, i = choose_alpha(alphas, lambda a: validator.assess(
             dataclasses.replace(slices, alpha=check_alpha(a))))
-        candidates = [(dataclasses.replace(slices, alpha=a), a) for a in tried]
-        patch, alpha = candidates[i]
+        alpha = tried[i]
+        patch = dataclasses.replace(slices, alpha=alpha)
         patch.apply(target)
         rep = ev(target)
         patch.revert(target)
@@ -114,7 +114,7 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
                                     rep["perplexity"].value if "perplexity" in rep.metrics else None, utility, held,
                                     {"candidates": [{"alpha": a, "validation_share": x["share"],
                                                      "utility_ok": x["utility_ok"], "proxy": x["proxy"]}
-                                                    for (_, a), x in zip(candidates, assessed)], **extra}))
+                                                    for a, x in zip(tried, assessed)], **extra}))
         if checkpoint is not None:
             checkpoint(result(partial=True))
 

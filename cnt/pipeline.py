@@ -132,8 +132,9 @@ class Pipeline:
 
         def assess(alpha: float) -> dict:
             patch = dataclasses.replace(base, alpha=alpha)
-            steps[alpha] = step_of(k, patch, validator.assess(patch))
-            return {"share": steps[alpha].share, "utility_ok": steps[alpha].utility_ok}
+            verdict = validator.assess(patch)
+            steps[alpha] = step_of(k, patch, verdict)
+            return verdict
 
         tried, _, i = choose_alpha(alphas, assess, refine=refine)
         return dataclasses.replace(base, alpha=tried[i]), [steps[a] for a in tried]

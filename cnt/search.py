@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-
 from .functions import Proxy, Validator, choose
 from .scores import NeuronScores
 from .transfer import NeuronPatch
