@@ -501,9 +501,19 @@ def total_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` hold the same parameters bit for bit (same names, shapes, dtypes and values). Stops at
+    the first tensor that differs, so telling two different models apart costs one tensor's comparison."""
+    if a is b:
+        return True
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    return pa.keys() == pb.keys() and all(
+        pa[n].shape == pb[n].shape and pa[n].dtype == pb[n].dtype and torch.equal(pa[n], pb[n]) for n in pa)
+
+
 def check_distinct(donor: nn.Module, target: nn.Module) -> None:
     """Raise :class:`IncompatibleModelsError` when donor and target hold the same weights (a transfer would change
     nothing and every share of their gap would be 0/0)."""
-    if donor is target or all(torch.equal(a, b) for a, b in zip(donor.parameters(), target.parameters())):
+    if same_weights(donor, target):
         raise IncompatibleModelsError("donor and target have identical weights: there is nothing to transfer (pass a "
                                       "donor that differs from the target)")

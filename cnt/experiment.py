@@ -32,7 +32,7 @@ import torch
 from . import atomic
 from . import baselines as B
 from .applications import APPLICATIONS, DEFAULT_FAMILY, Application, families
-from .arch import check_compatible, total_params
+from .arch import check_compatible, same_weights, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
 from .functions import choose, default_scorer
@@ -473,7 +473,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
             swept = [{"setting": _public(s),
                       "validation_share": a["share"], "utility_ok": a["utility_ok"]}
                      for s, a in zip(settings, assessed)] or None
-            rep = ev(model, name)
+            # a setting with the donor's very weights (linear at λ = 1) is the donor: its report, not a second run
+            rep = dataclasses.replace(donor_rep, model=name) if same_weights(model, donor) else ev(model, name)
             entries.append(_entry(rep, metric, mod.patch.neuron_fraction if mod.patch else None,
                                   mod.params_changed / n_params, setting={**mod.setting, **public},
                                   seconds=mod.seconds, chosen_on_validation=swept is not None, validation=swept))

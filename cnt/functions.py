@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import data
+from .arch import same_weights
 from .evaluate import is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
 from .locate import Example, Task
 from .models import fast_dtype, generate, inference_dtype, model_device
@@ -261,10 +262,13 @@ class Validator:
     to one copy of the target in the proxies' precision (bf16 where native; the patch is cast for it) and reverted;
     whole models (merges) are measured on a copy in that precision. The target and donor are never written.
     ``measured`` passes the target's and donor's proxy values when the caller already has them (same proxy, same
-    precision); ``rule``: :func:`judge`'s limits."""
+    precision); ``rule``: :func:`judge`'s limits. A whole model with the donor's very weights (linear interpolation
+    at λ = 1) is judged on the donor's measurement rather than measured again (the same numbers: the same weights in
+    the same precision through the same proxy)."""
 
     def __init__(self, donor, target, tokenizer, proxy: Proxy, *, measured: tuple[dict, dict] | None = None, **rule):
         self.tokenizer, self.proxy, self.rule = tokenizer, proxy, rule
+        self.donor_model = donor
         self.fast = fast_dtype(model_device(target))
         self.work = deepcopy(target).to(self.fast)
         if measured is None:
@@ -309,5 +313,7 @@ class Validator:
     @torch.no_grad()
     def assess_model(self, model) -> dict:
         """The same for a whole modified model (a merge, a fine-tune)."""
+        if same_weights(model, self.donor_model):
+            return self._judged(self.donor)
         with inference_dtype(model, self.fast) as fast:
             return self._judged(self._measure(fast))

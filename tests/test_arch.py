@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cnt.arch import (ArchFingerprint, IncompatibleModelsError, MLPNeurons, UnsupportedArchitectureError,
-                      check_compatible, fingerprint)
+                      check_compatible, check_distinct, fingerprint, same_weights)
 from cnt.tiny import TINY_MODEL_TYPES, tiny_model
 
 
@@ -155,3 +155,17 @@ def test_fingerprint_names_the_model_type_and_reads_older_files():
     assert d["model_type"] == "qwen2" and "family" not in d
     legacy = {("family" if k == "model_type" else k): v for k, v in d.items()}
     assert ArchFingerprint.from_dict(legacy) == fp == ArchFingerprint.from_dict(d)
+
+
+def test_same_weights_compares_every_parameter_bit_for_bit():
+    """Two loads of one model hold the same weights; one changed value, or another shape, makes them differ; a
+    donor identical to its target is refused as having nothing to transfer."""
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    assert a is not b and same_weights(a, b) and same_weights(a, a)
+    with pytest.raises(IncompatibleModelsError, match="identical weights"):
+        check_distinct(a, b)
+    with torch.no_grad():
+        list(b.parameters())[-1].view(-1)[-1] += 1e-3
+    assert not same_weights(a, b)
+    check_distinct(a, b)
+    assert not same_weights(a, tiny_model("llama", seed=0, intermediate_size=a.config.intermediate_size * 2))

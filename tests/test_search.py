@@ -337,6 +337,33 @@ def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # 
     assert not functions.Proxy.for_function("compliance").benign_more  # deleting refusal watches no benign prompts
 
 
+def test_a_merge_with_the_donors_weights_is_judged_on_the_donors_measurement(fixture):  # noqa: F811
+    """Linear interpolation at λ = 1 *is* the donor: the validator reuses the donor's measurement (no proxy run) and
+    gives the verdict measuring would; any other merge is measured."""
+    import copy
+
+    from cnt import baselines
+
+    donor, target, tok = fixture
+    proxy = _BenignProxy(more_rate=0.0)
+    calls = []
+    real_measure = proxy.measure
+    proxy.measure = lambda model, tokenizer: calls.append(model) or real_measure(model, tokenizer)
+    val = functions.Validator(donor, target, tok, proxy, measured=None)
+    assert len(calls) == 2  # the target and the donor
+    merged = baselines.run_linear(donor, target, lam=1.0).materialize(target)
+    verdict = val.assess_model(merged)
+    assert merged is not donor and verdict["proxy"] is val.donor and len(calls) == 2
+    half = baselines.run_linear(donor, target, lam=0.5).materialize(target)
+    val.assess_model(half)
+    assert len(calls) == 3
+    other = copy.deepcopy(donor)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1.0  # one weight off: no longer the donor
+    val.assess_model(other)
+    assert len(calls) == 4
+
+
 def test_choose_alpha_bisects_the_boundary_once():
     """The α halfway between the chosen one and the next, which broke utility, is judged and can be chosen; nothing
     is added when the next one held, when the chosen one already reaches the donor, or when none held."""
