@@ -88,25 +88,20 @@ def test_run_application_end_to_end(tiny_folders):
 
 def test_a_baseline_that_is_the_donor_is_not_evaluated_again(tiny_folders, monkeypatch):
     """Linear interpolation at λ = 1 has the donor's very weights: its entry is the donor's report (same score,
-    utility and per-item outcomes), read rather than measured a second time; λ = 0.5 is measured."""
+    utility and per-item outcomes), read rather than measured a second time; TIES, another merge, is measured."""
     evaluated = []
     real = experiment.evaluate
     monkeypatch.setattr(experiment, "evaluate", lambda model, tok, profile, **kw: evaluated.append(kw["name"])
                         or real(model, tok, profile, **kw))
-    res = {}
-    for lam in (1.0, 0.5):
-        cfg = experiment.ApplicationConfig(
-            "alignment_enhancement", donor=str(tiny_folders / "donor"), target=str(tiny_folders / "base"),
-            base=str(tiny_folders / "base"), budgets=(0.05,), scorers=("attribution",), alphas=(1.0,),
-            baselines=("linear",), lambdas=(lam,), profile="tiny", search=False, all_mlp=False, tag=f"lam{int(lam * 10)}")
-        evaluated.clear()
-        res[lam] = experiment.run_application(cfg, tiny_folders / "out", progress=False)
-        assert ("linear" in evaluated) == (lam != 1.0)
-    (lin,) = res[1.0].methods["linear"]
-    assert lin.setting["lambda"] == 1.0 and lin.score == res[1.0].donor_score
-    assert lin.utility == res[1.0].donor_utility and lin.per_item["perplexity"]
-    (half,) = res[0.5].methods["linear"]
-    assert half.per_item["refusal_rate"] != lin.per_item["refusal_rate"] or half.utility != lin.utility
+    cfg = experiment.ApplicationConfig(
+        "alignment_enhancement", donor=str(tiny_folders / "donor"), target=str(tiny_folders / "base"),
+        base=str(tiny_folders / "base"), budgets=(0.05,), scorers=("attribution",), alphas=(1.0,),
+        baselines=("linear", "ties"), lambdas=(1.0,), densities=(0.5,), profile="tiny", search=False, all_mlp=False)
+    res = experiment.run_application(cfg, tiny_folders / "out", progress=False)
+    assert "ties" in evaluated and "linear" not in evaluated
+    (lin,) = res.methods["linear"]
+    assert lin.setting["lambda"] == 1.0 and lin.score == res.donor_score and lin.utility == res.donor_utility
+    assert lin.per_item["refusal_rate"] and lin.ci == res.donor_ci
 
 
 def test_config_validation():
