@@ -186,6 +186,11 @@ def _fmt_delta(d: dict) -> str:
     return ", ".join(parts) or "–"
 
 
+def _fmt_change(utility: dict, side: dict) -> str:
+    """Utility and side changes in one phrase (``ppl +3.1%, false refusal +13.6 pp``)."""
+    return ", ".join(p for p in (_fmt_delta(utility) if utility else "", _fmt_side(side)) if p) or "–"
+
+
 SPARSITY_GOAL = 0.9  # share of the gap the sparsity claim is judged at
 SPARSITY_BUDGET = 0.0025  # the kit's own goal for a minimal subset, in weights (the paper's abstract gives none)
 
@@ -202,14 +207,26 @@ def headline(r: ApplicationResult) -> tuple[str, MethodEntry] | None:
     return ("cnt (best budget)", e) if e else None
 
 
-SIDE_LIMITS = {"false_refusal_rate": 0.10, "arithmetic_acc": -0.10}  # points: false refusal up / skill down by more
+# the kit's utility goals for the side metrics, in points against the target: false refusal up by at most 5, the
+# specialist's skill down by at most 5 (a run's own search rule, where its JSON records one, sets false refusal's)
+SIDE_LIMITS = {"false_refusal_rate": 0.05, "arithmetic_acc": -0.05}
+
+
+def side_limits(r: ApplicationResult) -> dict:
+    """:data:`SIDE_LIMITS`, with false refusal's limit the one the run's own search rule used (from its JSON)."""
+    fr = (r.search or {}).get("max_false_refusal_increase")
+    return {**SIDE_LIMITS, **({"false_refusal_rate": float(fr)} if fr is not None else {})}
+
+
+def _past(v: float, limit: float) -> bool:
+    return v > limit if limit > 0 else v < limit
 
 
 def side_effects(r: ApplicationResult, e: MethodEntry) -> dict:
-    """The side metrics (false refusal, the specialist's skill) that moved past :data:`SIDE_LIMITS` against the
+    """The side metrics (false refusal, the specialist's skill) that moved past :func:`side_limits` against the
     target."""
-    d = _side_delta(r, e)
-    return {k: v for k, v in d.items() if (v > SIDE_LIMITS[k] if SIDE_LIMITS[k] > 0 else v < SIDE_LIMITS[k])}
+    limits = side_limits(r)
+    return {k: v for k, v in _side_delta(r, e).items() if _past(v, limits[k])}
 
 
 INCONCLUSIVE = "inconclusive: donor and target CIs overlap"
@@ -258,8 +275,10 @@ def paired(a: MethodEntry | None, b: MethodEntry | None, key: str, r: Applicatio
 def compare_baselines(r: ApplicationResult) -> list[dict]:
     """CNT (its best entry) against each baseline's reported setting (chosen on validation; random and weight-delta:
     the same budget as that CNT entry). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
-    CNT went further, or the baseline went further only by breaking utility (perplexity up by more than 2%, or
-    more than CNT's own change, MMLU/NQ down likewise) — the paper's claim is about the function *at kept utility*.
+    CNT went further, or the baseline went further only by breaking utility — perplexity up by more than the run's
+    limit (+2%), MMLU/NQ down likewise, false refusal up or the specialist's skill down by more than 5 points
+    (:func:`side_limits`); each limit widened to CNT's own change where CNT's was larger — the paper's claim is about
+    the function *at kept utility*. ``baseline_side``: the baseline's false refusal and skill against the target.
     ``test``: CNT against the baseline on the same eval items (:func:`paired`), ``p_holm`` its p-value after Holm's
     adjustment across the application's baselines, ``significant`` whether CNT went further with ``p_holm`` below
     :data:`SIGNIFICANCE` (None: no paired test possible); ``utility_test`` / ``utility_p_holm``: the baseline's
@@ -267,6 +286,8 @@ def compare_baselines(r: ApplicationResult) -> list[dict]:
     cnt_best = best_entry(r, "cnt")
     cnt_delta = _utility_delta(r, cnt_best)
     allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))
+    cnt_side = _side_delta(r, cnt_best)
+    side_allowance = {k: (max if lim > 0 else min)(lim, cnt_side.get(k, 0.0)) for k, lim in side_limits(r).items()}
     rows = []
     for name in BASELINES:
         entries = r.entries(name)
@@ -277,11 +298,11 @@ def compare_baselines(r: ApplicationResult) -> list[dict]:
         else:
             e = entries[0]
         better = _goal_better(r, cnt_best.score, e.score)
-        delta = _utility_delta(r, e)
-        held = _utility_held(delta, allowance)
+        delta, side = _utility_delta(r, e), _side_delta(r, e)
+        held = _utility_held(delta, allowance) and not any(_past(v, side_allowance[k]) for k, v in side.items())
         rows.append({"baseline": name, "entry": e, "cnt": cnt_best, "cnt_better": better,
                      "test": paired(e, cnt_best, r.metric, r), "utility_test": paired(None, e, "perplexity", r),
-                     "baseline_utility_held": held, "baseline_utility": delta,
+                     "baseline_utility_held": held, "baseline_utility": delta, "baseline_side": side,
                      "cnt_better_at_utility": better or not held,
                      "cnt_share": _share(r, cnt_best), "baseline_share": _share(r, e)})
     for key, out in (("test", "p_holm"), ("utility_test", "utility_p_holm")):
@@ -408,7 +429,7 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
         won = [x["baseline"] for x in rows if x["cnt_better"]]
         sig = [f"{x['baseline']} ({_fmt_test(x['test'], x['p_holm'])})" for x in rows if x["significant"]]
         untested = [x["baseline"] for x in rows if x["significant"] is None]
-        broke = [f"{x['baseline']} ({_fmt_delta(x['baseline_utility'])})" for x in rows
+        broke = [f"{x['baseline']} ({_fmt_change(x['baseline_utility'], x['baseline_side'])})" for x in rows
                  if not x["cnt_better"] and not x["baseline_utility_held"]]
         lost = [x["baseline"] for x in rows if not x["cnt_better_at_utility"]]
         verdict = (f"supported ({len(rows)}/{len(rows)} at kept utility)" if not lost else

@@ -180,6 +180,31 @@ def test_kept_utility_follows_the_runs_own_search_rule():
     assert sum(held(strict)) <= sum(held(r)) <= sum(held(loose))
 
 
+def test_kept_utility_counts_false_refusal_and_skill():
+    """A baseline that went further than CNT with perplexity held but false refusal up 8 points (CNT's own +1) broke
+    utility; within 5 points, or no worse than CNT's own rise, it kept it; the specialist's skill likewise, downward."""
+    base = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.5], [0.05, 0.06])  # CNT best: 0.5, FR +1
+
+    def ties_row(side: dict, cnt_fr: float = 0.06) -> dict:
+        d = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.5], [0.05, cnt_fr])
+        ties = {**d["methods"]["ties"][0], "score": 0.8, "utility": dict(d["target_utility"]),
+                "side": {**d["target_side"], **side}}
+        d["methods"] = {**d["methods"], "ties": [ties]}
+        return next(x for x in report.compare_baselines(R(d)) if x["baseline"] == "ties")
+
+    assert base["target_side"]["false_refusal_rate"] == 0.05
+    broke = ties_row({"false_refusal_rate": 0.13})
+    assert not broke["cnt_better"] and not broke["baseline_utility_held"] and broke["cnt_better_at_utility"]
+    assert broke["baseline_side"]["false_refusal_rate"] == pytest.approx(0.08)
+    assert ties_row({"false_refusal_rate": 0.09})["baseline_utility_held"]  # +4 points: within the limit
+    assert ties_row({"false_refusal_rate": 0.13}, cnt_fr=0.14)["baseline_utility_held"]  # CNT itself +9
+    assert not ties_row({"false_refusal_rate": 0.05, "arithmetic_acc": -0.06})["baseline_utility_held"]
+    assert ties_row({"false_refusal_rate": 0.05, "arithmetic_acc": -0.04})["baseline_utility_held"]
+    assert report.side_limits(R(base)) == report.SIDE_LIMITS  # no false-refusal limit recorded: the kit's goal
+    ruled = R({**base, "search": {**base["search"], "max_false_refusal_increase": 0.1}})
+    assert report.side_limits(ruled)["false_refusal_rate"] == 0.1
+
+
 def test_claims_on_an_insignificant_gap_are_inconclusive(tmp_path):
     """Donor and target CIs overlap: sparsity and baseline claims are not judged (no 'supported' from noise)."""
     r = json.loads(FIXTURE.read_text())  # the tiny fixture: donor and target both at 0% [0, 49%]
