@@ -196,6 +196,9 @@ def neuron_map(scores, title: str = "neuron scores (layer × neuron)", top: int 
     return fig
 
 
+BAR_COLOURS = {"target": "k", "donor": "0.3", "random": "0.7", "all_mlp": "#f4a582"}
+
+
 def per_category(result: ApplicationResult, key: str = "per_bias_type", title: str | None = None):
     """Grouped bars of a per-category score (StereoSet SS per bias type) for the target, the donor and each method's
     best setting (``details`` of each entry); CNT once, under the variant chosen on validation."""
@@ -215,12 +218,14 @@ def per_category(result: ApplicationResult, key: str = "per_bias_type", title: s
                          for c in cats if c in vals])
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cats) * len(rows) / 3), 4))
     style = styles(result.methods)
-    palette = {name: style[name][0] if name in style else ("k" if name == "target" else "C7") for name in rows}
+    # bars carry no marker: the models that share a colour in the line plots (CNT and the every-MLP ceiling; the
+    # donor's grey and random's) get shades of their own here
+    palette = {name: BAR_COLOURS.get(name, style[name][0] if name in style else "C7") for name in rows}
     sns.barplot(long, x="category", y="SS", hue="model", order=cats, hue_order=list(rows), palette=palette, ax=ax)
     ax.axhline(50, color="k", lw=0.8, ls=":")
     ax.set_xlabel("")
     ax.set_ylabel("SS")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=min(len(rows), 6), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.set_title(title or f"{result.application}: SS per category (best setting of each method)")
     fig.tight_layout()
     return fig
