@@ -22,7 +22,7 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .evaluate.paired import PairedTest, holm, paired_test
 from .evaluate.suite import get_profile
-from .plots import best_entry, figure_plan, gap_share
+from .plots import figure_plan, gap_share
 from .results import ApplicationResult, MethodEntry
 from .stability import stabilities
 
@@ -197,14 +197,28 @@ SPARSITY_BUDGET = 0.0025  # the kit's own goal for a minimal subset, in weights 
 
 def headline(r: ApplicationResult) -> tuple[str, MethodEntry] | None:
     """CNT's headline entry and what it is: the minimal subset when the search found one, else the sparsest budget
-    that reached 90% of the gap on eval, else the best budget."""
+    that reached 90% of the gap on eval, else the best budget (:func:`best_budget`). Among budgets that reached 90%,
+    the sparsest one that held utility (:func:`utility_kept`) comes first."""
     if r.entries("cnt_minimal"):
         return "cnt_minimal", r.entries("cnt_minimal")[0]
     reached = [e for e in r.entries("cnt") if _share(r, e) >= SPARSITY_GOAL]
     if reached:
-        return "cnt (sparsest budget reaching 90%)", min(reached, key=lambda e: e.param_fraction)
-    e = best_entry(r, "cnt")
+        kept = [e for e in reached if utility_kept(r, e)] or reached
+        return "cnt (sparsest budget reaching 90%)", min(kept, key=lambda e: e.param_fraction)
+    e = best_budget(r)
     return ("cnt (best budget)", e) if e else None
+
+
+def best_budget(r: ApplicationResult) -> MethodEntry | None:
+    """CNT's best budget: the one that moved furthest toward the donor among those that held utility on eval
+    (:func:`utility_kept`; all of them when none did), the sparser one on a tie — so a budget that went as far only by
+    breaking a utility limit is not the one reported."""
+    entries = r.entries("cnt")
+    if not entries:
+        return None
+    pool = [e for e in entries if utility_kept(r, e)] or entries
+    sign = 1 if r.higher_is_goal else -1
+    return max(pool, key=lambda e: (sign * e.score, -e.param_fraction))
 
 
 # the kit's utility goals for the side metrics, in points against the target: false refusal up by at most 5, the
@@ -258,6 +272,12 @@ def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
     return worst <= allowance
 
 
+def utility_kept(r: ApplicationResult, e: MethodEntry) -> bool:
+    """Whether ``e`` held utility on eval by the run's own limits: perplexity (MMLU, NQ) within
+    :func:`utility_tolerance`, false refusal and the specialist's skill within :func:`side_limits`."""
+    return _utility_held(_utility_delta(r, e), utility_tolerance(r)) and not side_effects(r, e)
+
+
 SIGNIFICANCE = 0.05  # family-wise, after Holm's adjustment across an application's baselines
 
 
@@ -273,7 +293,7 @@ def paired(a: MethodEntry | None, b: MethodEntry | None, key: str, r: Applicatio
 
 
 def compare_baselines(r: ApplicationResult) -> list[dict]:
-    """CNT (its best entry) against each baseline's reported setting (chosen on validation; random and weight-delta:
+    """CNT (its best budget, :func:`best_budget`) against each baseline's reported setting (chosen on validation; random and weight-delta:
     the same budget as that CNT entry). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
     CNT went further, or the baseline went further only by breaking utility — perplexity up by more than the run's
     limit (+2%), MMLU/NQ down likewise, false refusal up or the specialist's skill down by more than 5 points
@@ -283,7 +303,7 @@ def compare_baselines(r: ApplicationResult) -> list[dict]:
     adjustment across the application's baselines, ``significant`` whether CNT went further with ``p_holm`` below
     :data:`SIGNIFICANCE` (None: no paired test possible); ``utility_test`` / ``utility_p_holm``: the baseline's
     perplexity against the target's, item by item, adjusted the same way."""
-    cnt_best = best_entry(r, "cnt")
+    cnt_best = best_budget(r)
     cnt_delta = _utility_delta(r, cnt_best)
     allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))
     cnt_side = _side_delta(r, cnt_best)

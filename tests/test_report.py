@@ -186,7 +186,7 @@ def test_kept_utility_counts_false_refusal_and_skill():
     base = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.5], [0.05, 0.06])  # CNT best: 0.5, FR +1
 
     def ties_row(side: dict, cnt_fr: float = 0.06) -> dict:
-        d = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.5], [0.05, cnt_fr])
+        d = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.5], [cnt_fr, cnt_fr])
         ties = {**d["methods"]["ties"][0], "score": 0.8, "utility": dict(d["target_utility"]),
                 "side": {**d["target_side"], **side}}
         d["methods"] = {**d["methods"], "ties": [ties]}
@@ -197,7 +197,7 @@ def test_kept_utility_counts_false_refusal_and_skill():
     assert not broke["cnt_better"] and not broke["baseline_utility_held"] and broke["cnt_better_at_utility"]
     assert broke["baseline_side"]["false_refusal_rate"] == pytest.approx(0.08)
     assert ties_row({"false_refusal_rate": 0.09})["baseline_utility_held"]  # +4 points: within the limit
-    assert ties_row({"false_refusal_rate": 0.13}, cnt_fr=0.14)["baseline_utility_held"]  # CNT itself +9
+    assert ties_row({"false_refusal_rate": 0.13}, cnt_fr=0.14)["baseline_utility_held"]  # CNT itself +9 at every budget
     assert not ties_row({"false_refusal_rate": 0.05, "arithmetic_acc": -0.06})["baseline_utility_held"]
     assert ties_row({"false_refusal_rate": 0.05, "arithmetic_acc": -0.04})["baseline_utility_held"]
     assert report.side_limits(R(base)) == report.SIDE_LIMITS  # no false-refusal limit recorded: the kit's goal
@@ -234,6 +234,29 @@ def test_headline_is_the_sparsest_budget_reaching_the_goal():
     assert report.headline(both)[1].param_fraction == min(e["param_fraction"] for e in r["methods"]["cnt"])
     label, h = report.headline(R(_with_cnt_scores(r, [0.3, 0.5], [0.05, 0.05])))
     assert h.score == 0.5 and label == "cnt (best budget)"
+
+
+def test_best_budget_prefers_the_one_that_held_utility():
+    """Two budgets that moved equally far: the headline is the one that held utility, not the one that went as far
+    only by raising false refusal past the limit; with none held, the furthest; among budgets reaching 90%, the
+    sparsest that held utility."""
+    r = json.loads(FIXTURE.read_text())
+    sparse, dense = sorted(r["methods"]["cnt"], key=lambda e: e["param_fraction"])[:2]
+    tie = R(_with_cnt_scores(r, [0.5, 0.5], [0.05, 0.05]))
+    assert report.headline(tie)[1].param_fraction == min(e.param_fraction for e in tie.entries("cnt"))  # tie: sparser
+    order = [e["param_fraction"] for e in r["methods"]["cnt"]]
+    fr = [0.2 if p == sparse["param_fraction"] else 0.05 for p in order]  # the sparse budget: false refusal +15
+    broke = R(_with_cnt_scores(r, [0.5, 0.5], fr))
+    label, h = report.headline(broke)
+    assert label == "cnt (best budget)" and h.param_fraction == dense["param_fraction"]
+    assert report.utility_kept(broke, h) and not report.side_effects(broke, h)
+    further = R(_with_cnt_scores(r, [0.6 if p == sparse["param_fraction"] else 0.5 for p in order], fr))
+    assert report.best_budget(further).param_fraction == dense["param_fraction"]  # went further, but broke utility
+    none_held = R(_with_cnt_scores(r, [0.6 if p == sparse["param_fraction"] else 0.5 for p in order], [0.2, 0.2]))
+    assert report.best_budget(none_held).score == 0.6
+    reached = R(_with_cnt_scores(r, [0.95, 0.95], fr))
+    assert report.headline(reached) == ("cnt (sparsest budget reaching 90%)", report.best_budget(reached))
+    assert report.headline(reached)[1].param_fraction == dense["param_fraction"]
 
 
 def test_utility_claim_flags_side_effects(tmp_path):
