@@ -59,7 +59,8 @@ test-slow: setup
 # papermill runs every notebook with its default parameters -> papers/runs, results, figures, REPORT.md, summary.json
 # Three notebooks side by side, one torch thread each: on 2 CPU cores generation is overhead-bound, so two 1-thread
 # processes do ~1.9x the evaluations (and 1.4x the training steps) of one 2-thread process (measured).
-REPRODUCE_ARGS ?= --jobs 3
+# Then CNT's seeds 1 and 2 (papers/grids/seeds.yaml) in the same invocation, skipped when finished with the same code.
+REPRODUCE_ARGS ?= --jobs 3 --with-grid papers/grids/seeds.yaml
 reproduce: setup
 	$(OFFLINE) $(BIN)/cnt reproduce $(REPRODUCE_ARGS)
 

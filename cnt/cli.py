@@ -373,16 +373,25 @@ def _cmd_reproduce(args) -> int:
     """papermill runs every notebook (default parameters unless -p) into papers/runs/, then the report."""
     from .reproduce import finished, reproduce, run_grid
 
-    if args.grid is None:
-        for flag, given in (("--backend", args.backend != "local"), ("--address", args.address),
-                            ("--dry-run", args.dry_run)):
-            if given:
-                raise ValueError(f"{flag} goes with --grid FILE")
-        reproduce(args.notebooks, args.papers, only=args.only or (), params=_parse_params(args.param),
-                  jobs=args.jobs, kernel=args.kernel, progress=not args.quiet)
-        return 0
     from . import grid
 
+    if args.grid is None:
+        with_grids = args.with_grid or []
+        for flag, given in (("--backend", args.backend != "local"), ("--address", args.address),
+                            ("--dry-run", args.dry_run)):
+            if given and not with_grids:
+                raise ValueError(f"{flag} goes with --grid FILE or --with-grid FILE")
+        grids = [(f, grid.load(f, args.notebooks)) for f in with_grids]  # a bad grid file fails before any notebook
+        if args.dry_run:
+            for f, runs in grids:
+                print(f"{f}:\n{grid.plan(runs, finished(runs, args.papers))}")
+            return 0
+        record = reproduce(args.notebooks, args.papers, only=args.only or (), params=_parse_params(args.param),
+                           jobs=args.jobs, kernel=args.kernel, progress=not args.quiet, grids=grids,
+                           backend=args.backend, address=args.address, retries=args.retries)
+        return 1 if any(s["state"] == "failed" for s in record["grid_states"].values()) else 0
+    if args.with_grid:
+        raise ValueError("--with-grid FILE adds a grid to the notebooks' run; with --grid FILE alone, name one grid")
     if args.only or args.param:
         raise ValueError("--grid FILE names its runs and parameters; --only and -p do not go with it")
     runs = grid.load(args.grid, args.notebooks)
@@ -624,7 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebooks run side by side, the CPU cores split between them (default 1)")
     s.add_argument("--grid", metavar="FILE", help="a YAML grid of runs (applications x families or model pairs x "
                    "seeds x profiles x tags, with resources and parameters; README 'Grids'); runs already finished "
-                   "with the same parameters are skipped")
+                   "with the same parameters and code are skipped")
+    s.add_argument("--with-grid", metavar="FILE", action="append",
+                   help="after the notebooks, in the same invocation, the runs of this grid too (e.g. the seeds, "
+                   "papers/grids/seeds.yaml; make reproduce adds it), those finished with the same parameters and "
+                   "code skipped; repeatable")
     s.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="with --grid: local (this machine, -j side by side) or ray (a Ray cluster: --address)")
     s.add_argument("--address", help="with --backend ray: the cluster to join (e.g. auto, or HEAD:6379); default: "

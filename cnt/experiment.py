@@ -37,6 +37,7 @@ from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
 from .functions import choose, default_scorer
 from .pipeline import Pipeline
+from .provenance import code_record
 from .results import ApplicationResult, FrontierResult, MethodEntry
 from .scores import check_budget, check_budgets
 from .search import ALPHAS
@@ -513,6 +514,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
         config=asdict(config), fingerprint=fp.to_dict(), n_params=n_params, seconds=round(time.time() - t_start, 1),
         when=time.strftime("%Y-%m-%dT%H:%M:%S"),
         torch_threads=torch.get_num_threads(),  # wall times above were measured with this many
+        code=code_record(),
     )
     atomic.write_json(out_dir / f"{config.result_name}.json", result.to_dict(), default=str)
     return result
@@ -542,7 +544,7 @@ def run_frontier(application: str, out_dir: str | Path, *, family: str = DEFAULT
     # lm-eval's utility group is too slow for a frontier's many points
     kwargs.setdefault("groups", tuple(g for g in APPLICATIONS[application].groups if g != "utility"))
     about = dict(application=application, family=family, name=name, donor=donor, target=target,
-                 torch_threads=torch.get_num_threads())
+                 torch_threads=torch.get_num_threads(), code=code_record())
     partial = out_dir / f"{name}.frontier.partial.json"  # every point as it is measured: a killed run keeps them
 
     def checkpoint(so_far) -> None:

@@ -535,6 +535,12 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
                    f"share of the smaller subset's units in the larger {m['containment_mean']:.2f}"
                    if "jaccard_mean" in m else "")
         minimal.append(f"- {g['application']} ({g['family']}), minimal subset per seed: {sizes}{overlap}.")
+        if g.get("same_code") is not True:
+            minimal.append(f"  Its runs ({runs}) were measured by "
+                           + ("different versions of the kit's code (their results record different sources): the "
+                              "spread mixes the seeds' draws with the code's changes." if g.get("same_code") is False
+                              else "code not all recorded in their results (written before the kit kept its sources' "
+                                   "digest): whether one code measured them all is not known."))
     return L + ["", *minimal, ""]
 
 

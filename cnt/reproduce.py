@@ -16,6 +16,7 @@ from typing import Sequence
 
 from . import atomic, report
 from .applications import DEFAULT_FAMILY
+from .provenance import code_record
 
 
 def select(notebooks: str | Path, only: Sequence[str] | None = None) -> list[Path]:
@@ -108,10 +109,15 @@ class _threads_per_job:
 
 
 def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers", *, only: Sequence[str] = (),
-              params: dict | None = None, jobs: int = 1, kernel: str = "python3", progress: bool = True) -> dict:
+              params: dict | None = None, jobs: int = 1, kernel: str = "python3", progress: bool = True,
+              grids: Sequence[tuple[str, list]] = (), backend: str = "local", address: str | None = None,
+              retries: int = 1) -> dict:
     """Execute the notebooks (``only``: substrings of their names) with their default parameters or ``params``, with
-    ``jobs`` side by side, into ``<papers>/runs/``; write ``timings.json`` and regenerate the report. Returns the
-    timings record."""
+    ``jobs`` side by side, into ``<papers>/runs/``; then, in the same invocation, each of ``grids`` (``(file, runs)``
+    as :func:`cnt.grid.load` reads them: e.g. the seeds beside the default runs) through :func:`run_grid` — its runs
+    already finished with the same parameters and code skipped — on ``backend``; write ``timings.json`` (the
+    invocation's time covers the grids too) and regenerate the report. Returns the timings record, with the grids'
+    run states under ``grid_states``."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     t_all = time.time()
@@ -119,6 +125,9 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     books = select(nb_dir, only)
     extra = dict(params or {})
     check_parameters(books, extra)
+    if grids and (only or extra):
+        raise ValueError("a grid beside the notebooks goes with the full default run only (no --only, no -p): its "
+                         "runs sit beside the default results; run a grid alone with --grid FILE")
     runs = papers / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     timings_path = runs / "timings.json"
@@ -141,12 +150,19 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
         with _threads_per_job(jobs), ThreadPoolExecutor(jobs) as pool:
             for f in [pool.submit(run, b) for b in books]:
                 f.result()  # the first failure is raised once every notebook has finished
+    grid_states: dict[str, dict] = {}
+    for _, grid_runs in grids:
+        grid_states.update(run_grid(grid_runs, notebooks=nb_dir, papers=papers, backend=backend, address=address,
+                                    jobs=jobs, retries=retries, kernel=kernel, progress=progress, write_report=False))
     total = round(time.time() - t_all, 1)
-    record = {"notebooks": dict(sorted(timings.items())),
+    current = json.loads(timings_path.read_text()) if timings_path.is_file() else {}  # a grid's records since
+    record = {**current, "notebooks": dict(sorted(timings.items())),
               "sum_of_latest_seconds": round(sum(v["seconds"] for k, v in timings.items()  # default runs only
                                                  if (nb_dir / k).is_file()), 1),
               "last_invocation": {"notebooks": sorted(b.name for b in books), "seconds": total, "jobs": jobs,
                                   "all": not only, "parameters": extra,
+                                  "grids": {str(f): {n.name: grid_states[n.name]["state"] for n in r}
+                                            for f, r in grids},
                                   "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     if only or extra:  # a partial or non-default run keeps the record of the last full default one
         last = previous.get("last_invocation", {})
@@ -158,7 +174,7 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     atomic.write_json(timings_path, record)
     summary, rep = report.write(papers / "results", papers / "REPORT.md")  # (it states the invocation's time)
     print(f"[cnt reproduce] wrote {summary} and {rep}; this run {total / 60:.1f} min")
-    return record
+    return {**record, "grid_states": grid_states}
 
 
 
@@ -282,30 +298,42 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _measured_by_this_code(results: Path) -> bool:
+    """Whether the results file records the sources of the ``cnt`` this process runs (:mod:`cnt.provenance`)."""
+    try:
+        code = json.loads(results.read_text()).get("code") or {}
+    except (OSError, ValueError):
+        return False
+    return code.get("sources_sha256") == code_record()["sources_sha256"]
+
+
 def finished(runs, papers: str | Path) -> set[str]:
-    """The runs already done with the same parameters: recorded ``done`` in ``runs/timings.json`` with the same
-    digest, and their results JSON still the file that run wrote."""
+    """The runs already done with the same parameters and the same code: recorded ``done`` in ``runs/timings.json``
+    with the same digest, their results JSON still the file that run wrote, and that file measured by the sources of
+    the kit now installed (a run whose code changed since, or that predates the record, runs again)."""
     papers = Path(papers)
     path = papers / "runs" / "timings.json"
     state = (json.loads(path.read_text()) if path.is_file() else {}).get("grid", {})
     out = set()
     for r in runs:
         s = state.get(r.name, {})
+        results = papers / "results" / f"{r.result_name}.json"
         if s.get("state") == "done" and s.get("digest") == r.digest() and s.get("results_sha256") and \
-                s["results_sha256"] == _sha256(papers / "results" / f"{r.result_name}.json"):
+                s["results_sha256"] == _sha256(results) and _measured_by_this_code(results):
             out.add(r.name)
     return out
 
 
 def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = "papers", backend: str = "local",
              address: str | None = None, jobs: int = 1, retries: int = 1, kernel: str = "python3",
-             progress: bool = True) -> dict:
+             progress: bool = True, write_report: bool = True) -> dict:
     """Execute the grid's ``runs`` (:func:`cnt.grid.load`) that are not already finished (:func:`finished`) on the
     ``local`` or ``ray`` backend; a run that raises (or whose Ray worker is lost) is tried again up to ``retries``
     times — at most ``retries + 1`` attempts in all — then recorded failed
     while the others go on (its earlier good result, if any, stays in place). Every run's files are written under
     ``papers`` as it finishes, its state, attempts and time into ``runs/timings.json`` (``grid``); the report and
-    summary are regenerated once at the end. Returns the states of this invocation's runs."""
+    summary are regenerated once at the end (unless ``write_report`` is false: a caller that writes them itself).
+    Returns the states of this invocation's runs."""
     from tqdm.auto import tqdm
 
     if retries < 0:
@@ -371,7 +399,8 @@ def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = 
     timings["last_grid"] = {"runs": len(runs), "ran": len(todo), "skipped": len(skip), "backend": impl.name,
                             "seconds": round(time.time() - t_all, 1), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic.write_json(timings_path, timings)
-    report.write(papers / "results", papers / "REPORT.md")
+    if write_report:
+        report.write(papers / "results", papers / "REPORT.md")
     failed = [n for n, s in states.items() if s["state"] == "failed"]
     print(f"[cnt reproduce] grid: {len(todo) - len(failed)} ran, {len(skip)} skipped, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else "") + f"; {time.time() - t_all:.0f} s", flush=True)

@@ -101,6 +101,7 @@ class ApplicationResult:
     seconds: float = 0.0
     when: str = ""
     torch_threads: int | None = None
+    code: dict | None = None  # the kit's version and sources digest (cnt.provenance; None: written before it was kept)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -188,6 +189,7 @@ class FrontierResult:
     target: str | None = None
     torch_threads: int | None = None
     runs: list[dict] | None = None
+    code: dict | None = None  # the kit's version and sources digest (cnt.provenance)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from .arch import ArchFingerprint
 from .plots import gap_share
+from .provenance import same_code
 from .results import ApplicationResult, MethodEntry
 
 # what may differ between two runs that count as seeds of one CNT configuration: the seed, the name a grid's seed axis
@@ -120,7 +121,7 @@ def stability(group: Sequence[tuple[str, ApplicationResult]]) -> dict:
     """One group of seed runs (:func:`seed_groups`): per budget, the CNT effect (score and share of the gap) as mean ±
     sd over seeds, each seed's α, and the overlap of the selected units across seeds and against the best-scored
     seed's; the minimal subset's size per seed; every number per seed as well, so a reader can recompute the
-    summary."""
+    summary. ``same_code``: whether every run was measured by the same sources (:func:`cnt.provenance.same_code`)."""
     runs = [r for _, r in group]
     first = runs[0]
     fp = ArchFingerprint.from_dict(first.fingerprint) if first.fingerprint else None
@@ -143,6 +144,7 @@ def stability(group: Sequence[tuple[str, ApplicationResult]]) -> dict:
     found = [e for _, e in minimal if e is not None]
     out = {"application": first.application, "family": first.family or first.config.get("family"),
            "runs": [name for name, _ in group], "seeds": [r.config.get("seed", 0) for r in runs], "budgets": budgets,
+           "same_code": same_code([r.code for r in runs]),
            "minimal": {"neuron_fractions": [e.neuron_fraction if e else None for _, e in minimal],
                        "param_fractions": [e.param_fraction if e else None for _, e in minimal],
                        "shares": [_share(r, e) if e else None for r, (_, e) in zip(runs, minimal)]}}

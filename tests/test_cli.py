@@ -129,6 +129,54 @@ def test_reproduce_keeps_a_family_run_beside_the_default_one(tmp_path):
     assert timings["last_invocation"]["parameters"] == {"family": "other-family"}
 
 
+def test_reproduce_runs_a_grid_beside_the_notebooks_in_one_invocation(tmp_path, capsys):
+    """`cnt reproduce --with-grid FILE` (what make reproduce adds for the seeds): after the default notebooks, the grid's
+    runs in the same invocation, recorded with its time; a second invocation skips them (same parameters, same code);
+    the grid's records survive the notebooks' timings; a bad grid file is refused before any notebook runs."""
+    import nbformat
+
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('family = "smollm2"\nseed = 0\ntag = None\nbaselines = None\n'
+                                       'output_dir = "papers"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json, pathlib\nfrom cnt.provenance import code_record\n"
+        "name = 'disalignment' + (f'.{tag}' if tag else '')\n"
+        "pathlib.Path(output_dir, 'results').mkdir(parents=True, exist_ok=True)\n"
+        "pathlib.Path(output_dir, 'results', name + '.json').write_text(json.dumps({'seed': seed, "
+        "'code': code_record()}))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, books / "01_safety_disalignment.ipynb")
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text("runs:\n  application: [disalignment]\n  seed: [1]\n")
+    papers = tmp_path / "papers"
+    common = ["reproduce", "--notebooks", str(books), "--papers", str(papers), "--quiet"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runs:\n  application: [no_such_application]\n")
+    assert main([*common, "--with-grid", str(bad)]) == 2
+    assert "no_such_application" in capsys.readouterr().err and not (papers / "runs").exists()
+    assert main([*common, "--with-grid", str(seeds), "-p", "seed=3"]) == 2  # a grid goes with the default run only
+
+    assert main([*common, "--with-grid", str(seeds)]) == 0
+    runs = papers / "runs"
+    assert {p.name for p in runs.glob("*.ipynb")} == {"01_safety_disalignment.ipynb",
+                                                      "01_safety_disalignment.seed1.ipynb"}
+    assert json.loads((papers / "results" / "disalignment.seed1.json").read_text())["seed"] == 1
+    timings = json.loads((runs / "timings.json").read_text())
+    assert timings["grid"]["disalignment.seed1"]["state"] == "done"  # the notebooks' record kept the grid's
+    assert timings["last_invocation"]["grids"] == {str(seeds): {"disalignment.seed1": "done"}}
+    assert timings["last_full_invocation"] == timings["last_invocation"]
+    assert timings["last_invocation"]["seconds"] >= timings["grid"]["disalignment.seed1"]["seconds"]
+
+    executed = (runs / "01_safety_disalignment.seed1.ipynb").stat().st_mtime_ns
+    assert main([*common, "--with-grid", str(seeds)]) == 0
+    timings = json.loads((runs / "timings.json").read_text())
+    assert timings["last_invocation"]["grids"] == {str(seeds): {"disalignment.seed1": "skipped"}}
+    assert (runs / "01_safety_disalignment.seed1.ipynb").stat().st_mtime_ns == executed
+
+
 def test_reproduce_names_a_parameter_a_notebook_does_not_declare(tmp_path, capsys):
     """A parameter no notebook declares (a misspelling) is refused before anything runs; one that only some declare
     is passed to those and named as ignored for the others."""

@@ -67,6 +67,29 @@ def test_the_plan_names_each_run_with_its_own_results():
     assert {r.resources["memory_gb"] for r in hub if r.application == "alignment_enhancement"} == {96}
 
 
+def test_a_run_measured_by_other_code_is_not_finished(tmp_path):
+    """A grid run recorded done with the same parameters is skipped only while its results record the sources of
+    the kit now installed: one measured by other code (or before the kit recorded its code) runs again."""
+    from cnt.provenance import code_record
+    from cnt.reproduce import _sha256, finished
+
+    run = grid.parse(GOOD, NOTEBOOKS)[1]
+    papers = tmp_path / "papers"
+    (papers / "results").mkdir(parents=True)
+    (papers / "runs").mkdir()
+    results = papers / "results" / f"{run.result_name}.json"
+
+    def record(code) -> set:
+        results.write_text(json.dumps({"code": code} if code is not None else {}))
+        state = {"state": "done", "digest": run.digest(), "results_sha256": _sha256(results)}
+        (papers / "runs" / "timings.json").write_text(json.dumps({"grid": {run.name: state}}))
+        return finished([run], papers)
+
+    assert record(code_record()) == {run.name}
+    assert record({**code_record(), "sources_sha256": "0" * 64}) == set()
+    assert record(None) == set()
+
+
 def _normalized(obj):
     """A results JSON without what differs between any two runs of the same computation (times, dates)."""
     if isinstance(obj, dict):

@@ -105,6 +105,25 @@ def test_the_report_prints_the_seeds_and_summary_holds_them(seeds):
     assert [g["seeds"] for g in summary["stability"]] == [[0, 1, 2]]
 
 
+def test_seeds_measured_by_different_code_are_named(seeds):
+    """A seed group whose runs record different sources says so beside its spread; one measured by one code does
+    not; one with a run that recorded none says that it is not known."""
+    def rewrite(codes):
+        for name, code in zip(("alignment_enhancement", "alignment_enhancement.seed1", "alignment_enhancement.seed2"),
+                              codes):
+            path = seeds / f"{name}.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "code": code}))
+        return report.write(seeds)[1].read_text()
+
+    same = {"version": "0.1.0", "sources_sha256": "a" * 64}
+    assert "different versions of the kit's code" not in rewrite([same, same, same])
+    assert "not all recorded" not in rewrite([same, same, same])
+    assert stability(seed_groups(report.load_results(seeds))[0])["same_code"] is True
+    text = rewrite([same, {**same, "sources_sha256": "b" * 64}, same])
+    assert "different versions of the kit's code" in text
+    assert "not all recorded" in rewrite([same, None, same])
+
+
 def test_units_round_trip_and_a_single_run_has_no_seed_section(tmp_path):
     run = _run(0, (0.5, 1.0), (SMALL[0], LARGE[0]))
     r = ApplicationResult.from_dict(json.loads(json.dumps(run)))
