@@ -117,9 +117,12 @@ class ApplicationConfig:
 
 def _alpha_candidates(steps) -> list[dict]:
     """Every amplification tried at a budget, as judged on validation (its share, whether utility held and which
-    check failed): the record of why the chosen α won, beside the baselines' swept settings."""
+    check failed, and the false refusal it was judged by where measured): the record of why the chosen α won, beside
+    the baselines' swept settings."""
     return [{"setting": {"alpha": s.alpha}, "validation_share": s.share, "utility_ok": s.utility_ok,
-             "failed": list(s.failed)} for s in steps]
+             "failed": list(s.failed),
+             **({"false_refusal": s.false_refusal, "false_refusal_n": s.false_refusal_n}
+                if s.false_refusal is not None else {})} for s in steps]
 
 
 def _check_field_types(config) -> None:

@@ -33,6 +33,9 @@ class SearchStep:
     utility_ok: bool = True
     param_fraction: float | None = None  # the patch's share of the model's weights
     failed: list[str] = field(default_factory=list)  # the utility checks that did not hold (judge's words)
+    false_refusal: float | None = None  # the rate measured on validation (where the function watches it), and
+    false_refusal_n: int | None = None  # on how many benign prompts: how close to its limit a setting passed
+    degenerate: float | None = None
 
 
 @dataclass
@@ -58,7 +61,8 @@ def step_of(k: int, patch: NeuronPatch, verdict: dict) -> SearchStep:
     """One trial as a record: the budget ``k``, the patch and the validator's ``verdict`` on it."""
     m = verdict["proxy"]
     return SearchStep(k, patch.alpha, m["score"], verdict["share"], m["ppl"], m.get("drift"), verdict["ok"],
-                      verdict["utility_ok"], patch.param_fraction, verdict["failed"])
+                      verdict["utility_ok"], patch.param_fraction, verdict["failed"], m.get("false_refusal"),
+                      m.get("false_refusal_n"), m.get("degenerate"))
 
 
 class Trials:

@@ -327,7 +327,10 @@ def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # 
     assert not verdict["utility_ok"] and verdict["proxy"]["false_refusal"] == pytest.approx(0.08)
     assert verdict["failed"] == ["false refusal +8.0 points (limit +5)"] and proxy.whole_calls == 3
     proxy.more_rate = 0.05  # 4% over all 200: held
-    assert val.assess(patch)["utility_ok"] and proxy.whole_calls == 4
+    held = val.assess(patch)
+    assert held["utility_ok"] and proxy.whole_calls == 4
+    step = search.step_of(1, patch, held)  # the trial's record keeps the rate it passed by, and on how many prompts
+    assert step.false_refusal == pytest.approx(0.04) and step.false_refusal_n == 200
     proxy.broken = True  # perplexity broke on the sample's measurement: the rest is not generated
     verdict = val.assess(patch)
     assert not verdict["utility_ok"] and proxy.whole_calls == 4 and verdict["proxy"]["false_refusal_n"] == 40
