@@ -5,6 +5,7 @@ notebooks wrote. Parameters are checked against what the notebooks declare befor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -293,16 +294,14 @@ class RayBackend:
 
 
 def _sha256(path: Path) -> str | None:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _measured_by_this_code(results: Path) -> bool:
-    """Whether the results file records the sources of the ``cnt`` this process runs (:mod:`cnt.provenance`)."""
+def _measured_by_this_code(results: bytes) -> bool:
+    """Whether a results file's bytes record the sources of the ``cnt`` this process runs (:mod:`cnt.provenance`)."""
     try:
-        code = json.loads(results.read_text()).get("code") or {}
-    except (OSError, ValueError):
+        code = json.loads(results).get("code") or {}
+    except ValueError:
         return False
     return code.get("sources_sha256") == code_record()["sources_sha256"]
 
@@ -317,9 +316,12 @@ def finished(runs, papers: str | Path) -> set[str]:
     out = set()
     for r in runs:
         s = state.get(r.name, {})
+        if s.get("state") != "done" or s.get("digest") != r.digest() or not s.get("results_sha256"):
+            continue
         results = papers / "results" / f"{r.result_name}.json"
-        if s.get("state") == "done" and s.get("digest") == r.digest() and s.get("results_sha256") and \
-                s["results_sha256"] == _sha256(results) and _measured_by_this_code(results):
+        blob = results.read_bytes() if results.is_file() else None  # read once: its digest, then its code record
+        if blob is not None and s["results_sha256"] == hashlib.sha256(blob).hexdigest() and \
+                _measured_by_this_code(blob):
             out.add(r.name)
     return out
 
