@@ -513,7 +513,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
         target_details={k: v for k, v in target_rep[metric].details.items() if k.startswith("per_")},
         donor_details={k: v for k, v in donor_rep[metric].details.items() if k.startswith("per_")},
         target_report=target_rep.to_dict(), target_per_item=per_item(target_rep, metric), timings=timings,
-        validation={"target": val.target, "donor": val.donor}, search=search_info,
+        validation={"target": val.target, "donor": val.donor, "rule": val.limits}, search=search_info,
         config=asdict(config), fingerprint=fp.to_dict(), n_params=n_params, seconds=round(time.time() - t_start, 1),
         when=time.strftime("%Y-%m-%dT%H:%M:%S"),
         torch_threads=torch.get_num_threads(),  # wall times above were measured with this many

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from copy import copy, deepcopy
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,7 +29,8 @@ import torch
 
 from . import data
 from .arch import same_weights
-from .evaluate import is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores
+from .evaluate import (is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores,
+                       wilson)
 from .locate import Example, Task
 from .models import fast_dtype, generate, inference_dtype, model_device
 from .transfer import NeuronPatch
@@ -79,6 +81,9 @@ def default_scorer(function: str) -> str:
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0
+# the confidence at which a setting's false refusal must hold the limit on validation (judge): the rule takes the
+# largest amplitude that passes, so a point estimate at the limit sat past it on eval (METHOD.md)
+FALSE_REFUSAL_CONFIDENCE = 0.95
 
 
 def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed: int = 0) -> list[str]:
@@ -203,21 +208,42 @@ def gap_share(score: float, t: float, d: float) -> float:
     return (score - t) / (d - t) if d != t else float("nan")
 
 
+def false_refusal_bound(m: dict, confidence: float | None) -> float:
+    """The false refusal a measurement ``m`` vouches for: with ``confidence``, the one-sided upper Wilson bound of its
+    rate on the ``false_refusal_n`` benign prompts it was read on (the rate the whole population of benign prompts
+    could have at that confidence); without, or without a count, the rate itself."""
+    rate, n = m["false_refusal"], m.get("false_refusal_n")
+    if not confidence or not n:
+        return rate
+    return wilson(round(rate * n), n, z=NormalDist().inv_cdf(confidence))[1]
+
+
 def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9, max_ppl_increase: float = 0.02,
-          max_false_refusal_increase: float = 0.05, max_degenerate_increase: float = 0.05) -> dict:
+          max_false_refusal_increase: float = 0.05, max_degenerate_increase: float = 0.05,
+          false_refusal_confidence: float | None = FALSE_REFUSAL_CONFIDENCE) -> dict:
     """The search rule, for any modified model's proxy measurement ``m`` (CNT patches and baselines alike): the share
     of the target->donor gap reached, whether utility held (perplexity within ``max_ppl_increase``; answers no more
     often broken text than the target's, within ``max_degenerate_increase``; for added refusal, benign prompts refused
-    at most ``max_false_refusal_increase`` more often) and whether both hold with the goal reached (``ok``). The
+    at most ``max_false_refusal_increase`` more often — with ``false_refusal_confidence``, the upper one-sided bound
+    of its rate at that confidence (:func:`false_refusal_bound`) against the target's rate, so that a setting chosen
+    at the limit holds it beyond the validation sample) and whether both hold with the goal reached (``ok``). The
     limits are the kit's utility goals: perplexity +2%, false refusal +5 points. ``failed``: each utility check that
     did not hold, in words (e.g. ``"false refusal +8.3 points (limit +5)"``)."""
     share = gap_share(m["score"], base["score"], donor["score"])
     failed = []
     if not m["ppl"] <= base["ppl"] * (1 + max_ppl_increase):
         failed.append(f"perplexity {100 * (m['ppl'] / base['ppl'] - 1):+.1f}% (limit +{100 * max_ppl_increase:g}%)")
-    for key, limit in (("degenerate", max_degenerate_increase), ("false_refusal", max_false_refusal_increase)):
-        if m.get(key) is not None and base.get(key) is not None and m[key] - base[key] > limit + 1e-9:
-            failed.append(f"{key.replace('_', ' ')} {100 * (m[key] - base[key]):+.1f} points (limit +{100 * limit:g})")
+    if m.get("degenerate") is not None and base.get("degenerate") is not None \
+            and m["degenerate"] - base["degenerate"] > max_degenerate_increase + 1e-9:
+        failed.append(f"degenerate {100 * (m['degenerate'] - base['degenerate']):+.1f} points "
+                      f"(limit +{100 * max_degenerate_increase:g})")
+    if m.get("false_refusal") is not None and base.get("false_refusal") is not None:
+        bound = false_refusal_bound(m, false_refusal_confidence)
+        if bound - base["false_refusal"] > max_false_refusal_increase + 1e-9:
+            at = "" if bound == m["false_refusal"] else \
+                f"; {100 * (bound - base['false_refusal']):+.1f} at its {100 * false_refusal_confidence:g}% upper bound"
+            failed.append(f"false refusal {100 * (m['false_refusal'] - base['false_refusal']):+.1f} points{at} "
+                          f"(limit +{100 * max_false_refusal_increase:g})")
     utility_ok = not failed
     share_ok = bool(np.isfinite(share) and share >= goal)
     return {"share": share, "utility_ok": utility_ok, "ok": bool(share_ok and utility_ok), "failed": failed}
@@ -227,6 +253,13 @@ def rule_limits(settings: dict) -> dict:
     """The rule's limits among ``settings`` (e.g. a search's): the ones :func:`judge` takes by keyword."""
     names = {n for n, p in inspect.signature(judge).parameters.items() if p.kind is p.KEYWORD_ONLY}
     return {k: v for k, v in settings.items() if k in names}
+
+
+def full_rule(**rule) -> dict:
+    """Every limit :func:`judge` applies under ``rule`` (its defaults where ``rule`` is silent): what a results file
+    records so that a reader knows the rule its settings were chosen by."""
+    defaults = {n: p.default for n, p in inspect.signature(judge).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    return {**defaults, **rule_limits(rule)}
 
 
 def choose(assessed: Sequence[dict]) -> int:
@@ -289,6 +322,11 @@ class Validator:
             m["false_refusal"] = self.proxy.whole_false_refusal(model, self.tokenizer, m["false_refusal"])
             m["false_refusal_n"] += len(self.proxy.benign_more)
         return m
+
+    @property
+    def limits(self) -> dict:
+        """Every limit this validator judges by (:func:`full_rule`)."""
+        return full_rule(**self.rule)
 
     def with_rule(self, **rule) -> "Validator":
         """The same validator (one working copy of the target, the same measurements) judging by other limits."""

@@ -227,8 +227,11 @@ SIDE_LIMITS = {"false_refusal_rate": 0.05, "arithmetic_acc": -0.05}
 
 
 def side_limits(r: ApplicationResult) -> dict:
-    """:data:`SIDE_LIMITS`, with false refusal's limit the one the run's own search rule used (from its JSON)."""
-    fr = (r.search or {}).get("max_false_refusal_increase")
+    """:data:`SIDE_LIMITS`, with false refusal's limit the one the run's own rule used (from its JSON: the validation
+    rule, or the search's)."""
+    search = r.search or {}
+    fr = next((d["max_false_refusal_increase"] for d in ((r.validation or {}).get("rule"), search.get("rule"), search)
+               if d and d.get("max_false_refusal_increase") is not None), None)
     return {**SIDE_LIMITS, **({"false_refusal_rate": float(fr)} if fr is not None else {})}
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
-from .functions import Proxy, Validator, choose
+from .functions import FALSE_REFUSAL_CONFIDENCE, Proxy, Validator, choose
 from .scores import NeuronScores
 from .transfer import NeuronPatch
 
@@ -52,6 +52,7 @@ class SearchResult:
     max_ppl_increase: float
     closest_k: int = 0  # the subset to use: the minimal one, or when the goal was out of reach the trial furthest
                         # toward the donor with utility held (functions.choose), at ``alpha``
+    rule: dict = field(default_factory=dict)  # every limit the trials were judged by (functions.full_rule)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "steps": [asdict(s) for s in self.steps]}
@@ -153,12 +154,13 @@ def search_k(trial: Callable[[int, float], SearchStep], *, k_min: int, k_max: in
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy | None = None, *,
                    validator: Validator | None = None, goal: float = 0.9, max_ppl_increase: float = 0.02,
                    max_false_refusal_increase: float = 0.05, max_degenerate_increase: float = 0.05,
-                   k_min: int | None = None, max_fraction: float = 0.25,
+                   false_refusal_confidence: float | None = FALSE_REFUSAL_CONFIDENCE, k_min: int | None = None, max_fraction: float = 0.25,
                    alphas: Sequence[float] = ALPHAS, growth: int = 4, progress: bool = True,
                    measured: tuple[dict, dict] | None = None) -> SearchResult:
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
     with perplexity within ``max_ppl_increase`` (relative), answers broken at most ``max_degenerate_increase`` more
     often and, for added refusal, benign prompts refused at most ``max_false_refusal_increase`` more often
+    (at ``false_refusal_confidence``: :func:`cnt.functions.judge`)
     (:func:`search_k` on :class:`Trials`; k from ``k_min``, default 0.05% of the neurons, to ``max_fraction`` of them). Judged on ``proxy``, or by a ready
     ``validator`` (its proxies and measurements; built with the same limits). ``measured`` passes the target's and
     donor's proxy values when the caller already has them (same proxy, same dtype)."""
@@ -166,7 +168,8 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy 
 
     t0 = time.time()
     rule = dict(goal=goal, max_ppl_increase=max_ppl_increase, max_false_refusal_increase=max_false_refusal_increase,
-                max_degenerate_increase=max_degenerate_increase)  # functions.judge's limits
+                max_degenerate_increase=max_degenerate_increase,
+                false_refusal_confidence=false_refusal_confidence)  # functions.judge's limits
     if validator is None:
         if proxy is None:
             raise ValueError("minimal_subset: give the validation proxy or a validator")
@@ -189,6 +192,6 @@ def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy 
     if best is None:  # out of reach: the trial a researcher would pick instead, as at a fixed budget (utility held)
         top = steps[choose([{"share": s.share, "utility_ok": s.utility_ok} for s in steps])]
         return SearchResult(0, top.alpha, False, top.share, base, don, steps, round(time.time() - t0, 1), goal,
-                            max_ppl_increase, closest_k=top.k)
+                            max_ppl_increase, closest_k=top.k, rule=validator.limits)
     return SearchResult(best.k, best.alpha, True, best.share, base, don, steps, round(time.time() - t0, 1), goal,
-                        max_ppl_increase, closest_k=best.k)
+                        max_ppl_increase, closest_k=best.k, rule=validator.limits)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cnt import plots, report
+from cnt import functions, plots, report
 from cnt.results import ApplicationResult, MethodEntry
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_alignment_enhancement.json"
@@ -203,6 +203,10 @@ def test_kept_utility_counts_false_refusal_and_skill():
     assert report.side_limits(R(base)) == report.SIDE_LIMITS  # no false-refusal limit recorded: the kit's goal
     ruled = R({**base, "search": {**base["search"], "max_false_refusal_increase": 0.1}})
     assert report.side_limits(ruled)["false_refusal_rate"] == 0.1
+    # the validation rule a run records (every limit, functions.full_rule) comes first
+    validated = R({**base, "validation": {**base.get("validation", {}),
+                                          "rule": functions.full_rule(max_false_refusal_increase=0.03)}})
+    assert report.side_limits(validated)["false_refusal_rate"] == 0.03
 
 
 def test_claims_on_an_insignificant_gap_are_inconclusive(tmp_path):

@@ -318,8 +318,8 @@ def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # 
     (whose 2.5-point resolution passed settings that refused 7-15 points more on eval); a change that already broke
     another check is rejected without generating the rest."""
     donor, target, tok = fixture
-    proxy = _BenignProxy(more_rate=0.0)
-    val = functions.Validator(donor, target, tok, proxy, measured=None)
+    proxy = _BenignProxy(more_rate=0.0)  # judged on the point estimate here (the bound: the next test)
+    val = functions.Validator(donor, target, tok, proxy, measured=None, false_refusal_confidence=None)
     assert proxy.whole_calls == 2 and val.target["false_refusal_n"] == 200  # target and donor on all 200
     patch = NeuronPatch.extract(donor, target, {0: [0]})
     proxy.more_rate = 0.1  # the change refuses 16 of the other 160: 8% over all 200, 0% on the sample
@@ -338,6 +338,37 @@ def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # 
     real = functions.Proxy.for_function("refusal", seed=0)
     assert len(real.benign) == 40 and not set(real.benign) & set(real.benign_more) and len(real.benign_more) > 100
     assert not functions.Proxy.for_function("compliance").benign_more  # deleting refusal watches no benign prompts
+
+
+def test_false_refusal_must_hold_the_limit_at_its_upper_bound():
+    """By default a setting's false refusal passes only when the one-sided 95% upper Wilson bound of its rate, on the
+    prompts it was read on, is within the limit of the target's rate: the rule takes the largest α that passes, and
+    a point estimate at the limit sat past it on eval. Hand-computed bounds (z = 1.6449): 5 of 212 -> 4.77%, 6 of 212
+    -> 5.38%, 0 of 40 -> 6.34%."""
+    base = {"score": 0.0, "ppl": 20.0, "false_refusal": 0.0, "false_refusal_n": 212}
+    donor = {"score": 1.0, "ppl": 20.0}
+
+    def verdict(refused, n, **rule):
+        m = {"score": 0.5, "ppl": 20.0, "false_refusal": refused / n, "false_refusal_n": n}
+        return functions.judge(m, base, donor, "refusal", **rule)
+
+    assert functions.false_refusal_bound({"false_refusal": 5 / 212, "false_refusal_n": 212}, 0.95) == \
+        pytest.approx(0.04765, abs=5e-5)
+    assert verdict(5, 212)["utility_ok"]
+    six = verdict(6, 212)
+    assert not six["utility_ok"] and six["failed"] == ["false refusal +2.8 points; +5.4 at its 95% upper bound (limit +5)"]
+    assert verdict(10, 212, false_refusal_confidence=None)["utility_ok"]  # the point rule: 4.7 points passes
+    assert not verdict(11, 212, false_refusal_confidence=None)["utility_ok"]
+    assert not verdict(0, 40)["utility_ok"]  # 40 prompts cannot vouch for +5 points at 95%
+    assert functions.false_refusal_bound({"false_refusal": 0.0, "false_refusal_n": 40}, 0.95) == \
+        pytest.approx(0.0634, abs=5e-4)
+    assert functions.full_rule()["false_refusal_confidence"] == 0.95  # the default, as results files record it
+    assert functions.full_rule(false_refusal_confidence=None, growth=4)["false_refusal_confidence"] is None
+    # without a count (a measurement from before counts were kept) the rate itself is judged
+    assert functions.false_refusal_bound({"false_refusal": 0.03}, 0.95) == 0.03
+    looser = dict(base, false_refusal=0.02)  # judged against the target's own rate
+    m = {"score": 0.5, "ppl": 20.0, "false_refusal": 6 / 212, "false_refusal_n": 212}
+    assert functions.judge(m, looser, donor, "refusal")["utility_ok"]
 
 
 def test_a_merge_with_the_donors_weights_is_judged_on_the_donors_measurement(fixture):  # noqa: F811
