@@ -12,8 +12,8 @@ Functions (what is transferred):
 Proxies (validation split only): the mean first-token refusal log-odds on harmful prompts, or the StereoSet SS;
 perplexity on a few held-out passages; for refusal and compliance, short greedy answers judged for broken text and,
 when refusal is added, for refusals of benign prompts. :func:`judge` is the rule (the share of the donor–target gap,
-utility held: perplexity +2%, false refusal +5 points, no more broken answers); :class:`Validator` applies it to
-patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval split, never from these proxies.
+utility held: perplexity +2%, false refusal +5 points at its 95% upper bound, no more broken answers);
+:class:`Validator` applies it to patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval split, never from these proxies.
 """
 
 from __future__ import annotations
