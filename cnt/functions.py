@@ -84,6 +84,9 @@ UTILITY_WEIGHT = 8.0
 # the confidence at which a setting's false refusal must hold the limit on validation (judge): the rule takes the
 # largest amplitude that passes, so a point estimate at the limit sat past it on eval (METHOD.md)
 FALSE_REFUSAL_CONFIDENCE = 0.95
+# how near the perplexity limit a change's relative change on the 16-passage sample must lie to be read again on the
+# whole validation split (Validator): the sample sat at most 2.8 points from the whole split's (METHOD.md)
+PPL_SAMPLE_MARGIN = 0.03
 
 
 def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed: int = 0) -> list[str]:
@@ -153,23 +156,27 @@ class Proxy:
     n_generate: int = 48  # harmful prompts answered greedily to check the text is still language (``degenerate``)
     generate_tokens: int = 20
     benign_more: list[str] = field(default_factory=list)  # the rest of the split's benign prompts (whole_false_refusal)
+    wiki_more: list[str] = field(default_factory=list)  # the rest of the split's Wikipedia passages (whole_perplexity)
 
     @classmethod
     def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16, n_benign: int = 40,
-                     whole_benign: bool = True) -> "Proxy":
+                     whole_benign: bool = True, whole_wiki: bool = True) -> "Proxy":
         """``n`` harmful prompts; ``n_benign`` benign ones, a fifth of them over-refusal probes (as in the
         evaluation's false-refusal sample); with ``whole_benign``, every other benign and over-refusal prompt of the
-        validation split in :attr:`benign_more`, for :meth:`whole_false_refusal`."""
-        wiki = data.texts(data.load("wiki", "validation", seed=seed, limit=n_wiki), "text")
+        validation split in :attr:`benign_more`, for :meth:`whole_false_refusal`; ``n_wiki`` Wikipedia passages, and
+        with ``whole_wiki`` every other one of the split in :attr:`wiki_more`, for :meth:`whole_perplexity`."""
+        passages = data.texts(data.load("wiki", "validation", seed=seed), "text")
+        wiki, wiki_more = passages[:n_wiki], (passages[n_wiki:] if whole_wiki else [])
         if function_spec(function).source == "stereoset":
-            return cls(function, stereo=data.load("stereoset", "validation", seed=seed), wiki=wiki)
+            return cls(function, stereo=data.load("stereoset", "validation", seed=seed), wiki=wiki,
+                       wiki_more=wiki_more)
         n_over = n_benign // 5
         everyday = data.texts(data.load("benign", "validation", seed=seed))
         over = data.texts(data.load("overrefusal", "validation", seed=seed))
         cut = n_benign - n_over
         more = everyday[cut:] + over[n_over:] if whole_benign and function_spec(function).adds_refusal else []
         return cls(function, harmful=data.texts(data.load("harmful", "validation", seed=seed, limit=n)),
-                   benign=everyday[:cut] + over[:n_over], wiki=wiki, benign_more=more)
+                   benign=everyday[:cut] + over[:n_over], wiki=wiki, benign_more=more, wiki_more=wiki_more)
 
     @torch.no_grad()
     def measure(self, model, tokenizer) -> dict[str, float]:
@@ -190,6 +197,13 @@ class Proxy:
             if spec.adds_refusal:
                 out["false_refusal"] = float(np.mean([is_refusal(a) for a in answers[len(prompts) - len(self.benign):]]))
         return out
+
+    @torch.no_grad()
+    def whole_perplexity(self, model, tokenizer) -> float:
+        """Perplexity over every Wikipedia passage the proxy holds (:attr:`wiki` and :attr:`wiki_more`). The 16
+        passages alone moved up to 2.8 points away from the whole split's relative change at the same setting, which
+        tracked eval's within 0.7 (bias removal, METHOD.md)."""
+        return perplexity(model, tokenizer, self.wiki + self.wiki_more, max_tokens=128, progress=False).value
 
     @torch.no_grad()
     def whole_false_refusal(self, model, tokenizer, sample_rate: float) -> float:
@@ -314,6 +328,8 @@ class Validator:
         for the target and donor, and for a change whose other utility checks held on the sample — a change that
         already failed one is rejected whatever its false refusal (``false_refusal_n``: the prompts it was read on)."""
         m = self.proxy.measure(model, self.tokenizer)
+        if self.proxy.wiki_more:
+            self._whole_perplexity(model, m, always)
         if m.get("false_refusal") is None:
             return m
         m["false_refusal_n"] = len(self.proxy.benign)
@@ -322,6 +338,23 @@ class Validator:
             m["false_refusal"] = self.proxy.whole_false_refusal(model, self.tokenizer, m["false_refusal"])
             m["false_refusal_n"] += len(self.proxy.benign_more)
         return m
+
+    def _whole_perplexity(self, model, m: dict, always: bool) -> None:
+        """Perplexity read on every Wikipedia passage of the validation split (:meth:`Proxy.whole_perplexity`) for
+        the target and donor, and for a change whose sample perplexity cannot decide: its relative change within
+        :data:`PPL_SAMPLE_MARGIN` of the limit. Elsewhere the sample decides, its relative change carried onto the
+        target's whole-split value (the whole split costs ~50× the sample). ``ppl_sample``: the sample's value;
+        ``ppl_n``: the passages ``ppl`` was read on. A target measured before (``measured``, without
+        ``ppl_sample``) keeps changes on the sample, like it."""
+        m["ppl_sample"], m["ppl_n"] = m["ppl"], len(self.proxy.wiki)
+        if not always and "ppl_sample" not in self.target:
+            return
+        ratio = 1.0 if always else m["ppl"] / self.target["ppl_sample"]
+        if always or abs(ratio - 1 - self.limits["max_ppl_increase"]) <= PPL_SAMPLE_MARGIN:
+            m["ppl"] = self.proxy.whole_perplexity(model, self.tokenizer)
+            m["ppl_n"] += len(self.proxy.wiki_more)
+        else:
+            m["ppl"] = ratio * self.target["ppl"]
 
     @property
     def limits(self) -> dict:
