@@ -315,7 +315,7 @@ class Validator:
 
     def __init__(self, donor, target, tokenizer, proxy: Proxy, *, measured: tuple[dict, dict] | None = None, **rule):
         self.tokenizer, self.proxy, self.rule = tokenizer, proxy, rule
-        self.donor_model = donor
+        self.donor_model, self.target_model = donor, target
         self.fast = fast_dtype(model_device(target))
         self.work = deepcopy(target).to(self.fast)
         if measured is None:
@@ -328,8 +328,8 @@ class Validator:
         for the target and donor, and for a change whose other utility checks held on the sample — a change that
         already failed one is rejected whatever its false refusal (``false_refusal_n``: the prompts it was read on)."""
         m = self.proxy.measure(model, self.tokenizer)
-        if self.proxy.wiki_more:
-            self._whole_perplexity(model, m, always)
+        if self.proxy.wiki_more and not always:
+            self._whole_perplexity(model, m)
         if m.get("false_refusal") is None:
             return m
         m["false_refusal_n"] = len(self.proxy.benign)
@@ -339,22 +339,20 @@ class Validator:
             m["false_refusal_n"] += len(self.proxy.benign_more)
         return m
 
-    def _whole_perplexity(self, model, m: dict, always: bool) -> None:
-        """Perplexity read on every Wikipedia passage of the validation split (:meth:`Proxy.whole_perplexity`) for
-        the target and donor, and for a change whose sample perplexity cannot decide: its relative change within
-        :data:`PPL_SAMPLE_MARGIN` of the limit. Elsewhere the sample decides, its relative change carried onto the
-        target's whole-split value (the whole split costs ~50× the sample). ``ppl_sample``: the sample's value;
-        ``ppl_n``: the passages ``ppl`` was read on. A target measured before (``measured``, without
-        ``ppl_sample``) keeps changes on the sample, like it."""
+    def _whole_perplexity(self, model, m: dict) -> None:
+        """For a change whose sample perplexity cannot decide — its relative change within :data:`PPL_SAMPLE_MARGIN`
+        of the limit — the relative change on every Wikipedia passage of the validation split
+        (:meth:`Proxy.whole_perplexity`, the change's and, once, the target's), carried onto the target's sample
+        value so that the rule compares like with like; elsewhere the sample decides (the whole split costs ~50× the
+        sample). ``ppl_sample``: the sample's value; ``ppl_n``: the passages the relative change was read on."""
         m["ppl_sample"], m["ppl_n"] = m["ppl"], len(self.proxy.wiki)
-        if not always and "ppl_sample" not in self.target:
+        if abs(m["ppl"] / self.target["ppl"] - 1 - self.limits["max_ppl_increase"]) > PPL_SAMPLE_MARGIN:
             return
-        ratio = 1.0 if always else m["ppl"] / self.target["ppl_sample"]
-        if always or abs(ratio - 1 - self.limits["max_ppl_increase"]) <= PPL_SAMPLE_MARGIN:
-            m["ppl"] = self.proxy.whole_perplexity(model, self.tokenizer)
-            m["ppl_n"] += len(self.proxy.wiki_more)
-        else:
-            m["ppl"] = ratio * self.target["ppl"]
+        if "ppl_whole" not in self.target:  # read once, on the unpatched target (never written)
+            with inference_dtype(self.target_model, self.fast) as target:
+                self.target["ppl_whole"] = self.proxy.whole_perplexity(target, self.tokenizer)
+        m["ppl"] = self.proxy.whole_perplexity(model, self.tokenizer) / self.target["ppl_whole"] * self.target["ppl"]
+        m["ppl_n"] += len(self.proxy.wiki_more)
 
     @property
     def limits(self) -> dict:
