@@ -13,7 +13,8 @@ Proxies (validation split only): the mean first-token refusal log-odds on harmfu
 perplexity on a few held-out passages; for refusal and compliance, short greedy answers judged for broken text and,
 when refusal is added, for refusals of benign prompts. :func:`judge` is the rule (the share of the donor–target gap,
 utility held: perplexity +2%, false refusal +5 points at its 95% upper bound, no more broken answers);
-:class:`Validator` applies it to patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval split, never from these proxies.
+:class:`Validator` applies it to patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval
+split, never from these proxies.
 """
 
 from __future__ import annotations
@@ -263,17 +264,21 @@ def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9,
     return {"share": share, "utility_ok": utility_ok, "ok": bool(share_ok and utility_ok), "failed": failed}
 
 
+def _judge_defaults() -> dict:
+    """:func:`judge`'s limits (its keyword-only parameters) with their defaults."""
+    return {n: p.default for n, p in inspect.signature(judge).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
 def rule_limits(settings: dict) -> dict:
     """The rule's limits among ``settings`` (e.g. a search's): the ones :func:`judge` takes by keyword."""
-    names = {n for n, p in inspect.signature(judge).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    names = _judge_defaults()
     return {k: v for k, v in settings.items() if k in names}
 
 
 def full_rule(**rule) -> dict:
     """Every limit :func:`judge` applies under ``rule`` (its defaults where ``rule`` is silent): what a results file
     records so that a reader knows the rule its settings were chosen by."""
-    defaults = {n: p.default for n, p in inspect.signature(judge).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    return {**defaults, **rule_limits(rule)}
+    return {**_judge_defaults(), **rule_limits(rule)}
 
 
 def choose(assessed: Sequence[dict]) -> int:

@@ -154,14 +154,15 @@ def search_k(trial: Callable[[int, float], SearchStep], *, k_min: int, k_max: in
 def minimal_subset(scores: NeuronScores, donor, target, tokenizer, proxy: Proxy | None = None, *,
                    validator: Validator | None = None, goal: float = 0.9, max_ppl_increase: float = 0.02,
                    max_false_refusal_increase: float = 0.05, max_degenerate_increase: float = 0.05,
-                   false_refusal_confidence: float | None = FALSE_REFUSAL_CONFIDENCE, k_min: int | None = None, max_fraction: float = 0.25,
+                   false_refusal_confidence: float | None = FALSE_REFUSAL_CONFIDENCE, k_min: int | None = None,
+                   max_fraction: float = 0.25,
                    alphas: Sequence[float] = ALPHAS, growth: int = 4, progress: bool = True,
                    measured: tuple[dict, dict] | None = None) -> SearchResult:
     """Smallest k (and alpha, chosen on validation) whose transfer reaches ``goal`` of the donor–target proxy gap
     with perplexity within ``max_ppl_increase`` (relative), answers broken at most ``max_degenerate_increase`` more
-    often and, for added refusal, benign prompts refused at most ``max_false_refusal_increase`` more often
-    (at ``false_refusal_confidence``: :func:`cnt.functions.judge`)
-    (:func:`search_k` on :class:`Trials`; k from ``k_min``, default 0.05% of the neurons, to ``max_fraction`` of them). Judged on ``proxy``, or by a ready
+    often and, for added refusal, benign prompts refused at most ``max_false_refusal_increase`` more often at
+    ``false_refusal_confidence`` (:func:`cnt.functions.judge`) — :func:`search_k` on :class:`Trials`, k from
+    ``k_min`` (default 0.05% of the neurons) to ``max_fraction`` of them. Judged on ``proxy``, or by a ready
     ``validator`` (its proxies and measurements; built with the same limits). ``measured`` passes the target's and
     donor's proxy values when the caller already has them (same proxy, same dtype)."""
     from tqdm.auto import tqdm
