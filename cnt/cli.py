@@ -536,8 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")
     s.add_argument("--scorer", choices=_scorers(),
                    help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
-    s.add_argument("--units", type=_units, default=("mlp",),
-                   help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups)")
+    s.add_argument("--units", type=_units,
+                   help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups) "
+                        "(default: the function's: mlp,head,kv for bias with a locator that scores heads, mlp otherwise)")
     s.add_argument("--alpha", type=_alpha, nargs="+", default=list(_alphas()),
                    help="amplification of the transferred difference; several values (default: %(default)s) are "
                         "chosen among on the validation split (utility held, answers still language)")
@@ -556,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--function", required=True, choices=_functions())
     s.add_argument("--scorer", choices=_scorers(),
                    help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
-    s.add_argument("--units", type=_units, default=("mlp",),
-                   help="kinds of unit, comma-separated: mlp, head, kv (attribution, iterative and learned_mask)")
+    s.add_argument("--units", type=_units,
+                   help="kinds of unit, comma-separated: mlp, head, kv (attribution, iterative and learned_mask; "
+                        "default: the function's: mlp,head,kv for bias, mlp otherwise)")
     s.add_argument("--iterative-budget", type=_positive, default=256, help="neurons chosen by the iterative scorer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--show", type=_count, default=20, help="print the top N neurons")

@@ -35,8 +35,8 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY, Application, families
 from .arch import check_compatible, same_weights, total_params
 from .cache import cache_dir
 from .evaluate import PROFILES, EvalReport, evaluate
-from .functions import choose, default_scorer
-from .pipeline import Pipeline
+from .functions import choose, default_scorer, default_units
+from .pipeline import Pipeline, locate_key
 from .provenance import code_record
 from .results import ApplicationResult, FrontierResult, MethodEntry
 from .scores import check_budget, check_budgets
@@ -63,6 +63,7 @@ class ApplicationConfig:
     base: str | None = None
     budgets: tuple[float, ...] = (0.001, 0.005, 0.02)  # fractions of MLP neurons
     scorers: tuple[str, ...] | None = None  # None: the function's default locator (cnt.functions.default_scorer)
+    units: tuple[str, ...] | None = None  # kinds of unit (mlp, head, kv); None: the function's (default_units)
     alphas: tuple[float, ...] = ALPHAS
     baselines: tuple[str, ...] = tuple(B.BASELINES)  # every registered baseline
     lambdas: tuple[float, ...] = (0.5, 1.0)
@@ -99,12 +100,26 @@ class ApplicationConfig:
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; baselines: {', '.join(B.BASELINES)}")
         result_name(self.application, self.family, self.tag)  # a bad tag is refused before any compute
-        from .locate import SCORERS
+        from .locate import SCORERS, kind_scorers
 
         self.scorers = tuple(self.scorers) if self.scorers is not None else (default_scorer(spec.function),)
         unknown = set(self.scorers) - set(SCORERS)
         if unknown or not self.scorers:
             raise ValueError(f"unknown scorers {sorted(unknown)}; scorers: {', '.join(SCORERS)}")
+        if self.units is not None:
+            from .arch import UNIT_KINDS
+
+            self.units = tuple(self.units)
+            if not self.units or set(self.units) - set(UNIT_KINDS):
+                raise ValueError(f"units {list(self.units)}: kinds of unit are {', '.join(UNIT_KINDS)}")
+            only_mlp = [s for s in self.scorers if s not in kind_scorers()]
+            if self.units != ("mlp",) and only_mlp:
+                raise ValueError(f"scorers {only_mlp} score MLP neurons only; with units {list(self.units)} use "
+                                 f"{', '.join(kind_scorers())}, or units ['mlp']")
+
+    def units_for(self, scorer: str) -> tuple[str, ...]:
+        """The kinds of unit ``scorer``'s subsets are chosen from: :attr:`units`, or the function's default."""
+        return self.units if self.units is not None else default_units(self.spec.function, scorer)
 
     @property
     def spec(self) -> Application:
@@ -136,7 +151,8 @@ def _check_field_types(config) -> None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     rules = {"application": (str,), "family": (str,), "tag": (str, None), "donor": (str, None), "target": (str, None),
-             "base": (str, None), "budgets": ("numbers",), "scorers": ("strings", None), "alphas": ("numbers",),
+             "base": (str, None), "budgets": ("numbers",), "scorers": ("strings", None), "units": ("strings", None),
+             "alphas": ("numbers",),
              "baselines": ("strings",), "lambdas": ("numbers",), "densities": ("numbers",),
              "random_seeds": ("integers",), "sft_steps": ("integer", None), "sft_small_data": (bool,),
              "profile": (str,), "seed": ("integer",), "search": (bool,), "all_mlp": (bool,),
@@ -287,7 +303,7 @@ def check_config(application: str, *, family: str = DEFAULT_FAMILY, donor: str |
                              f"model ({', '.join(EMBEDDED)}), a zoo model ({', '.join(zoo.RECIPES)}), a local "
                              f"folder, or a hub id like 'org/name'")
     params = dict(params)
-    for pname in ("budgets", "scorers", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
+    for pname in ("budgets", "scorers", "units", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
         if pname in params and params[pname] is not None:
             value = params[pname]
             params[pname] = (value,) if isinstance(value, (str, int, float)) else tuple(value)  # one value: a list of one
@@ -395,7 +411,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
     # -- CNT: every scorer at every budget (alpha chosen on validation), then the minimal subset ------------------
     variants: dict[str, list[dict]] = {}
     for scorer in config.scorers:
-        scores = pipe.scores(scorer, iterative_budget=max(config.budgets))
+        scores = pipe.scores(scorer, config.units_for(scorer), iterative_budget=max(config.budgets))
         for b in config.budgets:
             patch, steps = pipe.at_budget(scores, b, config.alphas)
             patch.apply(target)
@@ -408,7 +424,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
                        units=patch.unit_lists(), validation=_alpha_candidates(steps)))
     # the best variant, on validation: the one whose patches went furthest toward the donor on average
     best = max(variants, key=lambda v: sum(e.validation_share for e in variants[v]))
-    best_scores = pipe.scores(best.removeprefix("cnt_"), iterative_budget=max(config.budgets))
+    best_scorer = best.removeprefix("cnt_")
+    best_scores = pipe.scores(best_scorer, config.units_for(best_scorer), iterative_budget=max(config.budgets))
     methods["cnt"] = [dataclasses.replace(e, variant=best) for e in variants[best]]
     methods.update(variants)
     if config.search:
@@ -435,7 +452,7 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
         patch.revert(target)
         methods["all_mlp"] = [_entry(rep, metric, 1.0, patch.n_params / n_params, alpha=1.0)]
         del patch
-    timings["cnt_total"] = round(timings["task"] + timings[f"locate_{best.removeprefix('cnt_')}"]
+    timings["cnt_total"] = round(timings["task"] + timings[locate_key(best_scorer, config.units_for(best_scorer))]
                                  + timings.get("search", 0.0), 1)
 
     # -- baselines -------------------------------------------------------------------------------------------------

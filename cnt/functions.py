@@ -32,7 +32,7 @@ from . import data
 from .arch import same_weights
 from .evaluate import (is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores,
                        wilson)
-from .locate import Example, Task
+from .locate import Example, Task, kind_scorers
 from .models import fast_dtype, generate, inference_dtype, model_device
 from .transfer import NeuronPatch
 
@@ -41,8 +41,9 @@ class Function:
     """One function CNT transfers, as a spec: what its task and proxies are built from (``source``: ``"refusal"``, the
     donor's answers to harmful prompts, or ``"stereoset"``, sentence margins), whether transferring it *adds* refusal
     (then benign prompts are watched for false refusals), the eval ``metric`` and metric ``groups`` that measure it
-    (the frontier's), and the ``default_scorer``: the locator that moved more of the gap on validation at 0.1-0.25% of
-    the weights in that application's frontier (papers/METHOD.md, "The default locator"). :func:`register` adds one."""
+    (the frontier's), the ``default_scorer`` and its ``default_units`` (kinds of unit): the locator and the units that
+    moved more of the gap on validation at 0.1-0.25% of the weights in that application's frontier (papers/METHOD.md,
+    "The default locator"). :func:`register` adds one."""
 
     name: str
     source: str
@@ -50,6 +51,7 @@ class Function:
     metric: str
     groups: tuple[str, ...]
     default_scorer: str
+    default_units: tuple[str, ...] = ("mlp",)
 
 
 FUNCTIONS: dict[str, Function] = {}
@@ -65,7 +67,8 @@ def register(function: Function) -> Function:
 
 register(Function("refusal", "refusal", True, "refusal_rate", ("safety", "perplexity"), "learned_mask"))
 register(Function("compliance", "refusal", False, "refusal_rate", ("safety", "perplexity"), "attribution"))
-register(Function("bias", "stereoset", False, "stereoset_ss", ("bias", "perplexity"), "attribution"))
+register(Function("bias", "stereoset", False, "stereoset_ss", ("bias", "perplexity"), "attribution",
+                  ("mlp", "head", "kv")))
 
 
 def function_spec(name: str) -> Function:
@@ -79,6 +82,14 @@ def function_spec(name: str) -> Function:
 def default_scorer(function: str) -> str:
     """The default locator for a function (``"refusal"``, ``"compliance"`` or ``"bias"``)."""
     return function_spec(function).default_scorer
+
+
+def default_units(function: str, scorer: str | None = None) -> tuple[str, ...]:
+    """The kinds of unit a function's subset is chosen from by default: the function's ``default_units`` when
+    ``scorer`` (None: the function's default locator) scores them, MLP neurons alone when it scores only those."""
+    units = function_spec(function).default_units
+    return units if (scorer or default_scorer(function)) in kind_scorers() else ("mlp",)
+
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0

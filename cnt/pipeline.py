@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Sequence
 
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
-from .functions import Proxy, Validator, build_task, choose_alpha, default_scorer, rule_limits
+from .functions import Proxy, Validator, build_task, choose_alpha, default_scorer, default_units, rule_limits
 from .locate import NeuronScores, Task, kind_scorers, locate
 from .models import model_device, release_freed_memory
 from .scores import check_budget, neurons_for
@@ -33,6 +33,12 @@ def check_alphas(alpha: float | Sequence[float]) -> list[float]:
     if not alphas:
         raise PatchError("alpha: give at least one amplification")
     return [check_alpha(a) for a in alphas]
+
+
+def locate_key(scorer: str, kinds: Sequence[str]) -> str:
+    """The name a locate's time goes under in :attr:`Pipeline.timings` (and a run's results): ``locate_<scorer>``,
+    with ``:<kind>+<kind>`` for units other than MLP neurons alone."""
+    return f"locate_{scorer}" + ("" if tuple(kinds) == ("mlp",) else ":" + "+".join(kinds))
 
 
 class Pipeline:
@@ -78,12 +84,13 @@ class Pipeline:
                 release_freed_memory(model_device(self.target))
         return self._task
 
-    def scores(self, scorer: str | None = None, kinds: Sequence[str] = ("mlp",), *,
+    def scores(self, scorer: str | None = None, kinds: Sequence[str] | None = None, *,
                iterative_budget: float = ITERATIVE_BUDGET, **settings) -> NeuronScores:
-        """Every unit of ``kinds`` scored by ``scorer`` (None: the function's default locator), computed on first
-        use. ``settings``: the scorer's own (e.g. a learned mask's steps)."""
+        """Every unit of ``kinds`` scored by ``scorer`` (None: the function's default locator and its default units,
+        :func:`cnt.functions.default_units`), computed on first use. ``settings``: the scorer's own (e.g. a learned
+        mask's steps)."""
         scorer = scorer or default_scorer(self.function)
-        kinds = tuple(kinds)
+        kinds = tuple(kinds) if kinds is not None else default_units(self.function, scorer)
         if kinds != ("mlp",) and scorer not in kind_scorers():
             raise PatchError(f"scorer {scorer!r} scores MLP neurons only; for units {', '.join(kinds)} use one of "
                              f"{', '.join(kind_scorers())}")
@@ -95,7 +102,7 @@ class Pipeline:
                 extra.setdefault("budget", neurons_for(iterative_budget, self.n_neurons))
             if scorer in kind_scorers():
                 extra["kinds"] = kinds
-            with self.stage("locate", key=f"locate_{scorer}" + ("" if kinds == ("mlp",) else ":" + "+".join(kinds))):
+            with self.stage("locate", key=locate_key(scorer, kinds)):
                 self._scores[key] = locate(scorer, task, self.donor, self.target, self.tokenizer,
                                            progress=self.progress, **extra)
         return self._scores[key]
@@ -153,17 +160,17 @@ class Pipeline:
         with self.stage("transfer"):
             return NeuronPatch.extract(self.donor, self.target, sel, alpha=alpha, gamma=gamma, **names)
 
-    def transfer(self, budget: float | str = "auto", *, scorer: str | None = None, kinds: Sequence[str] = ("mlp",),
+    def transfer(self, budget: float | str = "auto", *, scorer: str | None = None, kinds: Sequence[str] | None = None,
                  alpha: float | Sequence[float] = ALPHAS, donor_name: str = "donor", target_name: str = "target",
                  search_kwargs: dict | None = None) -> tuple[NeuronPatch, dict]:
         """Score units (``kinds``: MLP neurons, and ``"head"``/``"kv"`` for attention heads and k/v groups), pick the
         subset (``budget``: a fraction of MLP neurons — with other kinds, the weights of that many neurons — or
         ``"auto"`` for the minimal-subset search) and return ``(patch, info)``. Several ``alpha`` values are chosen
         among on the validation split (by the search, or by :meth:`at_budget` at a fixed budget). ``scorer``: the
-        locator (None: the function's default, :func:`cnt.functions.default_scorer`). Arguments are checked before
-        any compute."""
+        locator (None: the function's default, :func:`cnt.functions.default_scorer`); ``kinds`` None: its default
+        units (:func:`cnt.functions.default_units`). Arguments are checked before any compute."""
         scorer = scorer or default_scorer(self.function)
-        kinds = tuple(kinds)
+        kinds = tuple(kinds) if kinds is not None else default_units(self.function, scorer)
         budget = check_budget(budget, auto=True, error=PatchError)
         alphas = check_alphas(alpha)
         try:
@@ -196,7 +203,7 @@ class Pipeline:
 
 
 def transfer_function(donor, target, tokenizer, function: str, *, budget: float | str = "auto",
-                      scorer: str | None = None, kinds: Sequence[str] = ("mlp",),
+                      scorer: str | None = None, kinds: Sequence[str] | None = None,
                       alpha: float | Sequence[float] = ALPHAS, seed: int = 0, donor_name: str = "donor",
                       target_name: str = "target", task_kwargs: dict | None = None, search_kwargs: dict | None = None,
                       progress: bool = True,

@@ -10,7 +10,8 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from cnt.applications import APPLICATIONS
 from cnt.experiment import FAMILIES, ApplicationConfig
-from cnt.functions import default_scorer
+from cnt.arch import UNIT_KINDS
+from cnt.functions import default_scorer, default_units
 from cnt.locate import SCORERS
 
 HERE = Path(__file__).parent
@@ -65,9 +66,11 @@ def application_notebook(app: str, title: str, story: str):
                     "donor = None  # None: the family's zoo donor for this application; or an embedded or zoo name, a folder or a hub id\n"
                     "target = None\n"
                     "base = None  # the common base (task arithmetic, TIES, DARE)\n"
-                    f"budgets = {list(defaults.budgets)}  # fractions of all MLP neurons\n"
+                    f"budgets = {list(defaults.budgets)}  # fractions of all MLP neurons (with heads: the weights of that many)\n"
                     f'scorers = ["{scorer}"]  # the default locator; any of {", ".join(SCORERS)} '
                     "(each adds a locate and evaluations)\n"
+                    f"units = None  # kinds of unit, any of {', '.join(UNIT_KINDS)}; None: the function's default "
+                    f"({'+'.join(default_units(spec.function))} for {spec.function})\n"
                     f"baselines = {json.dumps(list(defaults.baselines))}  # any of cnt.baselines.BASELINES\n"
                     f'profile = "{defaults.profile}"  # reported settings on: report (the whole eval split) | sweep (48 prompts) | quick: + MMLU, NQ-Open | full\n'
                     f"seed = {defaults.seed}\n"
@@ -79,7 +82,7 @@ def application_notebook(app: str, title: str, story: str):
                       "from cnt import experiment, plots, report\n\n"
                       f'config, out = experiment.notebook_config("{app}", family=family, donor=donor, target=target, '
                       "base=base,\n"
-                      "    budgets=budgets, scorers=scorers, baselines=baselines, profile=profile, seed=seed, "
+                      "    budgets=budgets, scorers=scorers, units=units, baselines=baselines, profile=profile, seed=seed, "
                       "tag=tag, output_dir=output_dir)\n"
                       "print(f\"{config.donor} -> {config.target} (base {config.base}); profile {config.profile}\")"),
         new_markdown_cell("## Run: CNT (every scorer and budget, then the minimal subset) and every baseline\n\n"

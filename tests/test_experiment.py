@@ -136,7 +136,7 @@ def test_notebook_parameters_are_checked_with_messages_that_name_them(tmp_path, 
 
 
 def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatch):
-    from cnt.functions import default_scorer
+    from cnt.functions import default_scorer, default_units
     from cnt.locate import SCORERS
 
     monkeypatch.delenv("CNT_SMOKE", raising=False)
@@ -144,8 +144,18 @@ def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatc
     for app, spec in experiment.APPLICATIONS.items():
         cfg, _ = experiment.notebook_config(app, output_dir=tmp_path)
         assert cfg.scorers == (default_scorer(spec.function),) and cfg.scorers[0] in SCORERS
+        assert cfg.units is None and cfg.units_for(cfg.scorers[0]) == default_units(spec.function)
+    assert experiment.ApplicationConfig("bias_removal").units_for("attribution") == ("mlp", "head", "kv")
+    assert experiment.ApplicationConfig("bias_removal").units_for("activation_contrast") == ("mlp",)
     cfg, _ = experiment.notebook_config("disalignment", scorers="learned_mask", output_dir=tmp_path)
     assert cfg.scorers == ("learned_mask",)  # an explicit choice wins
+    cfg, _ = experiment.notebook_config("bias_removal", units="mlp", output_dir=tmp_path)
+    assert cfg.units == ("mlp",) and cfg.units_for("attribution") == ("mlp",)
+    with pytest.raises(ValueError, match=r"units \['neuron'\]: kinds of unit are mlp, head, kv"):
+        experiment.notebook_config("bias_removal", units=["neuron"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"scorers \['activation_contrast'\] score MLP neurons only"):
+        experiment.notebook_config("bias_removal", scorers=["activation_contrast"], units=["mlp", "head"],
+                                   output_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown function 'toxicity'; functions: refusal, compliance, bias"):
         default_scorer("toxicity")
 

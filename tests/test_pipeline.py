@@ -74,3 +74,22 @@ def test_scorers_without_heads_are_refused_before_the_task(fixture, monkeypatch)
     pipe = pipeline.Pipeline("refusal", donor, target, tok, progress=False)
     with pytest.raises(ValueError, match="scores MLP neurons only"):
         pipe.scores("activation_contrast", ("mlp", "head"))
+
+
+def test_the_functions_default_units_are_scored_unless_the_caller_names_others(fixture):  # noqa: F811
+    """Bias removal's subsets are chosen among MLP neurons, query heads and k/v groups by default (its frontier's
+    validation shares, papers/METHOD.md); refusal and compliance among MLP neurons; a locator that scores only MLP
+    neurons gets MLP neurons; an explicit ``kinds`` wins."""
+    donor, target, tok = fixture
+    assert functions.default_units("bias") == ("mlp", "head", "kv")
+    assert functions.default_units("refusal") == functions.default_units("compliance") == ("mlp",)
+    assert functions.default_units("bias", "activation_contrast") == ("mlp",)
+    pipe = pipeline.Pipeline("bias", donor, target, tok, task_kwargs={"n_function": 6, "n_utility": 4},
+                             progress=False)
+    scores = pipe.scores()
+    assert scores.scorer == "attribution" and set(scores.units) == {"head", "kv"}
+    assert set(pipe.timings) >= {"locate_attribution:mlp+head+kv"}
+    assert set(pipe.scores(kinds=("mlp",)).units) == set()  # MLP neurons alone when asked
+    assert pipe.scores("attribution", ("mlp", "head", "kv")) is scores  # the default is the same computation
+    with pytest.raises(Exception, match="scores MLP neurons only"):
+        pipe.scores("activation_contrast", ("mlp", "head"))

@@ -3,7 +3,8 @@ neurons + heads + k/v groups move more of the gap than over MLP neurons alone, a
 Per seed and budget (a fraction of MLP neurons; with heads, the weights of that many neurons): attribution with the
 given kinds; at each alpha the validator's verdict by the kit's rule (perplexity on the whole validation split where the
 16-passage sample cannot decide), perplexity on every validation passage, and eval (report profile: StereoSet,
-perplexity on 200 passages). Usage: biasheads.py SEED BUDGETS ALPHAS KINDS (e.g. 0 0.0042,0.0168 1.5,2,2.5 mlp+head+kv)."""
+perplexity on 200 passages). Usage: biasheads.py SEED BUDGETS ALPHAS KINDS [UTILITY_WEIGHT] (e.g. 0 0.0042,0.0168
+1.5,2,2.5 mlp+head+kv; UTILITY_WEIGHT: the locate objective's utility weight, default the kit's 8)."""
 import json, os, sys, time, dataclasses, torch
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,16 +19,18 @@ seed = int(sys.argv[1])
 budgets = [float(b) for b in sys.argv[2].split(",")]
 alphas = [float(a) for a in sys.argv[3].split(",")]
 kinds = tuple(sys.argv[4].split("+"))
-tag = "_".join(kinds)
+uw = float(sys.argv[5]) if len(sys.argv) > 5 else None
+tag = "_".join(kinds) + (f"_uw{uw:g}" if uw is not None else "")
 tok = load_tokenizer("smol-biased")
 donor, _ = load_model("smol-debiased"); target, _ = load_model("smol-biased")
-pipe = Pipeline("bias", donor, target, tok, seed=seed, progress=False)
+pipe = Pipeline("bias", donor, target, tok, seed=seed, progress=False,
+                task_kwargs={"utility_weight": uw} if uw is not None else None)
 t0 = time.process_time()
 scores = pipe.scores(default_scorer("bias"), kinds)
 val = pipe.validator()
 wiki_all = data.texts(data.load("wiki", "validation", seed=seed), "text")
 whole = lambda m: perplexity(m, tok, wiki_all, max_tokens=128, progress=False).value
-out = {"seed": seed, "kinds": list(kinds), "scorer": default_scorer("bias"),
+out = {"seed": seed, "kinds": list(kinds), "scorer": default_scorer("bias"), "utility_weight": uw,
        "locate_cpu": round(time.process_time() - t0, 1), "target": val.target, "donor": val.donor,
        "n_wiki_whole": len(wiki_all), "target_whole_ppl": whole(target), "budgets": []}
 rep = evaluate(target, tok, "report", groups=("bias", "perplexity"), seed=seed, progress=False)
