@@ -360,10 +360,13 @@ class Validator:
         of the limit — the relative change on every Wikipedia passage of the validation split
         (:meth:`Proxy.whole_perplexity`, the change's and, once, the target's), carried onto the target's sample
         value so that the rule compares like with like; elsewhere the sample decides (the whole split costs ~50× the
-        sample). ``ppl_sample``: the sample's value; ``ppl_n``: the passages the relative change was read on."""
+        sample), and so it does where another check (broken text) already rejects the change. ``ppl_sample``: the sample's value; ``ppl_n``: the passages the relative change was read on."""
         m["ppl_sample"], m["ppl_n"] = m["ppl"], len(self.proxy.wiki)
         if abs(m["ppl"] / self.target["ppl"] - 1 - self.limits["max_ppl_increase"]) > PPL_SAMPLE_MARGIN:
             return
+        others = {**m, "ppl": self.target["ppl"], "false_refusal": None}  # perplexity and false refusal set aside
+        if not judge(others, self.target, self.donor, self.proxy.function, **self.rule)["utility_ok"]:
+            return  # another check already rejects the change (broken text): the whole split cannot save it
         if "ppl_whole" not in self.target:  # read once, on the unpatched target (never written)
             with inference_dtype(self.target_model, self.fast) as target:
                 self.target["ppl_whole"] = self.proxy.whole_perplexity(target, self.tokenizer)

@@ -304,10 +304,10 @@ class _WikiProxy(functions.Proxy):
 
     def __init__(self):
         super().__init__("bias", wiki=["w"] * 4, wiki_more=["m"] * 12)
-        self.sample, self.whole, self.whole_calls, self.patched = 10.0, 20.0, 0, None
+        self.sample, self.whole, self.whole_calls, self.patched, self.broken = 10.0, 20.0, 0, None, False
 
     def measure(self, model, tokenizer):
-        return {"score": 70.0, "ppl": self.sample}
+        return {"score": 70.0, "ppl": self.sample, "degenerate": 0.5 if self.broken and model is self.patched else 0.0}
 
     def whole_perplexity(self, model, tokenizer):
         self.whole_calls += 1
@@ -317,8 +317,8 @@ class _WikiProxy(functions.Proxy):
 def test_perplexity_is_judged_on_every_validation_passage_where_the_sample_cannot_decide(fixture):  # noqa: F811
     """Near the limit (within 3 points of +2%) the rule reads a change's perplexity on the whole validation split's
     Wikipedia passages, against the target's there (the 16-passage sample sat up to 2.8 points from the whole
-    split's relative change, which tracked eval's within 1.5); elsewhere the sample decides. The target's whole-split
-    value is read once, when first needed."""
+    split's relative change, which tracked eval's within 1.5); elsewhere the sample decides, and where another check
+    already rejects the change. The target's whole-split value is read once, when first needed."""
     donor, target, tok = fixture
     proxy = _WikiProxy()  # target: 10 on the sample, 20 on the whole split
     val = functions.Validator(donor, target, tok, proxy)
@@ -339,6 +339,10 @@ def test_perplexity_is_judged_on_every_validation_passage_where_the_sample_canno
     proxy.sample, proxy.whole = 10.1, 20.6  # +1% on the sample, +3% on the whole split: broke
     broke = val.assess(patch)
     assert broke["failed"] == ["perplexity +3.0% (limit +2%)"] and proxy.whole_calls == 3  # the target's read once
+    proxy.broken = True  # near the limit, but its answers break: rejected on the sample, the whole split not read
+    rejected = val.assess(patch)
+    assert rejected["failed"] == ["degenerate +50.0 points (limit +5)"] and proxy.whole_calls == 3
+    assert rejected["proxy"]["ppl_n"] == 4
     real = functions.Proxy.for_function("bias", seed=0)  # the split: 16 passages, then every other one, disjoint
     assert len(real.wiki) == 16 and len(real.wiki_more) > 200 and not set(real.wiki) & set(real.wiki_more)
 

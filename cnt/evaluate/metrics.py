@@ -85,10 +85,12 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
     for s in tqdm(batches, desc=desc, disable=not progress or len(batches) < 4, leave=False):
         idx = order[s:s + batch_size]
         inp, _, mask = pad_right([ids[i] for i in idx], pad, device=device)
-        logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, inp[:, 1:, None]).squeeze(-1) * mask[:, 1:]
-        for r, i in enumerate(idx):
-            out[i] = (float(lp[r].sum()), len(ids[i]) - 1)
+        logits = model(input_ids=inp, attention_mask=mask).logits
+        for r, i in enumerate(idx):  # row by row, real tokens only: log p = logit − logsumexp, never a full log_softmax
+            n = len(ids[i]) - 1
+            row = logits[r, :n].float()
+            lp = row.gather(-1, inp[r, 1:n + 1, None]).squeeze(-1) - torch.logsumexp(row, -1)
+            out[i] = (float(lp.sum()), n)
     return out
 
 
