@@ -90,6 +90,7 @@ def default_units(function: str, scorer: str | None = None) -> tuple[str, ...]:
     units = function_spec(function).default_units
     return units if (scorer or default_scorer(function)) in kind_scorers() else ("mlp",)
 
+
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0
@@ -360,7 +361,8 @@ class Validator:
         of the limit — the relative change on every Wikipedia passage of the validation split
         (:meth:`Proxy.whole_perplexity`, the change's and, once, the target's), carried onto the target's sample
         value so that the rule compares like with like; elsewhere the sample decides (the whole split costs ~50× the
-        sample), and so it does where another check (broken text) already rejects the change. ``ppl_sample``: the sample's value; ``ppl_n``: the passages the relative change was read on."""
+        sample), and so it does where another check (broken text) already rejects the change. ``ppl_sample``: the
+        sample's value; ``ppl_n``: the passages the relative change was read on."""
         m["ppl_sample"], m["ppl_n"] = m["ppl"], len(self.proxy.wiki)
         if abs(m["ppl"] / self.target["ppl"] - 1 - self.limits["max_ppl_increase"]) > PPL_SAMPLE_MARGIN:
             return
