@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the locator (default: the function's: learned_mask for refusal, attribution otherwise)")
     s.add_argument("--units", type=_units,
                    help="kinds of unit, comma-separated: mlp (neurons), head (query heads), kv (key/value groups) "
-                        "(default: the function's: mlp,head,kv for bias with a locator that scores heads, mlp otherwise)")
+                        "(default: the function's: mlp,head,kv for bias with a locator that scores heads, mlp "
+                        "otherwise)")
     s.add_argument("--alpha", type=_alpha, nargs="+", default=list(_alphas()),
                    help="amplification of the transferred difference; several values (default: %(default)s) are "
                         "chosen among on the validation split (utility held, answers still language)")

@@ -86,7 +86,7 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
         idx = order[s:s + batch_size]
         inp, _, mask = pad_right([ids[i] for i in idx], pad, device=device)
         logits = model(input_ids=inp, attention_mask=mask).logits
-        for r, i in enumerate(idx):  # row by row, real tokens only: log p = logit − logsumexp, never a full log_softmax
+        for r, i in enumerate(idx):  # row by row, real tokens only: log p = logit − logsumexp (no full log_softmax)
             n = len(ids[i]) - 1
             row = logits[r, :n].float()
             lp = row.gather(-1, inp[r, 1:n + 1, None]).squeeze(-1) - torch.logsumexp(row, -1)
