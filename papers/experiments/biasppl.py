@@ -18,7 +18,7 @@ tok = load_tokenizer("smol-biased")
 donor, _ = load_model("smol-debiased"); target, _ = load_model("smol-biased")
 pipe = Pipeline("bias", donor, target, tok, seed=seed, progress=False)
 t0 = time.process_time()
-scores = pipe.scores(default_scorer("bias"))
+scores = pipe.scores(default_scorer("bias"), ("mlp",))  # MLP neurons, as measured (bias now defaults to heads too)
 val = pipe.validator()
 wiki_all = data.texts(data.load("wiki", "validation", seed=seed), "text")
 whole = lambda m: perplexity(m, tok, wiki_all, max_tokens=128, progress=False).value
