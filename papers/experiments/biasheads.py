@@ -5,7 +5,7 @@ given kinds; at each alpha the validator's verdict by the kit's rule (perplexity
 16-passage sample cannot decide), perplexity on every validation passage, and eval (report profile: StereoSet,
 perplexity on 200 passages). Usage: biasheads.py SEED BUDGETS ALPHAS KINDS [UTILITY_WEIGHT] (e.g. 0 0.0042,0.0168
 1.5,2,2.5 mlp+head+kv; UTILITY_WEIGHT: the locate objective's utility weight, default the kit's 8)."""
-import json, os, sys, time, dataclasses, torch
+import json, os, sys, time, torch
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 from cnt import data
@@ -14,6 +14,7 @@ from cnt.zoo import load_model, load_tokenizer
 from cnt.evaluate import evaluate, perplexity
 from cnt.functions import default_scorer
 from cnt.scores import neurons_for
+from bias_alpha import measure_alpha  # beside this script
 
 seed = int(sys.argv[1])
 budgets = [float(b) for b in sys.argv[2].split(",")]
@@ -42,19 +43,8 @@ for budget in budgets:
     b = {"budget": budget, **base.sizes(), "selected": base.unit_lists(), "settings": []}
     out["budgets"].append(b)
     for a in alphas:
-        t1 = time.process_time()
-        p = dataclasses.replace(base, alpha=a)
-        v = val.assess(p)
-        p.apply(target)
-        try:
-            wp = whole(target)
-            rep = evaluate(target, tok, "report", groups=("bias", "perplexity"), seed=seed, progress=False)
-        finally:
-            p.revert(target)
-        rec = {"alpha": a, "share": v["share"], "utility_ok": v["utility_ok"], "failed": v["failed"],
-               "proxy": v["proxy"], "whole_ppl": wp, "whole_ppl_change": wp / out["target_whole_ppl"] - 1,
-               "eval": {k: round(m.value, 4) for k, m in rep.metrics.items()}, "cpu": round(time.process_time() - t1, 1)}
-        rec["eval_ppl_change"] = rec["eval"]["perplexity"] / out["target_eval"]["perplexity"] - 1
+        rec = measure_alpha(base, a, val, target, tok, whole, seed=seed, target_whole_ppl=out["target_whole_ppl"],
+                            target_eval_ppl=out["target_eval"]["perplexity"])
         b["settings"].append(rec)
         print(json.dumps({"budget": budget, **{k: rec[k] for k in ("alpha", "share", "utility_ok", "whole_ppl_change",
                                                                    "eval_ppl_change", "eval", "cpu")}}), flush=True)

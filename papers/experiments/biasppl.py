@@ -2,15 +2,16 @@
 eval? Per seed: attribution (the default for bias) at ~1% of the weights; at each alpha the validation proxy (SS,
 perplexity on its 16 passages), perplexity on every validation passage (290), and eval (report profile: StereoSet,
 perplexity on 200 passages)."""
-import json, os, sys, time, dataclasses, torch
+import json, os, sys, time, torch
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
 from cnt import data
 from cnt.pipeline import Pipeline
 from cnt.zoo import load_model, load_tokenizer
 from cnt.evaluate import evaluate, perplexity
-from cnt.functions import default_scorer, judge
+from cnt.functions import default_scorer
 from cnt.scores import neurons_for
+from bias_alpha import measure_alpha  # beside this script
 
 seed, budget = int(sys.argv[1]), float(sys.argv[2])
 alphas = [float(a) for a in sys.argv[3].split(",")]
@@ -30,20 +31,9 @@ print(json.dumps({k: out[k] for k in ("locate_cpu", "target", "donor", "target_w
 base = pipe.patch(scores, neurons_for(budget, pipe.n_neurons), 1.0)
 out["param_fraction"] = base.param_fraction
 for a in alphas:
-    t1 = time.process_time()
-    p = dataclasses.replace(base, alpha=a)
-    v = val.assess(p)
-    p.apply(target)
-    try:
-        wp = whole(target)
-        rep = evaluate(target, tok, "report", groups=("bias", "perplexity"), seed=seed, progress=False)
-    finally:
-        p.revert(target)
-    rec = {"alpha": a, "share": v["share"], "utility_ok": v["utility_ok"], "failed": v["failed"], "proxy": v["proxy"],
-           "whole_ppl": wp, "whole_ppl_change": wp / out["target_whole_ppl"] - 1,
-           "eval": {k: round(m.value, 4) for k, m in rep.metrics.items()}, "cpu": round(time.process_time() - t1, 1)}
-    rec["eval_ppl_change"] = rec["eval"]["perplexity"] / out["target_eval"]["perplexity"] - 1
-    rec["proxy_ppl_change"] = v["proxy"]["ppl"] / val.target["ppl"] - 1
+    rec = measure_alpha(base, a, val, target, tok, whole, seed=seed, target_whole_ppl=out["target_whole_ppl"],
+                        target_eval_ppl=out["target_eval"]["perplexity"])
+    rec["proxy_ppl_change"] = rec["proxy"]["ppl"] / val.target["ppl"] - 1
     out["settings"].append(rec)
     print(json.dumps({k: rec[k] for k in ("alpha", "share", "proxy_ppl_change", "whole_ppl_change", "eval_ppl_change",
                                           "eval", "cpu")}), flush=True)
