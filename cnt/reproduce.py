@@ -21,9 +21,10 @@ from .provenance import code_record
 
 
 def select(notebooks: str | Path, only: Sequence[str] | None = None) -> list[Path]:
-    """The notebooks of a folder whose names contain one of ``only`` (all when empty); refused when none matches."""
+    """The notebooks of a folder whose file names contain one of ``only`` (all when empty): part of a name
+    (``03_bias``) or the whole of it, with or without ``.ipynb``; refused when none matches."""
     folder = Path(notebooks).resolve()
-    books = sorted(p for p in folder.glob("*.ipynb") if not only or any(o in p.stem for o in only))
+    books = sorted(p for p in folder.glob("*.ipynb") if not only or any(o in p.name for o in only))
     if not books:
         raise ValueError(f"no notebooks in {folder} match {list(only or [])}")
     return books

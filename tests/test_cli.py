@@ -206,3 +206,18 @@ def test_application_notebooks_declare_family_and_tag(book):
 
     declared = pm.inspect_notebook(str(Path(__file__).parents[1] / "notebooks" / f"{book}.ipynb"))
     assert {"family", "tag", "donor", "target", "base", "profile", "output_dir"} <= set(declared)
+
+
+def test_reproduce_only_takes_part_of_a_notebook_name_or_its_file_name(tmp_path):
+    """`cnt reproduce --only` matches part of a notebook's name or its whole file name (a user pastes `ls`'s output);
+    a name that matches nothing is refused, naming the folder."""
+    from cnt.reproduce import select
+
+    for name in ("01_safety_disalignment", "03_bias_removal"):
+        (tmp_path / f"{name}.ipynb").write_text("{}")
+    assert [p.name for p in select(tmp_path, ["03_bias"])] == ["03_bias_removal.ipynb"]
+    assert [p.name for p in select(tmp_path, ["03_bias_removal.ipynb", "01_safety"])] == \
+        ["01_safety_disalignment.ipynb", "03_bias_removal.ipynb"]
+    assert len(select(tmp_path, [])) == 2
+    with pytest.raises(ValueError, match=f"no notebooks in {tmp_path}"):
+        select(tmp_path, ["02_alignment"])
