@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from . import atomic
+from .outcomes import reported
 from .results import ApplicationResult, FrontierResult, MethodEntry
 
 MARKERS = "o^v<>PhXsD*dp"
@@ -201,7 +202,8 @@ BAR_COLOURS = {"target": "k", "donor": "0.3", "random": "0.7", "all_mlp": "#f4a5
 
 def per_category(result: ApplicationResult, key: str = "per_bias_type", title: str | None = None):
     """Grouped bars of a per-category score (StereoSet SS per bias type) for the target, the donor and each method's
-    best setting (``details`` of each entry); CNT once, under the variant chosen on validation."""
+    reported setting (:func:`cnt.outcomes.reported`: CNT's best budget, the one the report quotes; ``details`` of
+    each entry); CNT once, under the variant chosen on validation."""
     import pandas as pd
     import seaborn as sns
 
@@ -209,7 +211,7 @@ def per_category(result: ApplicationResult, key: str = "per_bias_type", title: s
     for name in result.methods:
         if name == "cnt" and all(e.variant in result.methods for e in result.entries(name)):
             continue  # the best variant's entries, copied: drawn once, under the variant's name
-        best = best_entry(result, name)
+        best = reported(result, name)
         if best and best.details.get(key):
             rows[name] = best.details[key]
     rows = {k: v for k, v in rows.items() if v}
@@ -226,18 +228,9 @@ def per_category(result: ApplicationResult, key: str = "per_bias_type", title: s
     ax.set_xlabel("")
     ax.set_ylabel("SS")
     ax.legend(fontsize=7, ncol=min(len(rows), 6), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
-    ax.set_title(title or f"{result.application}: SS per category (best setting of each method)")
+    ax.set_title(title or f"{result.application}: SS per category (the reported setting of each method)")
     fig.tight_layout()
     return fig
-
-
-def best_entry(result: ApplicationResult, name: str) -> MethodEntry | None:
-    """A method's best setting: the one that moves the metric furthest toward the goal."""
-    entries = result.entries(name)
-    if not entries:
-        return None
-    sign = 1 if result.higher_is_goal else -1
-    return max(entries, key=lambda e: sign * e.score)
 
 
 def frontier(result: FrontierResult, title: str | None = None):

@@ -22,6 +22,8 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .evaluate.paired import PairedTest, holm, paired_test
 from .evaluate.suite import get_profile
+from .outcomes import (best_budget, past, reported, side_delta, side_effects, side_limits, utility_delta, utility_held,
+                       utility_kept, utility_tolerance)
 from .plots import figure_plan, gap_share
 from .results import ApplicationResult, MethodEntry
 from .stability import stabilities
@@ -151,24 +153,7 @@ def _share_ci(r: ApplicationResult, e: MethodEntry) -> tuple[float, float]:
     return (min(a, b), max(a, b))
 
 
-def _utility_delta(r: ApplicationResult, e: MethodEntry) -> dict:
-    t = r.target_utility
-    out = {}
-    for u in ("mmlu", "nq_open"):
-        if u in e.utility and u in t:
-            out[u] = e.utility[u] - t[u]
-    if "perplexity" in e.utility and t.get("perplexity"):
-        out["perplexity"] = e.utility["perplexity"] / t["perplexity"] - 1
-    return out
-
-
 SIDE_LABELS = {"arithmetic_acc": "skill", "false_refusal_rate": "false refusal"}
-
-
-def _side_delta(r: ApplicationResult, e: MethodEntry) -> dict:
-    """The specialist's skill and false refusal, in points against the unmodified target (where measured)."""
-    t, m = r.target_side, e.side
-    return {k: m[k] - t[k] for k in SIDE_LABELS if m.get(k) is not None and t.get(k) is not None}
 
 
 def _fmt_side(d: dict) -> str:
@@ -209,43 +194,6 @@ def headline(r: ApplicationResult) -> tuple[str, MethodEntry] | None:
     return ("cnt (best budget)", e) if e else None
 
 
-def best_budget(r: ApplicationResult) -> MethodEntry | None:
-    """CNT's best budget: the one that moved furthest toward the donor among those that held utility on eval
-    (:func:`utility_kept`; all of them when none did), the sparser one on a tie — so a budget that went as far only by
-    breaking a utility limit is not the one reported."""
-    entries = r.entries("cnt")
-    if not entries:
-        return None
-    pool = [e for e in entries if utility_kept(r, e)] or entries
-    sign = 1 if r.higher_is_goal else -1
-    return max(pool, key=lambda e: (sign * e.score, -e.param_fraction))
-
-
-# the kit's utility goals for the side metrics, in points against the target: false refusal up by at most 5, the
-# specialist's skill down by at most 5 (a run's own search rule, where its JSON records one, sets false refusal's)
-SIDE_LIMITS = {"false_refusal_rate": 0.05, "arithmetic_acc": -0.05}
-
-
-def side_limits(r: ApplicationResult) -> dict:
-    """:data:`SIDE_LIMITS`, with false refusal's limit the one the run's own rule used (from its JSON: the validation
-    rule, or the search's)."""
-    search = r.search or {}
-    fr = next((d["max_false_refusal_increase"] for d in ((r.validation or {}).get("rule"), search.get("rule"), search)
-               if d and d.get("max_false_refusal_increase") is not None), None)
-    return {**SIDE_LIMITS, **({"false_refusal_rate": float(fr)} if fr is not None else {})}
-
-
-def _past(v: float, limit: float) -> bool:
-    return v > limit if limit > 0 else v < limit
-
-
-def side_effects(r: ApplicationResult, e: MethodEntry) -> dict:
-    """The side metrics (false refusal, the specialist's skill) that moved past :func:`side_limits` against the
-    target."""
-    limits = side_limits(r)
-    return {k: v for k, v in _side_delta(r, e).items() if _past(v, limits[k])}
-
-
 INCONCLUSIVE = "inconclusive: donor and target CIs overlap"
 UNTESTED = "untested: no paired test"
 
@@ -259,26 +207,6 @@ def gap_significant(r: ApplicationResult) -> bool:
 
 def _goal_better(r: ApplicationResult, a: float, b: float) -> bool:
     return a > b if r.higher_is_goal else a < b
-
-
-UTILITY_TOLERANCE = 0.02  # a result without a search record: "kept utility" within +2% perplexity (judge's default)
-
-
-def utility_tolerance(r: ApplicationResult) -> float:
-    """The perplexity limit the run's own search rule used (recorded in its JSON), else :data:`UTILITY_TOLERANCE`."""
-    return float((r.search or {}).get("max_ppl_increase", UTILITY_TOLERANCE))
-
-
-def _utility_held(d: dict, allowance: float = UTILITY_TOLERANCE) -> bool:
-    """Whether a utility change (as :func:`_utility_delta` gives it) stays within ``allowance``."""
-    worst = max([d.get("perplexity", 0.0), -d.get("mmlu", 0.0), -d.get("nq_open", 0.0)])
-    return worst <= allowance
-
-
-def utility_kept(r: ApplicationResult, e: MethodEntry) -> bool:
-    """Whether ``e`` held utility on eval by the run's own limits: perplexity (MMLU, NQ) within
-    :func:`utility_tolerance`, false refusal and the specialist's skill within :func:`side_limits`."""
-    return _utility_held(_utility_delta(r, e), utility_tolerance(r)) and not side_effects(r, e)
 
 
 SIGNIFICANCE = 0.05  # family-wise, after Holm's adjustment across an application's baselines
@@ -296,8 +224,8 @@ def paired(a: MethodEntry | None, b: MethodEntry | None, key: str, r: Applicatio
 
 
 def compare_baselines(r: ApplicationResult) -> list[dict]:
-    """CNT (its best budget, :func:`best_budget`) against each baseline's reported setting (chosen on validation; random and weight-delta:
-    the same budget as that CNT entry). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
+    """CNT (its best budget, :func:`cnt.outcomes.best_budget`) against each baseline's reported setting
+    (:func:`cnt.outcomes.reported`: chosen on validation; random and weight-delta at that CNT budget). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
     CNT went further, or the baseline went further only by breaking utility — perplexity up by more than the run's
     limit (+2%), MMLU/NQ down likewise, false refusal up or the specialist's skill down by more than 5 points
     (:func:`side_limits`); each limit widened to CNT's own change where CNT's was larger — the paper's claim is about
@@ -307,22 +235,18 @@ def compare_baselines(r: ApplicationResult) -> list[dict]:
     :data:`SIGNIFICANCE` (None: no paired test possible); ``utility_test`` / ``utility_p_holm``: the baseline's
     perplexity against the target's, item by item, adjusted the same way."""
     cnt_best = best_budget(r)
-    cnt_delta = _utility_delta(r, cnt_best)
+    cnt_delta = utility_delta(r, cnt_best)
     allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))
-    cnt_side = _side_delta(r, cnt_best)
+    cnt_side = side_delta(r, cnt_best)
     side_allowance = {k: (max if lim > 0 else min)(lim, cnt_side.get(k, 0.0)) for k, lim in side_limits(r).items()}
     rows = []
     for name in BASELINES:
-        entries = r.entries(name)
-        if not entries:
+        e = reported(r, name)
+        if e is None:
             continue
-        if name in ("random", "weight_delta"):
-            e = min(entries, key=lambda x: abs(x.neuron_fraction - cnt_best.neuron_fraction))
-        else:
-            e = entries[0]
         better = _goal_better(r, cnt_best.score, e.score)
-        delta, side = _utility_delta(r, e), _side_delta(r, e)
-        held = _utility_held(delta, allowance) and not any(_past(v, side_allowance[k]) for k, v in side.items())
+        delta, side = utility_delta(r, e), side_delta(r, e)
+        held = utility_held(delta, allowance) and not any(past(v, side_allowance[k]) for k, v in side.items())
         rows.append({"baseline": name, "entry": e, "cnt": cnt_best, "cnt_better": better,
                      "test": paired(e, cnt_best, r.metric, r), "utility_test": paired(None, e, "perplexity", r),
                      "baseline_utility_held": held, "baseline_utility": delta, "baseline_side": side,
@@ -423,12 +347,12 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
         if (found := headline(r)) is None:
             continue
         label, h = found
-        d = _utility_delta(r, h)
+        d = utility_delta(r, h)
         worst = max([abs(d.get("mmlu", 0)), abs(d.get("nq_open", 0)), max(d.get("perplexity", 0), 0)])
         ci = h.utility_ci.get("mmlu")
         width = f"; MMLU CI ±{100 * (ci[1] - ci[0]) / 2:.0f} pp at this sample size" if ci else ""
         verdict = "within 1%" if worst <= 0.01 else "within 2%" if worst <= 0.02 else "exceeds 1%"
-        side, bad = _side_delta(r, h), side_effects(r, h)
+        side, bad = side_delta(r, h), side_effects(r, h)
         if bad:
             verdict += f"; but {_fmt_side(bad)}"
         measured = _fmt_delta(d) + (f"; {_fmt_side(side)}" if side else "")
@@ -494,7 +418,7 @@ def family_table(results: dict[str, ApplicationResult]) -> list[str]:
         L.append(f"| {family_of(r)} | {run_label(app, r)} | {r.donor} → {r.target} | "
                  f"{_score(r, r.target_score)} | {_score(r, r.donor_score)} | "
                  + (f"{label}: {_score(r, h.score)} {_ci(r, h.ci)} | {_pct(_share(r, h), 0)} | "
-                    f"{_fmt_delta(_utility_delta(r, h))}" if h else "– | – | –")
+                    f"{_fmt_delta(utility_delta(r, h))}" if h else "– | – | –")
                  + f" | {mini_s} | " + (("yes" if all(x["beats"] for x in rows) else
                                          f"no ({sum(x['beats'] for x in rows)}/{len(rows)})") if rows else "–") + " |")
     return L
@@ -577,10 +501,10 @@ def application_section(app: str, r: ApplicationResult, figures: str) -> list[st
             setting = e.setting or {k: getattr(e, k) for k in ("budget", "alpha") if getattr(e, k) is not None}
             setting = {k: v for k, v in setting.items() if k not in ("seed",) or name != "random"}
             secs = e.seconds
-            side = _fmt_side(_side_delta(r, e))
+            side = _fmt_side(side_delta(r, e))
             L.append(f"| {name} | {_setting_str(setting)} | {_pct(e.param_fraction, 3)} | "
                      f"{_score(r, e.score)} {_ci(r, e.ci)} | {_pct(_share(r, e), 0)} | "
-                     f"{_fmt_delta(_utility_delta(r, e))}{'; ' + side if side else ''} | "
+                     f"{_fmt_delta(utility_delta(r, e))}{'; ' + side if side else ''} | "
                      f"{f'{secs:.0f} s' if secs is not None else '–'} |")
     ceiling = (r.entries("all_mlp") or [None])[0]
     if ceiling:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cnt import functions, plots, report
+from cnt import functions, outcomes, plots, report
 from cnt.results import ApplicationResult, MethodEntry
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_alignment_enhancement.json"
@@ -124,12 +124,23 @@ def test_every_figure_the_committed_report_links_exists():
     assert linked and [p for p in linked if not (root / p).is_file()] == []
 
 
-def test_gap_share_and_best_entry():
+def test_gap_share_and_the_reported_setting_of_each_method():
+    """The setting the report quotes and the figures draw: CNT's best budget that held utility (not the furthest one,
+    which broke perplexity), random at the budget nearest to it, a baseline's chosen (first) setting; None when absent."""
     assert plots.gap_share(0.5, 0.0, 1.0) == 0.5
     assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
-    r = R({**json.loads(FIXTURE.read_text()), "higher_is_goal": False})
-    r.methods["m"] = [MethodEntry(score=s, ci=[s, s], param_fraction=0.1) for s in (3.0, 1.0, 2.0)]
-    assert plots.best_entry(r, "m").score == 1.0
+    d = json.loads(FIXTURE.read_text())
+    ppl = d["target_utility"]["perplexity"]
+    entry = lambda s, nf, p=ppl: MethodEntry(score=s, ci=[s, s], param_fraction=(nf or 1) / 2, neuron_fraction=nf,  # noqa: E731
+                                             utility={"perplexity": p}, side=dict(d["target_side"]))
+    r = R({**d, "higher_is_goal": True})
+    r.methods = {"cnt": [entry(0.4, 0.001), entry(0.6, 0.005), entry(0.9, 0.02, ppl * 1.5)],
+                 "random": [entry(0.0, nf) for nf in (0.001, 0.005, 0.02)],
+                 "ties": [entry(0.7, None), entry(0.8, None)]}
+    assert outcomes.reported(r, "cnt").neuron_fraction == 0.005  # 0.02 went further by breaking perplexity
+    assert outcomes.reported(r, "random").neuron_fraction == 0.005
+    assert outcomes.reported(r, "ties").score == 0.7
+    assert outcomes.reported(r, "dare") is None
 
 
 def test_other_families_sit_beside_the_default(results_dir):
@@ -171,8 +182,8 @@ def test_kept_utility_follows_the_runs_own_search_rule():
     """A baseline counts as having kept utility within the perplexity limit that run's search used (from its JSON)."""
     d = json.loads(FIXTURE.read_text())
     r = R(d)
-    assert report.utility_tolerance(r) == d["search"]["max_ppl_increase"]
-    assert report.utility_tolerance(R({**d, "search": None})) == report.UTILITY_TOLERANCE
+    assert outcomes.utility_tolerance(r) == d["search"]["max_ppl_increase"]
+    assert outcomes.utility_tolerance(R({**d, "search": None})) == outcomes.UTILITY_TOLERANCE
     strict = R({**d, "search": {**d["search"], "max_ppl_increase": 0.0}})
     loose = R({**d, "search": {**d["search"], "max_ppl_increase": 1e6}})
     assert all(row["baseline_utility_held"] for row in report.compare_baselines(loose))
@@ -200,13 +211,13 @@ def test_kept_utility_counts_false_refusal_and_skill():
     assert ties_row({"false_refusal_rate": 0.13}, cnt_fr=0.14)["baseline_utility_held"]  # CNT itself +9 at every budget
     assert not ties_row({"false_refusal_rate": 0.05, "arithmetic_acc": -0.06})["baseline_utility_held"]
     assert ties_row({"false_refusal_rate": 0.05, "arithmetic_acc": -0.04})["baseline_utility_held"]
-    assert report.side_limits(R(base)) == report.SIDE_LIMITS  # no false-refusal limit recorded: the kit's goal
+    assert outcomes.side_limits(R(base)) == outcomes.SIDE_LIMITS  # no false-refusal limit recorded: the kit's goal
     ruled = R({**base, "search": {**base["search"], "max_false_refusal_increase": 0.1}})
-    assert report.side_limits(ruled)["false_refusal_rate"] == 0.1
+    assert outcomes.side_limits(ruled)["false_refusal_rate"] == 0.1
     # the validation rule a run records (every limit, functions.full_rule) comes first
     validated = R({**base, "validation": {**base.get("validation", {}),
                                           "rule": functions.full_rule(max_false_refusal_increase=0.03)}})
-    assert report.side_limits(validated)["false_refusal_rate"] == 0.03
+    assert outcomes.side_limits(validated)["false_refusal_rate"] == 0.03
 
 
 def test_claims_on_an_insignificant_gap_are_inconclusive(tmp_path):
@@ -253,20 +264,20 @@ def test_best_budget_prefers_the_one_that_held_utility():
     broke = R(_with_cnt_scores(r, [0.5, 0.5], fr))
     label, h = report.headline(broke)
     assert label == "cnt (best budget)" and h.param_fraction == dense["param_fraction"]
-    assert report.utility_kept(broke, h) and not report.side_effects(broke, h)
+    assert outcomes.utility_kept(broke, h) and not outcomes.side_effects(broke, h)
     further = R(_with_cnt_scores(r, [0.6 if p == sparse["param_fraction"] else 0.5 for p in order], fr))
-    assert report.best_budget(further).param_fraction == dense["param_fraction"]  # went further, but broke utility
+    assert outcomes.best_budget(further).param_fraction == dense["param_fraction"]  # went further, but broke utility
     none_held = R(_with_cnt_scores(r, [0.6 if p == sparse["param_fraction"] else 0.5 for p in order], [0.2, 0.2]))
-    assert report.best_budget(none_held).score == 0.6
+    assert outcomes.best_budget(none_held).score == 0.6
     reached = R(_with_cnt_scores(r, [0.95, 0.95], fr))
-    assert report.headline(reached) == ("cnt (sparsest budget reaching 90%)", report.best_budget(reached))
+    assert report.headline(reached) == ("cnt (sparsest budget reaching 90%)", outcomes.best_budget(reached))
     assert report.headline(reached)[1].param_fraction == dense["param_fraction"]
 
 
 def test_utility_claim_flags_side_effects(tmp_path):
     """A headline that raised false refusal by more than 10 points says so in the utility claim's verdict."""
     r = _with_cnt_scores(json.loads(FIXTURE.read_text()), [0.3, 0.95], [0.05, 0.6])
-    assert report.side_effects(R(r), report.headline(R(r))[1]) == pytest.approx({"false_refusal_rate": 0.55})
+    assert outcomes.side_effects(R(r), report.headline(R(r))[1]) == pytest.approx({"false_refusal_rate": 0.55})
     d = tmp_path / "results"
     d.mkdir()
     (d / "alignment_enhancement.json").write_text(json.dumps(r))
