@@ -15,9 +15,9 @@ from __future__ import annotations
 from .results import ApplicationResult, MethodEntry
 
 UTILITY_TOLERANCE = 0.02  # a result without a search record: "kept utility" within +2% perplexity (judge's default)
-# the kit's utility goals for the side metrics, in points against the target: false refusal up by at most 5, the
-# specialist's skill down by at most 5 (a run's own rule, where its JSON records one, sets false refusal's)
-SIDE_LIMITS = {"false_refusal_rate": 0.05, "arithmetic_acc": -0.05}
+# the kit's utility goals for the side metrics, in points against the target: the specialist's skill down by at most
+# 5, false refusal up by at most 5 (a run's own rule, where its JSON records one, sets false refusal's)
+SIDE_LIMITS = {"arithmetic_acc": -0.05, "false_refusal_rate": 0.05}
 PER_BUDGET = ("random", "weight_delta")  # baselines measured at every CNT budget; reported at CNT's best one
 
 
@@ -74,11 +74,12 @@ def utility_kept(r: ApplicationResult, e: MethodEntry) -> bool:
     return utility_held(utility_delta(r, e), utility_tolerance(r)) and not side_effects(r, e)
 
 
-def best_budget(r: ApplicationResult) -> MethodEntry | None:
-    """CNT's best budget: the one that moved furthest toward the donor among those that held utility on eval
-    (:func:`utility_kept`; all of them when none did), the sparser one on a tie — so a budget that went as far only by
-    breaking a utility limit is not the one reported."""
-    entries = r.entries("cnt")
+def best_budget(r: ApplicationResult, name: str = "cnt") -> MethodEntry | None:
+    """CNT's best budget (``name``: CNT, or one of its locator variants, ``cnt_<scorer>``): the one that moved
+    furthest toward the donor among those that held utility on eval (:func:`utility_kept`; all of them when none did),
+    the sparser one on a tie — so a budget that went as far only by breaking a utility limit is not the one
+    reported."""
+    entries = r.entries(name)
     if not entries:
         return None
     pool = [e for e in entries if utility_kept(r, e)] or entries
@@ -87,12 +88,14 @@ def best_budget(r: ApplicationResult) -> MethodEntry | None:
 
 
 def reported(r: ApplicationResult, name: str) -> MethodEntry | None:
-    """The setting of method ``name`` the run reports: CNT's best budget; random and weight-delta at the budget
-    nearest to it (in MLP neurons); any other method's first entry (its setting chosen on validation, or its one
-    setting). None when the run has no entry of ``name``."""
+    """The setting of method ``name`` the run reports: CNT's best budget (and each locator variant's: a method whose
+    entries are CNT budgets); random and weight-delta at the budget nearest to CNT's (in MLP neurons); any other method's
+    first entry (its setting chosen on validation, or its one setting). None when the run has no entry of ``name``."""
     entries = r.entries(name)
-    if name == "cnt" or not entries:
-        return best_budget(r) if entries else None
+    if not entries:
+        return None
+    if name == "cnt" or all(e.budget is not None for e in entries):
+        return best_budget(r, name)
     cnt = best_budget(r)
     if name in PER_BUDGET and cnt is not None and cnt.neuron_fraction is not None:
         return min(entries, key=lambda x: abs((x.neuron_fraction or 0.0) - cnt.neuron_fraction))

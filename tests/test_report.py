@@ -1,5 +1,6 @@
 """The report and figures are drawn from the results JSON only (fixture: a real tiny-model run of the runner)."""
 
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -131,13 +132,16 @@ def test_gap_share_and_the_reported_setting_of_each_method():
     assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
     d = json.loads(FIXTURE.read_text())
     ppl = d["target_utility"]["perplexity"]
-    entry = lambda s, nf, p=ppl: MethodEntry(score=s, ci=[s, s], param_fraction=(nf or 1) / 2, neuron_fraction=nf,  # noqa: E731
-                                             utility={"perplexity": p}, side=dict(d["target_side"]))
+    entry = lambda s, nf, p=ppl, b=None: MethodEntry(  # noqa: E731
+        score=s, ci=[s, s], param_fraction=(nf or 1) / 2, neuron_fraction=nf, budget=b, utility={"perplexity": p},
+        side=dict(d["target_side"]))
     r = R({**d, "higher_is_goal": True})
-    r.methods = {"cnt": [entry(0.4, 0.001), entry(0.6, 0.005), entry(0.9, 0.02, ppl * 1.5)],
+    r.methods = {"cnt": [entry(0.4, 0.001, b=0.001), entry(0.6, 0.005, b=0.005), entry(0.9, 0.02, ppl * 1.5, 0.02)],
                  "random": [entry(0.0, nf) for nf in (0.001, 0.005, 0.02)],
                  "ties": [entry(0.7, None), entry(0.8, None)]}
     assert outcomes.reported(r, "cnt").neuron_fraction == 0.005  # 0.02 went further by breaking perplexity
+    r.methods["cnt_attribution"] = [dataclasses.replace(e, variant=None) for e in r.methods["cnt"]]
+    assert outcomes.reported(r, "cnt_attribution").neuron_fraction == 0.005  # a locator variant: its best budget
     assert outcomes.reported(r, "random").neuron_fraction == 0.005
     assert outcomes.reported(r, "ties").score == 0.7
     assert outcomes.reported(r, "dare") is None
