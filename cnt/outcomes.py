@@ -89,8 +89,9 @@ def best_budget(r: ApplicationResult, name: str = "cnt") -> MethodEntry | None:
 
 def reported(r: ApplicationResult, name: str) -> MethodEntry | None:
     """The setting of method ``name`` the run reports: CNT's best budget (and each locator variant's: a method whose
-    entries are CNT budgets); random and weight-delta at the budget nearest to CNT's (in MLP neurons); any other method's
-    first entry (its setting chosen on validation, or its one setting). None when the run has no entry of ``name``."""
+    entries are CNT budgets); random and weight-delta at the budget nearest to CNT's (in MLP neurons); any other
+    method's first entry (its setting chosen on validation, or its one setting). None when the run has no entry of
+    ``name``."""
     entries = r.entries(name)
     if not entries:
         return None

@@ -182,8 +182,8 @@ SPARSITY_BUDGET = 0.0025  # the kit's own goal for a minimal subset, in weights 
 
 def headline(r: ApplicationResult) -> tuple[str, MethodEntry] | None:
     """CNT's headline entry and what it is: the minimal subset when the search found one, else the sparsest budget
-    that reached 90% of the gap on eval, else the best budget (:func:`best_budget`). Among budgets that reached 90%,
-    the sparsest one that held utility (:func:`utility_kept`) comes first."""
+    that reached 90% of the gap on eval, else the best budget (:func:`cnt.outcomes.best_budget`). Among budgets that
+    reached 90%, the sparsest one that held utility (:func:`cnt.outcomes.utility_kept`) comes first."""
     if r.entries("cnt_minimal"):
         return "cnt_minimal", r.entries("cnt_minimal")[0]
     reached = [e for e in r.entries("cnt") if _share(r, e) >= SPARSITY_GOAL]
@@ -225,15 +225,16 @@ def paired(a: MethodEntry | None, b: MethodEntry | None, key: str, r: Applicatio
 
 def compare_baselines(r: ApplicationResult) -> list[dict]:
     """CNT (its best budget, :func:`cnt.outcomes.best_budget`) against each baseline's reported setting
-    (:func:`cnt.outcomes.reported`: chosen on validation; random and weight-delta at that CNT budget). ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``:
-    CNT went further, or the baseline went further only by breaking utility — perplexity up by more than the run's
-    limit (+2%), MMLU/NQ down likewise, false refusal up or the specialist's skill down by more than 5 points
-    (:func:`side_limits`); each limit widened to CNT's own change where CNT's was larger — the paper's claim is about
-    the function *at kept utility*. ``baseline_side``: the baseline's false refusal and skill against the target.
-    ``test``: CNT against the baseline on the same eval items (:func:`paired`), ``p_holm`` its p-value after Holm's
-    adjustment across the application's baselines, ``significant`` whether CNT went further with ``p_holm`` below
-    :data:`SIGNIFICANCE` (None: no paired test possible); ``utility_test`` / ``utility_p_holm``: the baseline's
-    perplexity against the target's, item by item, adjusted the same way."""
+    (:func:`cnt.outcomes.reported`: chosen on validation; random and weight-delta at that CNT budget).
+    ``cnt_better``: CNT went further toward the donor. ``cnt_better_at_utility``: CNT went further, or the baseline
+    went further only by breaking utility — perplexity up by more than the run's limit (+2%), MMLU/NQ down likewise,
+    false refusal up or the specialist's skill down by more than 5 points (:func:`cnt.outcomes.side_limits`); each
+    limit widened to CNT's own change where CNT's was larger — the paper's claim is about the function *at kept
+    utility*. ``baseline_side``: the baseline's false refusal and skill against the target. ``test``: CNT against
+    the baseline on the same eval items (:func:`paired`), ``p_holm`` its p-value after Holm's adjustment across the
+    application's baselines, ``significant`` whether CNT went further with ``p_holm`` below :data:`SIGNIFICANCE`
+    (None: no paired test possible); ``utility_test`` / ``utility_p_holm``: the baseline's perplexity against the
+    target's, item by item, adjusted the same way."""
     cnt_best = best_budget(r)
     cnt_delta = utility_delta(r, cnt_best)
     allowance = max(utility_tolerance(r), cnt_delta.get("perplexity", 0.0))

@@ -127,7 +127,8 @@ def test_every_figure_the_committed_report_links_exists():
 
 def test_gap_share_and_the_reported_setting_of_each_method():
     """The setting the report quotes and the figures draw: CNT's best budget that held utility (not the furthest one,
-    which broke perplexity), random at the budget nearest to it, a baseline's chosen (first) setting; None when absent."""
+    which broke perplexity), random at the budget nearest to it, a baseline's chosen (first) setting; None when
+    absent."""
     assert plots.gap_share(0.5, 0.0, 1.0) == 0.5
     assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
     d = json.loads(FIXTURE.read_text())
