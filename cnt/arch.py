@@ -112,6 +112,7 @@ class ArchAdapter:
     intermediate_module: str  # module whose out_features (or Conv1D nf) is the intermediate size
     attn_out: str  # the attention block's output projection (writes into the residual stream)
     embeddings: str  # the token embedding module, from the *CausalLM* object
+    decoder: str  # the module whose ``last_hidden_state`` the output head reads, from the *CausalLM* object
     intermediate_blocks: int = 1  # fused gate_up: 2
     attn_slots: tuple[HeadSlot, ...] = ()  # where query heads and k/v groups live (empty: no attention units)
 
@@ -126,26 +127,27 @@ _GATED = (
 
 ADAPTERS: tuple[ArchAdapter, ...] = (
     ArchAdapter("llama", ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite"), "model.layers", _GATED,
-           "mlp.up_proj", "self_attn.o_proj", "model.embed_tokens", attn_slots=_LLAMA_ATTN),
+           "mlp.up_proj", "self_attn.o_proj", "model.embed_tokens", "model", attn_slots=_LLAMA_ATTN),
     ArchAdapter("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _GATED, "mlp.up_proj", "self_attn.o_proj",
-           "model.embed_tokens", attn_slots=_LLAMA_ATTN),
+           "model.embed_tokens", "model", attn_slots=_LLAMA_ATTN),
     ArchAdapter("phi3", ("phi3",), "model.layers",
            (Slot("gate", "mlp.gate_up_proj", "weight", 0, 0), Slot("up", "mlp.gate_up_proj", "weight", 0, 1),
             Slot("gate_bias", "mlp.gate_up_proj", "bias", 0, 0), Slot("up_bias", "mlp.gate_up_proj", "bias", 0, 1),
             Slot("down", "mlp.down_proj", "weight", 1)), "mlp.gate_up_proj", "self_attn.o_proj", "model.embed_tokens",
-           intermediate_blocks=2, attn_slots=_PHI3_ATTN),
+           "model", intermediate_blocks=2, attn_slots=_PHI3_ATTN),
     ArchAdapter("gpt2", ("gpt2",), "transformer.h",
            (Slot("in", "mlp.c_fc", "weight", 1), Slot("in_bias", "mlp.c_fc", "bias", 0),
             Slot("out", "mlp.c_proj", "weight", 0)), "mlp.c_fc", "attn.c_proj", "transformer.wte",
-           attn_slots=_GPT2_ATTN),
+           "transformer", attn_slots=_GPT2_ATTN),
     ArchAdapter("gptj", ("gptj",), "transformer.h",
            (Slot("in", "mlp.fc_in", "weight", 0), Slot("in_bias", "mlp.fc_in", "bias", 0),
             Slot("out", "mlp.fc_out", "weight", 1)), "mlp.fc_in", "attn.out_proj", "transformer.wte",
+           "transformer",
            attn_slots=_separate_qkvo("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", biases=False)),
     ArchAdapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
            (Slot("in", "mlp.dense_h_to_4h", "weight", 0), Slot("in_bias", "mlp.dense_h_to_4h", "bias", 0),
             Slot("out", "mlp.dense_4h_to_h", "weight", 1)), "mlp.dense_h_to_4h", "attention.dense",
-           "gpt_neox.embed_in", attn_slots=_NEOX_ATTN),
+           "gpt_neox.embed_in", "gpt_neox", attn_slots=_NEOX_ATTN),
 )
 UNIT_KINDS = ("mlp", "head", "kv")  # MLP neurons, query heads, key/value groups
 
@@ -167,6 +169,23 @@ def adapter_of(model) -> ArchAdapter:
     raise UnsupportedArchitectureError(
         f"model_type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}. "
         "Add an ArchAdapter to cnt/arch.py to support another architecture.")
+
+
+def output_head(model) -> tuple[nn.Module, nn.Linear] | None:
+    """``(decoder, head)`` of a causal LM whose logits are exactly ``head(decoder(...).last_hidden_state)`` — a
+    bias-free projection, no logit scale or soft-capping (Llama, Qwen2, Gemma 3, GPT-2, GPT-NeoX) — so a caller may
+    apply the head to the positions it needs, a slice of the vocabulary at a time; None where the model's own forward
+    must make the logits (GPT-J's head has a bias, Gemma 2 soft-caps, Granite scales; an unknown architecture)."""
+    try:
+        adapter = adapter_of(model)
+    except UnsupportedArchitectureError:
+        return None
+    head, cfg = model.get_output_embeddings(), model.config
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) is not None or getattr(cfg, "logits_scaling", 1.0) != 1.0:
+        return None
+    return _getattr_path(model, adapter.decoder), head
 
 
 @dataclass(frozen=True)

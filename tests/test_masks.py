@@ -198,15 +198,23 @@ def _reference_logprobs(model, inp, lab, mask):
     return torch.zeros(tgt.shape).index_put((keep,), picked), keep
 
 
+@pytest.mark.parametrize("head_here", [True, False], ids=["head-in-vocabulary-slices", "model-logits"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
-def test_token_logprobs_keeps_only_labelled_positions_and_equals_the_whole_softmax(model_type, monkeypatch):
-    """Asking the model for the labelled positions' logits alone (logits_to_keep) and taking the log-softmax in
-    checkpointed chunks gives the same values and the same gradients as the whole softmax at once (a chunk boundary
-    inside a row, right padding, a row with one label)."""
+def test_token_logprobs_keeps_only_labelled_positions_and_equals_the_whole_softmax(model_type, head_here,
+                                                                                    monkeypatch):
+    """Both ways of reading the labelled positions' log-probabilities — the output head applied to the decoder's
+    states a slice of the vocabulary at a time (a slice boundary inside the vocabulary), or the model asked for those
+    positions' logits (logits_to_keep) with the log-softmax in checkpointed chunks (a chunk boundary inside a row) —
+    give the same values and the same gradients, every weight's including the head's, as the whole softmax at once
+    (right padding, a row with one label)."""
     from cnt import tasks
 
     monkeypatch.setattr(tasks, "LOGSOFTMAX_ROWS", 3)
+    monkeypatch.setattr(tasks, "VOCAB_CHUNK", 7)
     model = tiny_model(model_type, seed=0)
+    assert (tasks.output_head(model) is not None) and model.config.vocab_size % 7
+    if not head_here:
+        monkeypatch.setattr(tasks, "output_head", lambda m: None)
     gen = torch.Generator().manual_seed(0)
     inp = torch.randint(3, 100, (3, 9), generator=gen)
     mask = torch.ones_like(inp)
@@ -242,3 +250,39 @@ def test_padding_to_a_multiple_changes_no_loss(tok, monkeypatch):
         monkeypatch.setattr(tasks, "PAD_MULTIPLE", 1)
         tight = tasks.task_loss(model, tok, ex, 3)
     torch.testing.assert_close(padded, tight, rtol=1e-5, atol=1e-5)
+
+
+def test_head_logprobs_under_bf16_autocast_equals_the_model_precision_softmax(monkeypatch):
+    """Under bf16 autocast the head's products run in bf16, as the model's own head would: the values and the
+    hidden states' gradient equal the whole bf16 logits' float32 log-softmax (vocabulary slices of 7 rows)."""
+    from cnt import tasks
+
+    monkeypatch.setattr(tasks, "VOCAB_CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 16, generator=gen)
+    labels = torch.tensor([0, 6, 7, 39, 20])
+    grads, values = [], []
+    for fn in (lambda h: tasks.head_logprobs(h, weight, labels),
+               lambda h: tasks._label_logprob(torch.nn.functional.linear(h, weight), labels)):
+        hidden = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = fn(hidden)
+        assert lp.dtype == torch.float32
+        (lp * torch.arange(1.0, 6.0)).sum().backward()
+        values.append(lp.detach())
+        grads.append(hidden.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-2)  # bf16 products of the gradient
+
+
+def test_output_head_only_where_the_logits_are_the_plain_head():
+    """The head is applied outside the model only where the model's logits are exactly head(last hidden state)."""
+    from cnt.arch import output_head
+
+    model = tiny_model("gemma3_text", seed=0)
+    decoder, head = output_head(model)
+    assert decoder is model.model and head is model.lm_head
+    model.config.final_logit_softcapping = 30.0  # Gemma 2's soft-capping: the model's own forward makes the logits
+    assert output_head(model) is None
+    gpt2 = tiny_model("gpt2", seed=0)
+    assert output_head(gpt2)[0] is gpt2.transformer
