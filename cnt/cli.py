@@ -270,13 +270,12 @@ def _alphas() -> tuple[float, ...]:
 
 
 def _units(value: str) -> tuple[str, ...]:
-    from .arch import UNIT_KINDS
+    from .locate import check_units
 
-    kinds = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    bad = [k for k in kinds if k not in UNIT_KINDS]
-    if bad or not kinds:
-        raise argparse.ArgumentTypeError(f"unknown unit kinds {bad or [value]}; kinds: {', '.join(UNIT_KINDS)}")
-    return kinds
+    try:
+        return check_units(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_transfer(args) -> int:
@@ -406,9 +405,8 @@ def _cmd_reproduce(args) -> int:
 def _cmd_frontier(args) -> int:
     from .experiment import run_frontier
 
-    from .arch import UNIT_KINDS
     from .atomic import check_output
-    from .locate import SCORERS
+    from .locate import SCORERS, check_units
 
     if any(not 0 < b < 1 for b in args.budgets):
         print(f"cnt frontier: error: --budgets must be fractions of the weights in (0, 1), got {args.budgets}",
@@ -417,9 +415,13 @@ def _cmd_frontier(args) -> int:
     locators = [(name, tuple(k for k in kinds.split("+"))) for spec in args.locators
                 for name, _, kinds in [spec.partition(":")]]
     for (name, kinds), spec in zip(locators, args.locators):
-        if name not in SCORERS or not kinds or any(k not in UNIT_KINDS for k in kinds):
-            print(f"cnt frontier: error: --locators {spec!r} must be SCORER:KINDS with a scorer of "
-                  f"{', '.join(SCORERS)} and kinds of {', '.join(UNIT_KINDS)} joined by '+'", file=sys.stderr)
+        try:
+            if name not in SCORERS:
+                raise ValueError(f"unknown scorer {name!r}; scorers: {', '.join(SCORERS)}")
+            check_units([k for k in kinds if k], [name])
+        except ValueError as e:
+            print(f"cnt frontier: error: --locators {spec!r} must be SCORER:KINDS, kinds joined by '+' ({e})",
+                  file=sys.stderr)
             return 2
     check_output(Path(args.out) / "results", "folder", what="--out")
     res = run_frontier(args.application, Path(args.out) / "results", family=args.family, donor=args.donor,

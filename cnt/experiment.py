@@ -100,22 +100,14 @@ class ApplicationConfig:
         if unknown:
             raise ValueError(f"unknown baselines {sorted(unknown)}; baselines: {', '.join(B.BASELINES)}")
         result_name(self.application, self.family, self.tag)  # a bad tag is refused before any compute
-        from .locate import SCORERS, kind_scorers
+        from .locate import SCORERS, check_units
 
         self.scorers = tuple(self.scorers) if self.scorers is not None else (default_scorer(spec.function),)
         unknown = set(self.scorers) - set(SCORERS)
         if unknown or not self.scorers:
             raise ValueError(f"unknown scorers {sorted(unknown)}; scorers: {', '.join(SCORERS)}")
         if self.units is not None:
-            from .arch import UNIT_KINDS
-
-            self.units = tuple(self.units)
-            if not self.units or set(self.units) - set(UNIT_KINDS):
-                raise ValueError(f"units {list(self.units)}: kinds of unit are {', '.join(UNIT_KINDS)}")
-            only_mlp = [s for s in self.scorers if s not in kind_scorers()]
-            if self.units != ("mlp",) and only_mlp:
-                raise ValueError(f"scorers {only_mlp} score MLP neurons only; with units {list(self.units)} use "
-                                 f"{', '.join(kind_scorers())}, or units ['mlp']")
+            self.units = check_units(self.units, self.scorers)
 
     def units_for(self, scorer: str) -> tuple[str, ...]:
         """The kinds of unit ``scorer``'s subsets are chosen from: :attr:`units`, or the function's default."""

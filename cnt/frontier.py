@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 from . import baselines as B
 from .arch import check_compatible, total_params
 from .evaluate import evaluate
-from .functions import Proxy, choose_alpha, function_spec, gap_share
+from .functions import Proxy, choose_alpha, function_spec
+from .outcomes import gap_share
 from .pipeline import Pipeline
 from .results import FrontierPoint, FrontierResult
 from .search import ALPHAS

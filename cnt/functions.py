@@ -34,6 +34,7 @@ from .evaluate import (is_degenerate, is_refusal, perplexity, refusal_logodds, s
                        wilson)
 from .locate import Example, Task, kind_scorers
 from .models import fast_dtype, generate, inference_dtype, model_device
+from .outcomes import gap_share
 from .transfer import NeuronPatch
 
 @dataclass(frozen=True)
@@ -228,11 +229,6 @@ class Proxy:
                            progress=False)
         refused = sample_rate * len(self.benign) + sum(map(is_refusal, answers))
         return float(refused / (len(self.benign) + len(answers)))
-
-
-def gap_share(score: float, t: float, d: float) -> float:
-    """Where ``score`` lies on the way from the target's value ``t`` (0) to the donor's ``d`` (1)."""
-    return (score - t) / (d - t) if d != t else float("nan")
 
 
 def false_refusal_bound(m: dict, confidence: float | None) -> float:

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .arch import MLPNeurons, check_compatible, units
+from .arch import UNIT_KINDS, MLPNeurons, check_compatible, units
 from .models import autocast_dtype, lean_allocator, model_device
 from .masks import learned_mask
 from .mixing import gamma_gradient
@@ -233,6 +233,22 @@ register(Scorer("learned_mask", learned_mask, ALL_KINDS,
 def kind_scorers() -> tuple[str, ...]:
     """The scorers that also score attention heads and k/v groups."""
     return tuple(n for n, s in SCORERS.items() if set(s.kinds) > {"mlp"})
+
+
+def check_units(kinds: Sequence[str], scorers: Sequence[str] = ()) -> tuple[str, ...]:
+    """``kinds`` as a tuple, checked before any compute: at least one, each a kind of unit the architecture adapters
+    know (:data:`cnt.arch.UNIT_KINDS`), and — beyond MLP neurons alone — scored by every one of ``scorers``. A
+    ValueError names what was given and what to pass instead. The one check of the CLI, a run's config and the
+    pipeline."""
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"unknown unit kinds {bad or list(kinds)}; kinds: {', '.join(UNIT_KINDS)}")
+    only_mlp = [s for s in scorers if s not in kind_scorers()]
+    if kinds != ("mlp",) and only_mlp:
+        raise ValueError(f"scorers {only_mlp} score MLP neurons only; with units {list(kinds)} use "
+                         f"{', '.join(kind_scorers())}, or units ['mlp']")
+    return kinds
 
 
 def locate(scorer: str, task: Task, donor, target, tokenizer, **settings) -> NeuronScores:

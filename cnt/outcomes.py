@@ -1,6 +1,7 @@
 """What each setting of an application run did on eval, judged by the run's own limits, and which setting of each
 method the run reports.
 
+* where a score lies between the target's and the donor's (:func:`gap_share`, the share of the gap it closed);
 * the changes against the unmodified target: utility (:func:`utility_delta`: perplexity relative, MMLU / NQ-Open in
   points) and the side metrics (:func:`side_delta`: false refusal, the specialist's skill, in points);
 * whether a setting held utility (:func:`utility_kept`): perplexity within the run's own limit, the side metrics
@@ -19,6 +20,13 @@ UTILITY_TOLERANCE = 0.02  # a result without a search record: "kept utility" wit
 # 5, false refusal up by at most 5 (a run's own rule, where its JSON records one, sets false refusal's)
 SIDE_LIMITS = {"arithmetic_acc": -0.05, "false_refusal_rate": 0.05}
 PER_BUDGET = ("random", "weight_delta")  # baselines measured at every CNT budget; reported at CNT's best one
+
+
+def gap_share(score: float, target: float, donor: float) -> float:
+    """Where ``score`` lies on the way from the target's value (0) to the donor's (1): the share of the donor–target
+    gap a modified model closed (NaN where the two do not differ)."""
+    gap = donor - target
+    return (score - target) / gap if gap else float("nan")
 
 
 def utility_delta(r: ApplicationResult, e: MethodEntry) -> dict:

@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Sequence
 
 from .arch import IncompatibleModelsError, check_compatible, check_distinct
 from .functions import Proxy, Validator, build_task, choose_alpha, default_scorer, default_units, rule_limits
-from .locate import NeuronScores, Task, kind_scorers, locate
+from .locate import NeuronScores, Task, check_units, kind_scorers, locate
 from .models import model_device, release_freed_memory
 from .scores import check_budget, neurons_for
 from .search import ALPHAS, SearchResult, SearchStep, minimal_subset, step_of
@@ -91,9 +91,7 @@ class Pipeline:
         mask's steps)."""
         scorer = scorer or default_scorer(self.function)
         kinds = tuple(kinds) if kinds is not None else default_units(self.function, scorer)
-        if kinds != ("mlp",) and scorer not in kind_scorers():
-            raise PatchError(f"scorer {scorer!r} scores MLP neurons only; for units {', '.join(kinds)} use one of "
-                             f"{', '.join(kind_scorers())}")
+        check_units(kinds, [scorer])
         key = (scorer, kinds, tuple(sorted(settings.items())))
         if key not in self._scores:
             task = self.task

@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from . import atomic
-from .outcomes import reported
+from .outcomes import gap_share, reported  # gap_share: also the notebooks' (plots.gap_share)
 from .results import ApplicationResult, FrontierResult, MethodEntry
 
 MARKERS = "o^v<>PhXsD*dp"
@@ -149,12 +149,6 @@ def utility_tradeoff(result: ApplicationResult, utility: str = "mmlu", title: st
     ax.set_title(title or f"{result.application}: effect vs utility ({utility})")
     fig.tight_layout()
     return fig
-
-
-def gap_share(score: float, target: float, donor: float) -> float:
-    """How much of the way from the target's score to the donor's a modified model went (1 = all of it)."""
-    gap = donor - target
-    return (score - target) / gap if gap else float("nan")
 
 
 def layer_distribution(per_layer, n_layers: int | None = None, title: str = "transferred neurons per layer"):

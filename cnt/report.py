@@ -22,9 +22,9 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .evaluate.paired import PairedTest, holm, paired_test
 from .evaluate.suite import get_profile
-from .outcomes import (best_budget, past, reported, side_delta, side_effects, side_limits, utility_delta, utility_held,
-                       utility_kept, utility_tolerance)
-from .plots import figure_plan, gap_share
+from .outcomes import (best_budget, gap_share, past, reported, side_delta, side_effects, side_limits, utility_delta,
+                       utility_held, utility_kept, utility_tolerance)
+from .plots import figure_plan
 from .results import ApplicationResult, MethodEntry
 from .stability import stabilities
 

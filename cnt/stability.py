@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 
 from .arch import ArchFingerprint
-from .plots import gap_share
+from .outcomes import gap_share
 from .provenance import same_code
 from .results import ApplicationResult, MethodEntry
 

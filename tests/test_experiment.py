@@ -151,7 +151,7 @@ def test_each_application_defaults_to_its_functions_locator(tmp_path, monkeypatc
     assert cfg.scorers == ("learned_mask",)  # an explicit choice wins
     cfg, _ = experiment.notebook_config("bias_removal", units="mlp", output_dir=tmp_path)
     assert cfg.units == ("mlp",) and cfg.units_for("attribution") == ("mlp",)
-    with pytest.raises(ValueError, match=r"units \['neuron'\]: kinds of unit are mlp, head, kv"):
+    with pytest.raises(ValueError, match=r"unknown unit kinds \['neuron'\]; kinds: mlp, head, kv"):
         experiment.notebook_config("bias_removal", units=["neuron"], output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"scorers \['activation_contrast'\] score MLP neurons only"):
         experiment.notebook_config("bias_removal", scorers=["activation_contrast"], units=["mlp", "head"],

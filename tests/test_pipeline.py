@@ -72,7 +72,7 @@ def test_scorers_without_heads_are_refused_before_the_task(fixture, monkeypatch)
     donor, target, tok = fixture
     monkeypatch.setattr(pipeline, "build_task", lambda *a, **k: pytest.fail("no compute may happen"))
     pipe = pipeline.Pipeline("refusal", donor, target, tok, progress=False)
-    with pytest.raises(ValueError, match="scores MLP neurons only"):
+    with pytest.raises(ValueError, match=r"scorers \[.activation_contrast.\] score MLP neurons only"):
         pipe.scores("activation_contrast", ("mlp", "head"))
 
 
@@ -91,5 +91,5 @@ def test_the_functions_default_units_are_scored_unless_the_caller_names_others(f
     assert set(pipe.timings) >= {"locate_attribution:mlp+head+kv"}
     assert set(pipe.scores(kinds=("mlp",)).units) == set()  # MLP neurons alone when asked
     assert pipe.scores("attribution", ("mlp", "head", "kv")) is scores  # the default is the same computation
-    with pytest.raises(Exception, match="scores MLP neurons only"):
+    with pytest.raises(Exception, match=r"scorers \[.activation_contrast.\] score MLP neurons only"):
         pipe.scores("activation_contrast", ("mlp", "head"))
