@@ -279,9 +279,13 @@ def save(fig, path: str | Path) -> Path:
     return path
 
 
-def _chosen_cnt(result: ApplicationResult) -> MethodEntry | None:
-    """The CNT entry whose neurons the layer map shows: the minimal subset, else the largest budget."""
-    return (result.entries("cnt_minimal") or result.entries("cnt") or [None])[-1]
+def layer_map_setting(result: ApplicationResult) -> tuple[MethodEntry | None, str]:
+    """The CNT entry whose neurons the layer map shows, and what it is: the minimal subset where the search reached
+    its goal, else the setting the report quotes (:func:`cnt.outcomes.reported`: CNT's best budget)."""
+    minimal = result.entries("cnt_minimal")
+    if minimal:
+        return minimal[-1], "the minimal subset"
+    return reported(result, "cnt"), "the reported budget"
 
 
 def figure_plan(result: ApplicationResult) -> dict[str, str]:
@@ -292,7 +296,7 @@ def figure_plan(result: ApplicationResult) -> dict[str, str]:
     for name, utility in (("tradeoff", "mmlu"), ("tradeoff_ppl", "perplexity")):
         if measured(result, utility):
             plan[name] = f"utility trade-off ({utility})"
-    chosen = _chosen_cnt(result)
+    chosen, _ = layer_map_setting(result)
     if chosen and chosen.per_layer:
         plan["layers"] = "CNT neurons per layer"
     if result.target_details.get("per_bias_type"):
@@ -306,13 +310,13 @@ def application_figures(result: ApplicationResult, folder: str | Path, prefix: s
     neurons, and (bias) SS per category."""
     prefix = prefix or result.name or result.application
     folder = Path(folder)
-    chosen = _chosen_cnt(result)
+    chosen, which = layer_map_setting(result)
     draw = {"effect": lambda: effect_vs_fraction(result),
             "tradeoff": lambda: utility_tradeoff(result, "mmlu"),
             "tradeoff_ppl": lambda: utility_tradeoff(result, "perplexity"),
             "layers": lambda: layer_distribution(
                 chosen.per_layer, result.fingerprint["n_layers"],
-                f"CNT neurons per layer ({chosen.variant or 'cnt'}, {100 * chosen.neuron_fraction:.2g}% of MLP "
-                f"neurons)"),
+                f"CNT neurons per layer ({chosen.variant or 'cnt'}, {which}: {100 * chosen.neuron_fraction:.2g}% of "
+                f"MLP neurons, {100 * chosen.param_fraction:.2g}% of the weights)"),
             "categories": lambda: per_category(result)}
     return {name: save(draw[name](), folder / f"{prefix}_{name}.png") for name in figure_plan(result)}

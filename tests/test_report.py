@@ -128,9 +128,8 @@ def test_every_figure_the_committed_report_links_exists():
 def test_gap_share_and_the_reported_setting_of_each_method():
     """The setting the report quotes and the figures draw: CNT's best budget that held utility (not the furthest one,
     which broke perplexity), random at the budget nearest to it, a baseline's chosen (first) setting; None when
-    absent."""
-    assert plots.gap_share(0.5, 0.0, 1.0) == 0.5
-    assert plots.gap_share(60.0, 70.0, 50.0) == 0.5
+    absent. The layer map shows the minimal subset where there is one, else that same budget."""
+    assert outcomes.gap_share(60.0, 70.0, 50.0) == 0.5
     d = json.loads(FIXTURE.read_text())
     ppl = d["target_utility"]["perplexity"]
     entry = lambda s, nf, p=ppl, b=None: MethodEntry(  # noqa: E731
@@ -146,6 +145,11 @@ def test_gap_share_and_the_reported_setting_of_each_method():
     assert outcomes.reported(r, "random").neuron_fraction == 0.005
     assert outcomes.reported(r, "ties").score == 0.7
     assert outcomes.reported(r, "dare") is None
+    assert outcomes.gap_share(0.5, 0.0, 1.0) == 0.5 and plots.gap_share is outcomes.gap_share
+    # the layer map shows the setting the report quotes, or the minimal subset where the search reached its goal
+    assert plots.layer_map_setting(r) == (r.methods["cnt"][1], "the reported budget")
+    r.methods["cnt_minimal"] = [entry(0.95, 0.003)]
+    assert plots.layer_map_setting(r) == (r.methods["cnt_minimal"][0], "the minimal subset")
 
 
 def test_other_families_sit_beside_the_default(results_dir):
