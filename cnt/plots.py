@@ -81,7 +81,8 @@ def effect_vs_fraction(result: ApplicationResult, title: str | None = None):
     ax.set_xscale("log")
     ax.set_xlabel("MLP neurons transferred (%)")
     ax.set_ylabel(LABEL.get(result.metric, result.metric))
-    ax.legend(fontsize=7, loc="best")
+    # legends below the axes: inside, they covered measured points (the right panel has a dozen methods)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     for name, entries in methods.items():
         if name == "cnt" or not entries:
             continue
@@ -91,7 +92,7 @@ def effect_vs_fraction(result: ApplicationResult, title: str | None = None):
     _references(ax2, result)
     ax2.set_xscale("log")
     ax2.set_xlabel("parameters changed (% of the model)")
-    ax2.legend(fontsize=7, loc="best", ncol=2)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)
     fig.suptitle(title or f"{result.application}: {result.donor} → {result.target}")
     fig.tight_layout()
     return fig
