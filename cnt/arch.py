@@ -175,13 +175,15 @@ def output_head(model) -> tuple[nn.Module, nn.Linear] | None:
     """``(decoder, head)`` of a causal LM whose logits are exactly ``head(decoder(...).last_hidden_state)`` — a
     bias-free projection, no logit scale or soft-capping (Llama, Qwen2, Gemma 3, GPT-2, GPT-NeoX) — so a caller may
     apply the head to the positions it needs, a slice of the vocabulary at a time; None where the model's own forward
-    must make the logits (GPT-J's head has a bias, Gemma 2 soft-caps, Granite scales; an unknown architecture)."""
+    must make the logits (GPT-J's head has a bias, Gemma 2 soft-caps, Granite scales; an unknown architecture; a
+    head that accelerate's hooks place or load — ``device_map`` dispatch, offloading — since reading its weight
+    directly would bypass them)."""
     try:
         adapter = adapter_of(model)
     except UnsupportedArchitectureError:
         return None
     head, cfg = model.get_output_embeddings(), model.config
-    if not isinstance(head, nn.Linear) or head.bias is not None:
+    if not isinstance(head, nn.Linear) or head.bias is not None or hasattr(head, "_hf_hook"):
         return None
     if getattr(cfg, "final_logit_softcapping", None) is not None or getattr(cfg, "logits_scaling", 1.0) != 1.0:
         return None

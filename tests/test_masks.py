@@ -286,3 +286,5 @@ def test_output_head_only_where_the_logits_are_the_plain_head():
     assert output_head(model) is None
     gpt2 = tiny_model("gpt2", seed=0)
     assert output_head(gpt2)[0] is gpt2.transformer
+    gpt2.lm_head._hf_hook = object()  # accelerate places (or loads) this head in its own forward: not bypassed
+    assert output_head(gpt2) is None
