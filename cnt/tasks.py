@@ -74,8 +74,7 @@ def text_batch(tokenizer, texts: Sequence[str], device, max_tokens: int = 128):
 
 
 LOGSOFTMAX_ROWS = 64  # labelled positions per float32 log-softmax chunk (recomputed in the backward pass)
-VOCAB_CHUNK = 2048  # rows of the output head per matrix product in head_logprobs (its transient, 320 positions
-# of SmolLM2 under bf16 autocast: 9 MiB; 35 MiB at 8192, same CPU time)
+VOCAB_CHUNK = 2048  # rows of the output head per matrix product in head_logprobs: its transient (papers/METHOD.md)
 
 
 def _label_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
