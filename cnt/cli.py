@@ -418,7 +418,7 @@ def _cmd_frontier(args) -> int:
         try:
             if name not in SCORERS:
                 raise ValueError(f"unknown scorer {name!r}; scorers: {', '.join(SCORERS)}")
-            check_units([k for k in kinds if k], [name])
+            check_units(kinds, [name])
         except ValueError as e:
             print(f"cnt frontier: error: --locators {spec!r} must be SCORER:KINDS, kinds joined by '+' ({e})",
                   file=sys.stderr)

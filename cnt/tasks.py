@@ -87,6 +87,15 @@ def _takes_logits_to_keep(model_class) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
+def _vocab_slices(weight: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
+    """Each ``VOCAB_CHUNK``-row slice of the head: its first row, its rows in ``dtype``, which labels fall in it, and
+    their columns within it."""
+    for s in range(0, len(weight), VOCAB_CHUNK):
+        w = weight[s:s + VOCAB_CHUNK].to(dtype)
+        inside = (labels >= s) & (labels < s + len(w))
+        yield s, w, inside, labels[inside] - s
+
+
 class _HeadLogprob(torch.autograd.Function):
     """``log softmax(hidden @ weightᵀ)[label]`` per row, the vocabulary ``VOCAB_CHUNK`` rows of ``weight`` at a time
     (an online log-sum-exp), the products in ``dtype``; the backward pass recomputes each slice's logits. Neither pass
@@ -97,11 +106,10 @@ class _HeadLogprob(torch.autograd.Function):
         h = hidden.to(dtype)
         lse = torch.full((len(h),), -float("inf"), device=h.device)
         picked = torch.zeros(len(h), device=h.device)
-        for s in range(0, len(weight), VOCAB_CHUNK):
-            z = (h @ weight[s:s + VOCAB_CHUNK].to(dtype).T).float()
+        for _, w, inside, cols in _vocab_slices(weight, labels, dtype):
+            z = (h @ w.T).float()
             lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
-            inside = (labels >= s) & (labels < s + z.shape[1])
-            picked[inside] = z[inside, labels[inside] - s]
+            picked[inside] = z[inside, cols]
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.dtype = dtype
         return picked - lse
@@ -113,12 +121,9 @@ class _HeadLogprob(torch.autograd.Function):
         h = hidden.to(ctx.dtype)
         grad_h = torch.zeros(hidden.shape, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        rows = torch.arange(len(h), device=h.device)
-        for s in range(0, len(weight), VOCAB_CHUNK):
-            w = weight[s:s + VOCAB_CHUNK].to(ctx.dtype)
+        for s, w, inside, cols in _vocab_slices(weight, labels, ctx.dtype):
             dz = -((h @ w.T).float() - lse[:, None]).exp() * grad[:, None]  # d(picked − lse)/dz = onehot − softmax
-            inside = (labels >= s) & (labels < s + len(w))
-            dz[rows[inside], labels[inside] - s] += grad[inside]
+            dz[inside, cols] += grad[inside]
             dz = dz.to(ctx.dtype)
             if need_h:
                 grad_h += (dz @ w).float()
