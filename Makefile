@@ -56,6 +56,9 @@ test-fast: setup
 test-slow: setup
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "" tests $(PYTEST_ARGS)
 
+test-cuda: setup  # on a machine with a CUDA device (skipped elsewhere)
+	$(OFFLINE) $(BIN)/python -m pytest -q -m cuda tests/test_cuda.py $(PYTEST_ARGS)
+
 # papermill runs every notebook with its default parameters -> papers/runs, results, figures, REPORT.md, summary.json
 # Three notebooks side by side, one torch thread each: on 2 CPU cores generation is overhead-bound, so two 1-thread
 # processes do ~1.9x the evaluations (and 1.4x the training steps) of one 2-thread process (measured).

@@ -48,3 +48,25 @@ def tiny_model(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
     return model.eval()
+
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the tiny configs' pad, bos and eos
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in memory (no files, no packages, no network): the three special tokens, then one
+    token per byte (259 in all; ``decode(encode(text)) == text`` for any text), with a chat template, left padding.
+    For tiny models (``tiny_model(..., vocab_size=len(tok))``) where no embedded tokenizer is installed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + tuple(sorted(pre_tokenizers.ByteLevel.alphabet())))}
+    bytes_only = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bytes_only.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bytes_only.decoder = decoders.ByteLevel()
+    bytes_only.add_special_tokens(list(SPECIAL_TOKENS))
+    pad, bos, eos = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(tokenizer_object=bytes_only, pad_token=pad, bos_token=bos, eos_token=eos,
+                                   chat_template=CHAT_TEMPLATE, padding_side="left")

@@ -117,12 +117,12 @@ def test_recomputed_blocks_give_the_same_gradient_and_leave_the_model_as_it_was(
     assert not any("forward" in b.__dict__ for b in blocks)
 
 
-def _planted(tok):
+def _planted(tok, vocab_size: int | None = None):
     """A GPT-2 target and a donor that differs from it in 4 known MLP neurons: two in layer 0 (A) write a feature f,
     two in layer 1 (B) read f behind a threshold (their bias) and push the token 'Sure'. Alone, A only distorts the
     residual stream and B stays below its threshold — each set alone makes the target *worse* — together they lower
     the loss of answering 'Sure' below the donor's own."""
-    target = tiny_model("gpt2", seed=0, vocab_size=len(tok), n_positions=256)
+    target = tiny_model("gpt2", seed=0, vocab_size=vocab_size or len(tok), n_positions=256)
     donor = copy.deepcopy(target)
     g = torch.Generator().manual_seed(3)
     f = torch.randn(64, generator=g)
@@ -141,7 +141,13 @@ def _planted(tok):
 
 
 def test_the_joint_locator_recovers_a_planted_set_that_attribution_misses(tok):
-    donor, target, task, planted = _planted(tok)
+    recovers_the_planted_set(tok, "cpu")
+
+
+def recovers_the_planted_set(tok, device, vocab_size: int | None = None) -> None:
+    """The planted-set check on ``device``: attribution misses part of the circuit, the learned mask finds it."""
+    donor, target, task, planted = _planted(tok, vocab_size)
+    donor, target = donor.to(device), target.to(device)
 
     def loss(model):
         with torch.no_grad():

@@ -182,3 +182,20 @@ def test_lean_allocator_returns_freed_blocks_to_the_os():
     grown = float(subprocess.run([sys.executable, "-c", code, "lean"], check=True, capture_output=True,
                                  text=True).stdout)
     assert grown < 4, grown
+
+
+def test_the_tiny_tokenizer_round_trips_any_text_and_has_a_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from cnt.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    assert (len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.padding_side) == (259, 0, 1, 2, "left")
+    text = chat_texts(tok, ["Héllo, wörld? ✓"], system="Be brief.")[0]
+    assert text == "<s>system\nBe brief.</s>\n<s>user\nHéllo, wörld? ✓</s>\n<s>assistant\n"
+    ids = encode(tok, [text])["input_ids"][0].tolist()
+    assert ids[0] == tok.bos_token_id and tok.decode(ids) == text
+    assert len(tok("✓", add_special_tokens=False)["input_ids"]) == 3  # one token per byte
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids and again.chat_template == tok.chat_template
