@@ -83,12 +83,12 @@ def save_task(path: Path) -> None:
                              "utility_weight": task.utility_weight, "built_from": ["smol-safe", "smol-arith"]})
 
 
-def measure(shape: str, task: Task, tok) -> dict:
+def measure(shape: str, task: Task, tok, runs=RUNS) -> dict:
     donor, target = build_pair(shape)
     weights = sum(p.numel() * p.element_size() for m in (donor, target) for p in m.parameters())
     out = {"shape": shape, "params_each": sum(p.numel() for p in target.parameters()),
            "weights_mib": round(weights / MIB, 1), "runs": []}
-    for scorer, kinds in RUNS:
+    for scorer, kinds in runs:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
@@ -132,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default="smollm2-135m-instruct", help="a tokenizer folder or embedded name")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "papers" / "results" / "bench_gpu.json")
+    ap.add_argument("--runs", type=int, default=len(RUNS), help=f"the first N of the {len(RUNS)} (locator, units) runs")
     ap.add_argument("--save-task", type=Path, help="write the task JSON and stop")
     args = ap.parse_args(argv)
     if args.save_task:
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
               "torch": torch.__version__, "n_function": len(task.function), "n_utility": len(task.utility),
               "pairs": []}
     for shape in shapes:
-        result["pairs"].append(measure(shape, task, tok))
+        result["pairs"].append(measure(shape, task, tok, RUNS[:args.runs]))
         atomic.write_json(args.out, result)  # each pair as it is measured: a run cut short keeps what it measured
     print(json.dumps(result, indent=1))
 

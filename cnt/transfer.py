@@ -266,7 +266,8 @@ class NeuronPatch:
         out = {}
         for k, t in self.target_values[kind][layer].items():
             shape = (-1,) + (1,) * (t.dim() - 1)
-            out[k] = (t.float() + a.view(shape) * (self.donor_values[kind][layer][k].float() - t.float())).to(t.dtype)
+            g = a.to(t.device).view(shape)  # the amplitudes live on the CPU, the slices on their layer's device
+            out[k] = (t.float() + g * (self.donor_values[kind][layer][k].float() - t.float())).to(t.dtype)
         return out
 
     def _slices(self):
