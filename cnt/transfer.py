@@ -144,6 +144,12 @@ def _check_values(kind: str, layer: int, n: int, fp: ArchFingerprint, donor: dic
         raise PatchError(f"{where}: slices of several dtypes {sorted(map(str, dtypes))}")
 
 
+def _equal(have: torch.Tensor, want: torch.Tensor) -> bool:
+    """A model's slice (on its layer's device) bit-equal to the patch's (on the device the patch came from: the CPU
+    for a loaded patch)."""
+    return torch.equal(have, want.to(have.device))
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -292,7 +298,7 @@ class NeuronPatch:
                 raise PatchError(f"the patch holds {_dtype_name(next(iter(want.values())).dtype)} slices, the model "
                                  f"is {_dtype_name(mismatched.pop())}: load the model in the patch's dtype "
                                  "(load_model(..., dtype=...)) to apply or revert it")
-            if any(not torch.equal(have[k], want[k]) for k in want):
+            if not all(_equal(have[k], want[k]) for k in want):
                 if expect == "target":
                     if self._matches(readers, "patched"):
                         state = "the patch is already applied to it" + (
@@ -312,7 +318,7 @@ class NeuronPatch:
             want = {"target": self.target_values, "donor": self.donor_values}[expect][kind][layer] \
                 if expect != "patched" else self.patched_values(layer, kind)
             have = readers[kind].read(layer, idx)
-            if any(have[k].dtype != want[k].dtype or not torch.equal(have[k], want[k]) for k in want):
+            if not all(have[k].dtype == want[k].dtype and _equal(have[k], want[k]) for k in want):
                 return False
         return True
 

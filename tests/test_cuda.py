@@ -97,7 +97,8 @@ def test_a_locator_on_cuda_scores_as_on_the_cpu(tok, scorer):
         runs.append(locate(scorer, _task(), donor, target, tok, **kw))
     cpu, cuda = runs
     assert set(cpu.by_kind()) == set(cuda.by_kind()) == set(KINDS)
-    torch.testing.assert_close(cuda.flat().cpu(), cpu.flat(), rtol=1e-3, atol=1e-5)
+    scale = float(cpu.flat().abs().max())  # near-zero scores differ by the two devices' rounding of their sums
+    torch.testing.assert_close(cuda.flat().cpu(), cpu.flat(), rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_the_learned_mask_on_cuda_recovers_the_planted_set(tok):
@@ -164,4 +165,4 @@ def test_a_model_placed_by_accelerate_keeps_the_logits_path(tok):
     placed = [dispatch_model(_gqa(s, "cpu", vocab_size=len(tok)), {"": 0}, force_hooks=True) for s in (1, 0)]
     assert output_head(placed[1]) is None and output_head(plain[1]) is not None
     a, b = (locate("attribution", _task(), d, t, tok, kinds=KINDS, progress=False) for d, t in (placed, plain))
-    torch.testing.assert_close(a.flat(), b.flat(), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(a.flat(), b.flat(), rtol=1e-3, atol=1e-3 * float(b.flat().abs().max()))

@@ -201,7 +201,7 @@ def _reference_logprobs(model, inp, lab, mask):
     tgt = lab[:, 1:]
     keep = tgt != -100
     picked = torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).squeeze(-1)
-    return torch.zeros(tgt.shape).index_put((keep,), picked), keep
+    return torch.zeros(tgt.shape, device=picked.device).index_put((keep,), picked), keep
 
 
 @pytest.mark.parametrize("head_here", [True, False], ids=["head-in-vocabulary-slices", "model-logits"])
