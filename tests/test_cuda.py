@@ -98,7 +98,7 @@ def test_a_locator_on_cuda_scores_as_on_the_cpu(tok, scorer):
     cpu, cuda = runs
     assert set(cpu.by_kind()) == set(cuda.by_kind()) == set(KINDS)
     scale = float(cpu.flat().abs().max())  # near-zero scores differ by the two devices' rounding of their sums
-    torch.testing.assert_close(cuda.flat().cpu(), cpu.flat(), rtol=1e-3, atol=1e-3 * scale)
+    torch.testing.assert_close(cuda.flat().cpu(), cpu.flat(), rtol=1e-3, atol=5e-3 * scale)
 
 
 def test_the_learned_mask_on_cuda_recovers_the_planted_set(tok):
