@@ -15,7 +15,7 @@ from cnt.locate import Example, Task, locate
 from cnt.mixing import MixedModel
 from cnt.tiny import tiny_model, tiny_tokenizer
 
-from .test_masks import PROMPTS, _reference_logprobs, recovers_the_planted_set
+from .test_masks import PROMPTS, reference_logprobs, recovers_the_planted_set
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -120,7 +120,7 @@ def test_the_task_loss_in_bf16_on_cuda_equals_the_whole_softmax():
     lab[mask == 0], lab[:, :3] = -100, -100
     inp, lab, mask = inp.to(CUDA), lab.to(CUDA), mask.to(CUDA)
     values, grads = [], []
-    for fn in (tasks.token_logprobs, _reference_logprobs):
+    for fn in (tasks.token_logprobs, reference_logprobs):
         model.zero_grad()
         with torch.autocast(CUDA, dtype=torch.bfloat16):
             lp, _ = fn(model, inp, lab, mask)

@@ -195,7 +195,7 @@ def test_mask_is_seeded_and_leaves_the_models_alone(tok):
         locate("learned_mask", task, donor, target, tok, levels=(2.0,), progress=False)
 
 
-def _reference_logprobs(model, inp, lab, mask):
+def reference_logprobs(model, inp, lab, mask):
     """The plain computation: every position's logits, one float32 log-softmax over the labelled ones."""
     logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits[:, :-1]
     tgt = lab[:, 1:]
@@ -230,7 +230,7 @@ def test_token_logprobs_keeps_only_labelled_positions_and_equals_the_whole_softm
     lab[0, :3] = -100  # a prompt
     lab[2, :3] = -100  # one labelled token
     values, grads = [], []
-    for fn in (tasks.token_logprobs, _reference_logprobs):
+    for fn in (tasks.token_logprobs, reference_logprobs):
         model.zero_grad()
         lp, keep = fn(model, inp, lab, mask)
         (-lp.sum()).backward()
