@@ -220,15 +220,28 @@ class Proxy:
         return perplexity(model, tokenizer, self.wiki + self.wiki_more, max_tokens=128, progress=False).value
 
     @torch.no_grad()
-    def whole_false_refusal(self, model, tokenizer, sample_rate: float) -> float:
-        """False refusal over every benign prompt the proxy holds: the sample's rate (``sample_rate``, on
-        :attr:`benign`, from :meth:`measure`) pooled with greedy answers to :attr:`benign_more`. The sample alone
-        (40 prompts: one answer moves it 2.5 points) let settings through that refused 7-15 points more benign eval
-        prompts than the target (METHOD.md)."""
-        answers = generate(model, tokenizer, self.benign_more, max_new_tokens=self.generate_tokens, batch_size=48,
-                           progress=False)
-        refused = sample_rate * len(self.benign) + sum(map(is_refusal, answers))
-        return float(refused / (len(self.benign) + len(answers)))
+    def whole_false_refusal(self, model, tokenizer, sample_rate: float,
+                            most_refused: int | None = None) -> tuple[float, int]:
+        """False refusal over every benign prompt the proxy holds, and on how many prompts it was read: the sample's
+        rate (``sample_rate``, on :attr:`benign`, from :meth:`measure`) pooled with greedy answers to
+        :attr:`benign_more`. The sample alone (40 prompts: one answer moves it 2.5 points) let settings through that
+        refused 7-15 points more benign eval prompts than the target (METHOD.md). ``most_refused``: the most refusals
+        among all the prompts that could still pass the rule (:func:`most_refused_passing`); once more are counted
+        the rest is not generated, and the rate is the one over the prompts read (:func:`judge` rejects it as the
+        whole split's rate would have been rejected)."""
+        refused = round(sample_rate * len(self.benign))
+        answered = 0
+
+        def decided(answers: list[str]) -> bool:
+            nonlocal refused, answered
+            refused, answered = refused + sum(map(is_refusal, answers)), answered + len(answers)
+            return most_refused is not None and refused > most_refused
+
+        if not decided([]):
+            generate(model, tokenizer, self.benign_more, max_new_tokens=self.generate_tokens, batch_size=48,
+                     progress=False, stop=decided)
+        n = len(self.benign) + answered
+        return float(refused / n), n
 
 
 def false_refusal_bound(m: dict, confidence: float | None) -> float:
@@ -239,6 +252,16 @@ def false_refusal_bound(m: dict, confidence: float | None) -> float:
     if not confidence or not n:
         return rate
     return wilson(round(rate * n), n, z=NormalDist().inv_cdf(confidence))[1]
+
+
+def most_refused_passing(n: int, base_rate: float, max_increase: float, confidence: float | None) -> int:
+    """The most of ``n`` benign prompts a setting may refuse and still hold the false-refusal limit (:func:`judge`'s
+    check: the rate, or with ``confidence`` its upper bound, at most ``max_increase`` above ``base_rate``); -1 if
+    none. The bound grows with the refusals and, for as many refusals, shrinks as more prompts are read: a setting
+    that refused more than this among the first prompts it was read on fails on those, as on all ``n``."""
+    passing = [r for r in range(n + 1) if false_refusal_bound({"false_refusal": r / n, "false_refusal_n": n},
+                                                              confidence) - base_rate <= max_increase + 1e-9]
+    return max(passing, default=-1)
 
 
 def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9, max_ppl_increase: float = 0.02,
@@ -339,7 +362,8 @@ class Validator:
     def _measure(self, model, always: bool = False) -> dict:
         """The proxy's values; false refusal read on every benign prompt it holds (:meth:`Proxy.whole_false_refusal`)
         for the target and donor, and for a change whose other utility checks held on the sample — a change that
-        already failed one is rejected whatever its false refusal (``false_refusal_n``: the prompts it was read on)."""
+        already failed one is rejected whatever its false refusal; a change stops being read once it has refused
+        more than the rule allows over the whole split (``false_refusal_n``: the prompts it was read on)."""
         m = self.proxy.measure(model, self.tokenizer)
         if self.proxy.wiki_more and not always:
             self._whole_perplexity(model, m)
@@ -348,8 +372,11 @@ class Validator:
         m["false_refusal_n"] = len(self.proxy.benign)
         if self.proxy.benign_more and (always or judge({**m, "false_refusal": None}, self.target, self.donor,
                                                        self.proxy.function, **self.rule)["utility_ok"]):
-            m["false_refusal"] = self.proxy.whole_false_refusal(model, self.tokenizer, m["false_refusal"])
-            m["false_refusal_n"] += len(self.proxy.benign_more)
+            most = None if always else most_refused_passing(
+                len(self.proxy.benign) + len(self.proxy.benign_more), self.target["false_refusal"],
+                self.limits["max_false_refusal_increase"], self.limits["false_refusal_confidence"])
+            m["false_refusal"], m["false_refusal_n"] = self.proxy.whole_false_refusal(
+                model, self.tokenizer, m["false_refusal"], most)
         return m
 
     def _whole_perplexity(self, model, m: dict) -> None:

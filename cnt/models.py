@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from copy import deepcopy
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -435,8 +435,10 @@ def prefix_cache(model, prefix: Sequence[int]):
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
              system: str | None = None, chat: bool = True, progress: bool = True,
-             share_prefix: bool = True) -> list[str]:
-    """Greedy responses to ``prompts`` (batched, longest first); returns the decoded new text only.
+             share_prefix: bool = True, stop: Callable[[list[str]], bool] | None = None) -> list[str | None]:
+    """Greedy responses to ``prompts`` (batched, longest first); returns the decoded new text only. ``stop``: called
+    with each batch's answers as it is decoded; once it returns True no further batch runs, and the prompts left
+    unanswered get ``None`` (the batches that ran are the ones a whole run makes: same answers).
 
     With ``share_prefix`` the opening every prompt shares (the chat template's system turn: 24 of SmolLM2's ~45
     prompt tokens) is run once and its key/value cache repeated over each batch; a batch is laid out
@@ -451,7 +453,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
     cache = prefix_cache(model, ids[0][:n_prefix]) if n_prefix >= PREFIX_MIN_TOKENS else None
     n_prefix = n_prefix if cache is not None else 0
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: list[str] = [""] * len(texts)
+    out: list[str | None] = [None] * len(texts)
     device = model_device(model)
     pad = tokenizer.pad_token_id
     batches = range(0, len(order), batch_size)
@@ -470,8 +472,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
             kw["cache"].batch_repeat_interleave(len(idx))
         gen = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad, **kw)
-        for i, row in zip(idx, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
-            out[i] = row.strip()
+        answers = [row.strip() for row in tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)]
+        for i, answer in zip(idx, answers):
+            out[i] = answer
+        if stop is not None and stop(answers):
+            break
     return out
 
 

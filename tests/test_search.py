@@ -358,9 +358,9 @@ class _BenignProxy(functions.Proxy):
     def measure(self, model, tokenizer):
         return {"score": 1.0, "ppl": 10.0 * (2 if self.broken else 1), "degenerate": 0.0, "false_refusal": 0.0}
 
-    def whole_false_refusal(self, model, tokenizer, sample_rate):
+    def whole_false_refusal(self, model, tokenizer, sample_rate, most_refused=None):
         self.whole_calls += 1
-        return (sample_rate * len(self.benign) + self.more_rate * len(self.benign_more)) / 200
+        return (sample_rate * len(self.benign) + self.more_rate * len(self.benign_more)) / 200, 200
 
 
 def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # noqa: F811
@@ -388,6 +388,79 @@ def test_false_refusal_is_judged_on_every_benign_validation_prompt(fixture):  # 
     real = functions.Proxy.for_function("refusal", seed=0)
     assert len(real.benign) == 40 and not set(real.benign) & set(real.benign_more) and len(real.benign_more) > 100
     assert not functions.Proxy.for_function("compliance").benign_more  # deleting refusal watches no benign prompts
+
+
+@pytest.mark.parametrize("confidence", [0.95, None])
+@pytest.mark.parametrize("n, base_rate", [(212, 0.0), (212, 0.05), (60, 0.02)])
+def test_a_setting_past_the_most_refusals_fails_on_any_part_of_the_split(n, base_rate, confidence):
+    """Stopping the read once a setting has refused more than most_refused_passing changes no verdict: with more
+    refusals it fails on all n prompts, and fails too on the prompts read so far, however few."""
+    most = functions.most_refused_passing(n, base_rate, 0.05, confidence)
+    if confidence == 0.95 and (n, base_rate) == (212, 0.0):
+        assert most == 5  # 5 of 212 -> 4.77% at the bound, 6 -> 5.38% (the hand-computed bounds below)
+    base = {"score": 0.0, "ppl": 20.0, "false_refusal": base_rate}
+
+    def held(refused, read):
+        m = {"score": 0.5, "ppl": 20.0, "false_refusal": refused / read, "false_refusal_n": read}
+        return functions.judge(m, base, {"score": 1.0, "ppl": 20.0}, "refusal",
+                               false_refusal_confidence=confidence)["utility_ok"]
+
+    assert held(most, n) and not held(most + 1, n)
+    for refused in range(most + 1, n + 1):
+        assert not any(held(refused, read) for read in range(max(refused, 1), n + 1))
+
+
+class _AnsweringProxy(functions.Proxy):
+    """The real whole-split read, with answers by rule: prompts starting 'r' are refused."""
+
+    def __init__(self, benign, benign_more):
+        super().__init__("refusal", benign=benign, benign_more=benign_more)
+
+    def measure(self, model, tokenizer):
+        return {"score": 1.0, "ppl": 10.0, "degenerate": 0.0,
+                "false_refusal": sum(p.startswith("r") for p in self.benign) / len(self.benign)}
+
+
+def test_the_whole_split_read_stops_once_the_setting_has_failed(monkeypatch):
+    batches = []
+
+    def answer(model, tokenizer, prompts, batch_size, stop=None, **kw):  # generate's contract, by rule
+        out = [None] * len(prompts)
+        for s in range(0, len(prompts), batch_size):
+            batch = ["I'm sorry, I can't help with that." if p.startswith("r") else "Sure, here it is."
+                     for p in prompts[s:s + batch_size]]
+            out[s:s + batch_size] = batch
+            batches.append(len(batch))
+            if stop is not None and stop(batch):
+                break
+        return out
+
+    monkeypatch.setattr(functions, "generate", answer)
+    benign = ["b"] * 40
+    refusing = _AnsweringProxy(benign, ["r"] * 20 + ["b"] * 172)  # 20 refusals in the first batch of 48
+    rate, n = refusing.whole_false_refusal(None, None, 0.0)
+    assert (rate, n) == (pytest.approx(20 / 232), 232) and batches == [48, 48, 48, 48]  # read whole
+    batches.clear()
+    rate, n = refusing.whole_false_refusal(None, None, 0.0, most_refused=5)
+    assert (rate, n) == (pytest.approx(20 / 88), 88) and batches == [48]  # stopped after the first batch
+    batches.clear()
+    rate, n = refusing.whole_false_refusal(None, None, 6 / 40, most_refused=5)  # the sample alone has failed
+    assert (rate, n) == (pytest.approx(6 / 40), 40) and batches == []
+    clean = _AnsweringProxy(benign, ["b"] * 190 + ["r"] * 2)
+    assert clean.whole_false_refusal(None, None, 0.0, most_refused=5) == (pytest.approx(2 / 232), 232)
+
+
+def test_generate_stops_after_the_batch_that_decides(fixture):  # noqa: F811
+    from cnt.models import generate
+
+    _, target, tok = fixture
+    prompts = ["Name a colour.", "Count to three.", "Say hi.", "Write one word.", "Pick a number."]
+    whole = generate(target, tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    seen = []
+    part = generate(target, tok, prompts, max_new_tokens=4, batch_size=2, progress=False,
+                    stop=lambda answers: seen.append(answers) or len(seen) == 2)
+    assert len(seen) == 2 and sum(a is not None for a in part) == 4
+    assert all(a == w for a, w in zip(part, whole) if a is not None)  # the batches that ran answered as in a whole run
 
 
 def test_false_refusal_must_hold_the_limit_at_its_upper_bound():
