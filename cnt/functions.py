@@ -15,6 +15,9 @@ when refusal is added, for refusals of benign prompts. :func:`judge` is the rule
 utility held: perplexity +2%, false refusal +5 points at its 95% upper bound, no more broken answers);
 :class:`Validator` applies it to patches and whole models. Final numbers come from ``cnt.evaluate`` on the eval
 split, never from these proxies.
+
+(Over 400 lines: a function's spec, the task and proxies built from it and the rule that reads those proxies change
+together — the rule's limits name the proxies' values and the validator's reads follow the rule.)
 """
 
 from __future__ import annotations
