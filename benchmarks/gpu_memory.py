@@ -70,14 +70,18 @@ def task_from_json(path: Path) -> Task:
                 d["response_tokens"], d["utility_weight"])
 
 
-def save_task(path: Path) -> None:
-    """The SmolLM2 addition pair's locate task (as `benchmarks/run.py memory` builds it), as JSON."""
+def zoo_task() -> Task:
+    """The SmolLM2 addition pair's locate task, as `benchmarks/run.py memory` builds it (needs the zoo models)."""
     from cnt.functions import build_task
     from cnt.zoo import load_model
 
     donor, tok = load_model("smol-safe")
     target, _ = load_model("smol-arith")
-    task = build_task("refusal", donor, target, tok)
+    return build_task("refusal", donor, target, tok)
+
+
+def save_task(path: Path, task: Task) -> None:
+    """``task`` as JSON (what :func:`task_from_json` reads), for a machine without the zoo."""
     atomic.write_json(path, {"name": task.name, "function": [e.__dict__ for e in task.function],
                              "utility": [e.__dict__ for e in task.utility], "response_tokens": task.response_tokens,
                              "utility_weight": task.utility_weight, "built_from": ["smol-safe", "smol-arith"]})
@@ -136,7 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--save-task", type=Path, help="write the task JSON and stop")
     args = ap.parse_args(argv)
     if args.save_task:
-        return save_task(args.save_task)
+        return save_task(args.save_task, zoo_task())
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -146,11 +150,7 @@ def main(argv=None) -> None:
     from cnt.models import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
-    if args.task is None:
-        args.save_task = ROOT / ".task.json"
-        save_task(args.save_task)
-        args.task = args.save_task
-    task = task_from_json(args.task)
+    task = task_from_json(args.task) if args.task is not None else zoo_task()
     result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "n_function": len(task.function), "n_utility": len(task.utility),
               "pairs": []}

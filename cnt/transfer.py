@@ -269,11 +269,13 @@ class NeuronPatch:
         a = self.amplitudes(kind, layer)
         if a is None:
             return self.donor_values[kind][layer]
+        target = self.target_values[kind][layer]
+        # the amplitudes live on the CPU, the slices on their layer's device (one device for all of a layer's slots)
+        a = a.to(next(iter(target.values())).device)
         out = {}
-        for k, t in self.target_values[kind][layer].items():
+        for k, t in target.items():
             shape = (-1,) + (1,) * (t.dim() - 1)
-            g = a.to(t.device).view(shape)  # the amplitudes live on the CPU, the slices on their layer's device
-            out[k] = (t.float() + g * (self.donor_values[kind][layer][k].float() - t.float())).to(t.dtype)
+            out[k] = (t.float() + a.view(shape) * (self.donor_values[kind][layer][k].float() - t.float())).to(t.dtype)
         return out
 
     def _slices(self):
