@@ -47,7 +47,7 @@ SHAPES = {
 }
 # (locator, kinds): the refusal function's default (the learned mask on MLP neurons), attribution beside it, and the
 # mask over MLP neurons and attention heads (every unit kind the kit has)
-RUNS = (("learned_mask", ("mlp",)), ("attribution", ("mlp",)), ("learned_mask", ("mlp", "head", "kv")))
+RUNS = (("learned_mask", ("mlp",), {}), ("attribution", ("mlp",), {}), ("learned_mask", ("mlp", "head", "kv"), {}))
 MIB = 2 ** 20
 
 
@@ -92,28 +92,38 @@ def measure(shape: str, task: Task, tok, runs=RUNS) -> dict:
     weights = sum(p.numel() * p.element_size() for m in (donor, target) for p in m.parameters())
     out = {"shape": shape, "params_each": sum(p.numel() for p in target.parameters()),
            "weights_mib": round(weights / MIB, 1), "runs": []}
-    for scorer, kinds in runs:
+    first = None  # the first run's 0.25% subset: later variants' overlap with it
+    for scorer, kinds, settings in runs:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         t0 = time.time()
-        scores = locate(scorer, task, donor, target, tok, kinds=kinds, progress=False)
+        scores = locate(scorer, task, donor, target, tok, kinds=kinds, progress=False, **settings)
         torch.cuda.synchronize()
-        run = {"locator": scorer, "kinds": list(kinds), "seconds": round(time.time() - t0, 1),
+        run = {"locator": scorer, "kinds": list(kinds), "settings": settings, "seconds": round(time.time() - t0, 1),
                "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / MIB, 1),
                "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / MIB, 1),
                "allocated_before_mib": round(start / MIB, 1)}
         run["peak_over_weights"] = round(torch.cuda.max_memory_allocated() / weights, 4)
         run["meets_memory_goal"] = run["peak_over_weights"] <= 1.5
+        subset = selected_units(scores, target)
+        first = subset if first is None else first
+        run["jaccard_to_first_run"] = round(len(subset & first) / max(len(subset | first), 1), 4)
         out["runs"].append(run)
         print(json.dumps({"shape": shape, **run}), flush=True)
-        if scorer == "learned_mask" and kinds == ("mlp",):
+        if scorer == "learned_mask" and kinds == ("mlp",) and "patch" not in out:
             out["patch"] = patch_round_trip(scores, donor, target)
             print(json.dumps({"shape": shape, "patch": out["patch"]}), flush=True)
         del scores
     del donor, target
     torch.cuda.empty_cache()
     return out
+
+
+def selected_units(scores, target) -> set:
+    """The units of the 0.25%-of-the-weights subset, as hashable (kind, layer, index) triples."""
+    sel, _ = scores.select(int(0.0025 * sum(p.numel() for p in target.parameters())))
+    return {(kind, layer, int(i)) for kind, layers in sel.items() for layer, idx in layers.items() for i in idx.tolist()}
 
 
 def patch_round_trip(scores, donor, target) -> dict:
@@ -137,6 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "papers" / "results" / "bench_gpu.json")
     ap.add_argument("--runs", type=int, default=len(RUNS), help=f"the first N of the {len(RUNS)} (locator, units) runs")
+    ap.add_argument("--variants", help="a JSON list of learned-mask settings (e.g. '[{}, {\"micro_batch\": 8}]'): "
+                    "one MLP mask run per entry instead of the default runs (speed levers at equal memory goal)")
     ap.add_argument("--save-task", type=Path, help="write the task JSON and stop")
     args = ap.parse_args(argv)
     if args.save_task:
@@ -155,7 +167,8 @@ def main(argv=None) -> None:
               "torch": torch.__version__, "n_function": len(task.function), "n_utility": len(task.utility),
               "pairs": []}
     for shape in shapes:
-        result["pairs"].append(measure(shape, task, tok, RUNS[:args.runs]))
+        runs = [("learned_mask", ("mlp",), v) for v in json.loads(args.variants)] if args.variants else RUNS[:args.runs]
+        result["pairs"].append(measure(shape, task, tok, runs))
         atomic.write_json(args.out, result)  # each pair as it is measured: a run cut short keeps what it measured
     print(json.dumps(result, indent=1))
 

@@ -58,25 +58,36 @@ def _loss(task: Task, target, tokenizer, function, utility, autocast, micro_batc
     return total
 
 
+def default_micro_batch(device, batch_size: int) -> int:
+    """How many examples one backward pass of the mask takes: the whole minibatch on a GPU, 2 on a CPU.
+
+    Measured (papers/results/bench_gpu.json, ``mask_micro_batch``): on an H200 a SmolLM2-shaped pair locates in 34 s
+    at 8 against 125 s at 2 (the GPU waits on kernel launches at 2), peaking at 1.33x the two models' weights; an
+    8B-shaped pair in 41 s at 1.03x. On 2 CPU cores the step is compute-bound, and 2 keeps the peak low."""
+    return batch_size if str(device).startswith("cuda") else 2
+
+
 def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",),
                  levels: Sequence[float] = LEVELS, warmup_steps: int = 4, descent_steps: int = 6,
                  steps_per_level: int = 3,
                  gamma_max: float = 4.0, init_gamma: float = 1.0, lr: float = 0.05, ema: float = 0.8,
                  batch_size: int = 8, utility_batch: int = 8, seed: int = 0, integrated: bool = True,
                  verify: bool = True, tolerance: float = 1.0, max_checks: int = 8, check_examples: int = 8,
-                 micro_batch: int = 2, recompute: bool = True,
+                 micro_batch: int | None = None, recompute: bool = True,
                  autocast: torch.dtype | str | None = "auto", progress: bool = True) -> NeuronScores:
     """Train and prune per-unit amplitudes down the budgets ``levels`` (fractions of the target's weights, largest
     first); see the module doc. The target's weights are never written. The default schedule (4 warm-up, 6 descent,
     3 steps per level) is the middle of the three measured on SmolLM2 (papers/METHOD.md: 2/3/1, 4/6/3, 8/12/6).
     Each minibatch is backpropagated ``micro_batch`` examples at a time (the same gradient; the activations of one
-    micro-batch in memory), with ``recompute`` each block's activations recomputed in the backward pass
-    (:func:`cnt.mixing.recomputed`: the same gradient, about a third more compute, a block's activations in memory)."""
+    micro-batch in memory; ``None``: :func:`default_micro_batch`), with ``recompute`` each block's activations
+    recomputed in the backward pass (:func:`cnt.mixing.recomputed`: the same gradient, about a third more compute, a
+    block's activations in memory)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     check_compatible(donor, target)
     autocast = autocast_dtype(autocast, model_device(target))  # bf16 only where the hardware has it natively
+    micro_batch = default_micro_batch(model_device(target), batch_size) if micro_batch is None else micro_batch
     if not 0 < init_gamma < gamma_max:
         raise ValueError(f"init_gamma must lie in (0, gamma_max={gamma_max}), got {init_gamma}")
     levels = sorted({float(x) for x in levels}, reverse=True)

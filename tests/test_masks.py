@@ -8,6 +8,7 @@ import torch
 from cnt import NeuronPatch
 from cnt.arch import MLPNeurons
 from cnt.locate import Example, Task, attribution, locate, task_loss
+from cnt.masks import default_micro_batch
 from cnt.mixing import MixedModel, gamma_gradient, recomputed
 from cnt.models import load_tokenizer
 from cnt.tiny import TINY_MODEL_TYPES, tiny_model
@@ -188,6 +189,8 @@ def test_mask_is_seeded_and_leaves_the_models_alone(tok):
     a = locate("learned_mask", task, donor, target, tok, **kw)
     b = locate("learned_mask", task, donor, target, tok, **kw)
     assert torch.equal(a.flat(), b.flat()) and a.settings["losses"] == b.settings["losses"]
+    assert a.settings["micro_batch"] == default_micro_batch("cpu", 8) == 2  # the device's default, recorded
+    assert default_micro_batch("cuda:0", 8) == 8  # a GPU takes the whole minibatch at once (bench_gpu.json)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in target.parameters()) or \
         all(p.requires_grad for p in target.parameters())
