@@ -5,16 +5,14 @@ from cnt.arch import (ArchFingerprint, IncompatibleModelsError, MLPNeurons, Unsu
                       check_compatible, check_distinct, fingerprint, same_weights)
 from cnt.tiny import TINY_MODEL_TYPES, tiny_model
 
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from .helpers import state_copy
 
 
 def _round_trip(model, layer, idx):
     """read -> write new values -> read gives the new values; only the neurons' slices change; writing the old values
     back restores the model bit for bit."""
     neurons = MLPNeurons(model)
-    before = _state(model)
+    before = state_copy(model)
     old = neurons.read(layer, idx)
     g = torch.Generator().manual_seed(0)
     new = {k: torch.randn(v.shape, generator=g, dtype=torch.float32).to(v.dtype) for k, v in old.items()}
@@ -23,7 +21,7 @@ def _round_trip(model, layer, idx):
     for k in new:
         assert torch.equal(got[k], new[k]), k
 
-    after = _state(model)
+    after = state_copy(model)
     names = neurons.param_names(layer)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == set(names.values())
@@ -41,7 +39,7 @@ def _round_trip(model, layer, idx):
         assert torch.equal(before[name].index_select(dim, rest), after[name].index_select(dim, rest)), name
 
     neurons.write(layer, idx, old)
-    restored = _state(model)
+    restored = state_copy(model)
     assert all(torch.equal(before[k], restored[k]) for k in before)
 
 

@@ -15,6 +15,7 @@ from cnt.locate import Example, Task, locate
 from cnt.mixing import MixedModel
 from cnt.tiny import tiny_model, tiny_tokenizer
 
+from .helpers import gqa_model, state_copy
 from .test_masks import PROMPTS, reference_logprobs, recovers_the_planted_set
 
 pytestmark = [pytest.mark.cuda,
@@ -30,14 +31,6 @@ def tok():
     return tiny_tokenizer()
 
 
-def _gqa(seed, device=CUDA, **kw):
-    return tiny_model("llama", seed=seed, num_key_value_heads=2, **kw).to(device)
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _gamma(sel, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return {k: {layer: (0.5 + 2 * torch.rand(len(i), generator=gen)).tolist() for layer, i in v.items()}
@@ -45,15 +38,15 @@ def _gamma(sel, seed=0):
 
 
 def test_a_mixed_patch_applies_saves_loads_and_reverts_bit_exact_on_cuda(tmp_path):
-    donor, target = _gqa(1), _gqa(0)
-    before = _state(target)
+    donor, target = gqa_model(1, CUDA), gqa_model(0, CUDA)
+    before = state_copy(target)
     gamma = _gamma(MIXED)
     patch = NeuronPatch.extract(donor, target, MIXED, gamma=gamma)
     patch.apply(target)
-    direct = _state(target)
+    direct = state_copy(target)
     assert all(v.device.type == CUDA for v in direct.values())
-    cpu_target = _gqa(0, "cpu")  # the same patch computed and applied on the CPU: the same weights, to rounding
-    NeuronPatch.extract(_gqa(1, "cpu"), cpu_target, MIXED, gamma=gamma).apply(cpu_target)
+    cpu_target = gqa_model(0, "cpu")  # the same patch computed and applied on the CPU: the same weights, to rounding
+    NeuronPatch.extract(gqa_model(1, "cpu"), cpu_target, MIXED, gamma=gamma).apply(cpu_target)
     for k, v in cpu_target.state_dict().items():
         torch.testing.assert_close(direct[k].cpu(), v, rtol=1e-6, atol=1e-6)
     loaded = NeuronPatch.load(patch.save(tmp_path / "p"))
@@ -65,7 +58,7 @@ def test_a_mixed_patch_applies_saves_loads_and_reverts_bit_exact_on_cuda(tmp_pat
 
 
 def test_the_mixing_on_cuda_computes_the_patched_model():
-    donor, target = _gqa(1), _gqa(0)
+    donor, target = gqa_model(1, CUDA), gqa_model(0, CUDA)
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0)).to(CUDA)
     gamma = _gamma(MIXED, seed=1)
     mixed = MixedModel(donor, target, KINDS)
@@ -93,7 +86,7 @@ def test_a_locator_on_cuda_scores_as_on_the_cpu(tok, scorer):
         kw.update(levels=(0.05, 0.01), warmup_steps=2, descent_steps=2, steps_per_level=1, autocast=None)
     runs = []
     for device in ("cpu", CUDA):
-        donor, target = _gqa(1, device, vocab_size=len(tok)), _gqa(0, device, vocab_size=len(tok))
+        donor, target = gqa_model(1, device, vocab_size=len(tok)), gqa_model(0, device, vocab_size=len(tok))
         runs.append(locate(scorer, _task(), donor, target, tok, **kw))
     cpu, cuda = runs
     assert set(cpu.by_kind()) == set(cuda.by_kind()) == set(KINDS)
@@ -145,7 +138,7 @@ def test_load_model_places_a_folder_on_cuda_in_bf16_and_generates(tok, tmp_path)
     assert len(shared) == len(PROMPTS) and sum(a == b for a, b in zip(shared, alone)) >= len(PROMPTS) - 1
     donor, _ = load_model(str(tmp_path / "m"))
     units(donor, "mlp").write(0, torch.tensor([2]), {k: v + 1 for k, v in units(donor, "mlp").read(0, [2]).items()})
-    before = _state(model)
+    before = state_copy(model)
     patch = NeuronPatch.extract(donor, model, {0: [2, 7]})
     patch.apply(model)
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -161,8 +154,8 @@ def test_a_model_placed_by_accelerate_keeps_the_logits_path(tok):
 
     from cnt.tasks import output_head
 
-    plain = [_gqa(s, CUDA, vocab_size=len(tok)) for s in (1, 0)]
-    placed = [dispatch_model(_gqa(s, "cpu", vocab_size=len(tok)), {"": 0}, force_hooks=True) for s in (1, 0)]
+    plain = [gqa_model(s, CUDA, vocab_size=len(tok)) for s in (1, 0)]
+    placed = [dispatch_model(gqa_model(s, "cpu", vocab_size=len(tok)), {"": 0}, force_hooks=True) for s in (1, 0)]
     assert output_head(placed[1]) is None and output_head(plain[1]) is not None
     a, b = (locate("attribution", _task(), d, t, tok, kinds=KINDS, progress=False) for d, t in (placed, plain))
     torch.testing.assert_close(a.flat(), b.flat(), rtol=1e-3, atol=1e-3 * float(b.flat().abs().max()))

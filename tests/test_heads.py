@@ -7,16 +7,14 @@ from cnt.arch import (AttentionUnits, IncompatibleModelsError, UnsupportedArchit
                       fingerprint, units)
 from cnt.tiny import TINY_MODEL_TYPES, tiny_model
 
+from .helpers import state_copy
+
 MHA_ONLY = ("gpt2", "gptj", "gpt_neox")  # their configs have no separate key/value head count
 CASES = [(t, 4) for t in TINY_MODEL_TYPES] + [(t, 2) for t in TINY_MODEL_TYPES if t not in MHA_ONLY] + [("llama", 1)]
 
 
 def _model(model_type, n_kv, seed=0):
     return tiny_model(model_type, seed=seed, **({} if model_type in MHA_ONLY else {"num_key_value_heads": n_kv}))
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("model_type,n_kv", CASES)
@@ -26,7 +24,7 @@ def test_read_write_round_trip(model_type, n_kv, kind):
     u = AttentionUnits(model, kind)
     assert u.layout == (4, n_kv, 16)
     idx = [0, u.n_units() - 1] if u.n_units() > 1 else [0]
-    before = _state(model)
+    before = state_copy(model)
     old = u.read(1, idx)
     g = torch.Generator().manual_seed(0)
     new = {k: torch.randn(v.shape, generator=g) for k, v in old.items()}
@@ -38,12 +36,12 @@ def test_read_write_round_trip(model_type, n_kv, kind):
     others = [i for i in range(u.n_units()) if i not in idx]
     if others:  # the other units of the layer are untouched
         assert all(torch.equal(a, b) for a, b in zip(AttentionUnits(model, kind).read(1, others).values(),
-                                                      _read_state(before, model, kind, others).values()))
+                                                      _readstate_copy(before, model, kind, others).values()))
     u.write(1, idx, old)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def _read_state(state, model, kind, idx):
+def _readstate_copy(state, model, kind, idx):
     twin = _model(model.config.model_type, AttentionUnits(model, kind).layout[1])
     twin.load_state_dict(state)
     return AttentionUnits(twin, kind).read(1, idx)
@@ -54,7 +52,7 @@ def test_heads_and_groups_tile_the_attention_projections(model_type, n_kv):
     """Every entry of the q/k/v/o projections belongs to exactly one unit: zeroing every head and every k/v group of a
     layer zeroes those projections and nothing else (norms shared by all heads stay)."""
     model = _model(model_type, n_kv)
-    before = _state(model)
+    before = state_copy(model)
     names = set()
     for kind in ("head", "kv"):
         u = AttentionUnits(model, kind)

@@ -8,11 +8,9 @@ from cnt.arch import MLPNeurons
 from cnt.tiny import tiny_model
 from cnt.transfer import PatchError, transfer_all
 
+from .helpers import gqa_model, state_copy
+
 IDX = {0: [1, 5, 9], 1: [0, 95]}
-
-
-def _state(m):
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 def _same(a, b):
@@ -26,7 +24,7 @@ def pair():
 
 def test_apply_revert_bit_exact(pair):
     donor, target = pair
-    before = _state(target)
+    before = state_copy(target)
     patch = NeuronPatch.extract(donor, target, IDX, donor_name="d", target_name="t")
     patch.apply(target)
     nd, nt = MLPNeurons(donor), MLPNeurons(target)
@@ -54,7 +52,7 @@ def test_save_load_apply_equals_direct(pair, tmp_path):
     direct = tiny_model("llama", seed=0)
     patch.apply(direct)
     loaded.apply(target)
-    assert _same(_state(direct), _state(target))
+    assert _same(state_copy(direct), state_copy(target))
 
 
 def test_alpha_amplifies(pair):
@@ -77,7 +75,7 @@ def test_patch_cast_applies_to_a_copy_in_another_precision(pair):
     work = deepcopy(target).to(torch.bfloat16)
     with pytest.raises(PatchError, match="float32 slices, the model is bfloat16"):
         patch.apply(work)
-    before = _state(work)
+    before = state_copy(work)
     half = patch.to(torch.bfloat16)
     assert half.dtype == "bfloat16" and patch.dtype == "float32" and half.alpha == 2.0 and half.units == patch.units
     half.apply(work)
@@ -85,7 +83,7 @@ def test_patch_cast_applies_to_a_copy_in_another_precision(pair):
     want = patch.patched_values(0)
     assert all(torch.allclose(got[k].float(), want[k][IDX[0].index(1)].float(), rtol=0.02, atol=1e-3) for k in got)
     half.revert(work)
-    assert _same(before, _state(work))
+    assert _same(before, state_copy(work))
 
 
 def test_transfer_all_reproduces_donor_mlps(pair):
@@ -102,7 +100,7 @@ def test_transfer_all_reproduces_donor_mlps(pair):
 def test_fingerprint_mismatch_refused_before_compute(pair):
     donor, _ = pair
     other = tiny_model("llama", intermediate_size=128)
-    before = _state(other)
+    before = state_copy(other)
     with pytest.raises(PatchError, match="different architectures"):
         NeuronPatch.extract(donor, other, IDX)
     patch = NeuronPatch.extract(donor, tiny_model("llama"), IDX)
@@ -115,12 +113,12 @@ def test_apply_twice_and_wrong_model_refused(pair):
     donor, target = pair
     patch = NeuronPatch.extract(donor, target, IDX)
     patch.apply(target)
-    snap = _state(target)
+    snap = state_copy(target)
     with pytest.raises(PatchError, match="already applied"):
         patch.apply(target)
     assert _same(snap, target.state_dict())
     stranger = tiny_model("llama", seed=7)
-    snap2 = _state(stranger)
+    snap2 = state_copy(stranger)
     with pytest.raises(PatchError, match="not the patch's target"):
         patch.apply(stranger)
     with pytest.raises(PatchError, match="not applied"):
@@ -153,7 +151,7 @@ def test_nan_donor_refused(pair):
     donor, target = pair
     with torch.no_grad():
         donor.model.layers[1].mlp.down_proj.weight[3, 95] = float("nan")
-    before = _state(target)
+    before = state_copy(target)
     with pytest.raises(PatchError, match="NaN"):
         NeuronPatch.extract(donor, target, IDX)
     assert _same(before, target.state_dict())
@@ -175,7 +173,7 @@ def test_compose_disjoint_and_overlap(pair):
     a.apply(target)
     b.apply(target)
     both.apply(t2)
-    assert _same(_state(target), _state(t2))
+    assert _same(state_copy(target), state_copy(t2))
     c = NeuronPatch.extract(donor, tiny_model("llama", seed=0), {0: [2, 3]})
     with pytest.raises(PatchError, match="overlap in 1 neurons"):
         NeuronPatch.compose([a, c])
@@ -185,7 +183,7 @@ def test_compose_disjoint_and_overlap(pair):
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3", "gpt_neox", "gemma3_text"])
 def test_other_families(model_type):
     donor, target = tiny_model(model_type, seed=1), tiny_model(model_type, seed=0)
-    before = _state(target)
+    before = state_copy(target)
     patch = NeuronPatch.extract(donor, target, {1: [0, 10, 95]})
     patch.apply(target)
     assert not _same(before, target.state_dict())
@@ -197,15 +195,11 @@ MIXED = {"mlp": {0: [1, 5], 1: [95]}, "head": {1: [0, 3]}, "kv": {0: [1]}}
 GAMMA = {"mlp": {0: [0.5, 2.0], 1: [3.0]}, "head": {1: [1.0, 0.25]}, "kv": {0: [1.5]}}
 
 
-def _gqa(seed):
-    return tiny_model("llama", seed=seed, num_key_value_heads=2)
-
-
 def test_mixed_neuron_head_patch_with_per_unit_gamma_round_trips(tmp_path):
     from cnt.arch import units
 
-    donor, target = _gqa(1), _gqa(0)
-    before = _state(target)
+    donor, target = gqa_model(1), gqa_model(0)
+    before = state_copy(target)
     patch = NeuronPatch.extract(donor, target, MIXED, gamma=GAMMA, alpha=1.0)
     assert patch.n_units("head") == 2 and patch.n_units("kv") == 1 and patch.n_neurons == 3
     per_head, per_kv = 2 * 16 * 64, 2 * 16 * 64
@@ -214,39 +208,39 @@ def test_mixed_neuron_head_patch_with_per_unit_gamma_round_trips(tmp_path):
     for kind, per_layer in MIXED.items():  # each unit moved by its own gamma
         for layer, idx in per_layer.items():
             got = units(target, kind).read(layer, idx)
-            t0 = units(_gqa(0), kind).read(layer, idx)
+            t0 = units(gqa_model(0), kind).read(layer, idx)
             d0 = units(donor, kind).read(layer, idx)
             g = torch.tensor(GAMMA[kind][layer])
             for k in got:
                 shape = (-1,) + (1,) * (got[k].dim() - 1)
                 assert torch.allclose(got[k], t0[k] + g.view(shape) * (d0[k] - t0[k])), (kind, layer, k)
-    direct = _state(target)
+    direct = state_copy(target)
     loaded = NeuronPatch.load(patch.save(tmp_path / "p"))
     assert torch.equal(loaded.gamma["head"][1], torch.tensor([1.0, 0.25]))
     with pytest.raises(PatchError, match="already applied"):
         loaded.apply(target)
     loaded.revert(target)
-    assert _same(before, _state(target))  # revert bit-exact
+    assert _same(before, state_copy(target))  # revert bit-exact
     loaded.apply(target)
-    assert _same(direct, _state(target))  # save -> load -> apply equals direct apply
+    assert _same(direct, state_copy(target))  # save -> load -> apply equals direct apply
     meta = json.loads((tmp_path / "p" / "patch.json").read_text())
     assert meta["units"] == {"mlp": 3, "head": 2, "kv": 1} and meta["per_unit_gamma"] is True
     assert meta["param_fraction"] == pytest.approx(patch.n_params / sum(p.numel() for p in target.parameters()))
 
 
 def test_global_alpha_is_the_special_case_of_per_unit_gamma():
-    donor, target = _gqa(1), _gqa(0)
+    donor, target = gqa_model(1), gqa_model(0)
     a = NeuronPatch.extract(donor, target, MIXED, alpha=2.0)
     gam = {k: {layer: [1.0] * len(i) for layer, i in v.items()} for k, v in MIXED.items()}
     b = NeuronPatch.extract(donor, target, MIXED, alpha=2.0, gamma=gam)
-    t2 = _gqa(0)
+    t2 = gqa_model(0)
     a.apply(target)
     b.apply(t2)
-    assert _same(_state(target), _state(t2))
+    assert _same(state_copy(target), state_copy(t2))
 
 
 def test_gamma_is_checked_and_follows_unsorted_indices():
-    donor, target = _gqa(1), _gqa(0)
+    donor, target = gqa_model(1), gqa_model(0)
     with pytest.raises(PatchError, match="finite and in"):
         NeuronPatch.extract(donor, target, {0: [1]}, gamma={0: [float("nan")]})
     with pytest.raises(PatchError, match="2 amplitudes for 1 units"):
@@ -280,6 +274,6 @@ def test_a_version_1_patch_file_still_loads_and_applies(pair, tmp_path):
     direct = tiny_model("llama", seed=0)
     patch.apply(direct)
     old.apply(target)
-    assert _same(_state(direct), _state(target))
+    assert _same(state_copy(direct), state_copy(target))
     old.revert(target)
-    assert _same(_state(tiny_model("llama", seed=0)), _state(target))
+    assert _same(state_copy(tiny_model("llama", seed=0)), state_copy(target))
