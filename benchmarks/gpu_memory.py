@@ -123,7 +123,8 @@ def measure(shape: str, task: Task, tok, runs=RUNS) -> dict:
 def selected_units(scores, target) -> set:
     """The units of the 0.25%-of-the-weights subset, as hashable (kind, layer, index) triples."""
     sel, _ = scores.select(int(0.0025 * sum(p.numel() for p in target.parameters())))
-    return {(kind, layer, int(i)) for kind, layers in sel.items() for layer, idx in layers.items() for i in idx.tolist()}
+    return {(kind, layer, int(i)) for kind, layers in sel.items() for layer, idx in layers.items()
+            for i in idx.tolist()}
 
 
 def patch_round_trip(scores, donor, target) -> dict:
