@@ -120,9 +120,14 @@ def measure(shape: str, task: Task, tok, runs=RUNS) -> dict:
     return out
 
 
+def quarter_percent(scores, target):
+    """The subset of 0.25% of the target's weights, as :meth:`cnt.scores.NeuronScores.select` returns it."""
+    return scores.select(int(0.0025 * sum(p.numel() for p in target.parameters())))
+
+
 def selected_units(scores, target) -> set:
     """The units of the 0.25%-of-the-weights subset, as hashable (kind, layer, index) triples."""
-    sel, _ = scores.select(int(0.0025 * sum(p.numel() for p in target.parameters())))
+    sel, _ = quarter_percent(scores, target)
     return {(kind, layer, int(i)) for kind, layers in sel.items() for layer, idx in layers.items()
             for i in idx.tolist()}
 
@@ -131,7 +136,7 @@ def patch_round_trip(scores, donor, target) -> dict:
     """The subset at 0.25% of the weights, as a patch: applied, the target changes; reverted, bit-exact."""
     before = {k: v.clone() for k, v in target.state_dict().items()}
     n_weights = sum(p.numel() for p in target.parameters())
-    sel, gamma = scores.select(int(0.0025 * n_weights))
+    sel, gamma = quarter_percent(scores, target)
     patch = NeuronPatch.extract(donor, target, sel, gamma=gamma)
     patch.apply(target)
     changed = sum(not torch.equal(before[k], v) for k, v in target.state_dict().items())
@@ -167,8 +172,8 @@ def main(argv=None) -> None:
     result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": torch.cuda.get_device_name(),
               "torch": torch.__version__, "n_function": len(task.function), "n_utility": len(task.utility),
               "pairs": []}
+    runs = [("learned_mask", ("mlp",), v) for v in json.loads(args.variants)] if args.variants else RUNS[:args.runs]
     for shape in shapes:
-        runs = [("learned_mask", ("mlp",), v) for v in json.loads(args.variants)] if args.variants else RUNS[:args.runs]
         result["pairs"].append(measure(shape, task, tok, runs))
         atomic.write_json(args.out, result)  # each pair as it is measured: a run cut short keeps what it measured
     print(json.dumps(result, indent=1))

@@ -59,11 +59,9 @@ def _loss(task: Task, target, tokenizer, function, utility, autocast, micro_batc
 
 
 def default_micro_batch(device, batch_size: int) -> int:
-    """How many examples one backward pass of the mask takes: the whole minibatch on a GPU, 2 on a CPU.
-
-    Measured (papers/results/bench_gpu.json, ``mask_micro_batch``): on an H200 a SmolLM2-shaped pair locates in 34 s
-    at 8 against 125 s at 2 (the GPU waits on kernel launches at 2), peaking at 1.33x the two models' weights; an
-    8B-shaped pair in 41 s at 1.03x. On 2 CPU cores the step is compute-bound, and 2 keeps the peak low."""
+    """How many examples one backward pass of the mask takes: the whole minibatch on a GPU (which otherwise waits on
+    kernel launches; still within the 1.5x memory goal), 2 on a CPU (compute-bound there; 2 keeps the peak low).
+    Measurements: papers/METHOD.md, "On a CUDA device"; papers/results/bench_gpu.json."""
     return batch_size if str(device).startswith("cuda") else 2
 
 
