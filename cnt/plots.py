@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from . import atomic
 from .outcomes import gap_share, reported  # gap_share: also the notebooks' (plots.gap_share)
@@ -163,6 +164,7 @@ def layer_distribution(per_layer, n_layers: int | None = None, title: str = "tra
         counts = list(per_layer)
         n_layers = len(counts)
     ax.bar(range(n_layers), counts, color="C3")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers (18 layers gave ticks at 2.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
     ax.set_title(title)

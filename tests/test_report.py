@@ -80,6 +80,13 @@ def test_figures_from_json(tmp_path):
     assert all(p.stat().st_size > 5000 for p in paths)
 
 
+def test_the_layer_map_labels_whole_layers():
+    fig = plots.layer_distribution({str(i): i + 1 for i in range(18)}, 18)  # 18 layers: matplotlib would tick 2.5
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= 17]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
 def _drawn(fig) -> bool:
     """Whether every axis of a figure shows data (points, lines, bars, an image), not an empty frame."""
     return all(ax.collections or ax.lines or ax.patches or ax.images for ax in fig.axes)
