@@ -95,9 +95,25 @@ def best_budget(r: ApplicationResult, name: str = "cnt") -> MethodEntry | None:
     return max(pool, key=lambda e: (sign * e.score, -e.param_fraction))
 
 
+def at_budget(r: ApplicationResult, name: str, cnt: MethodEntry) -> MethodEntry | None:
+    """The entry of the per-budget method ``name`` (:data:`PER_BUDGET`) measured at the budget of the CNT entry
+    ``cnt``: the one whose setting records the same budget, or (results that did not record it) the one at the same
+    share of MLP neurons. None when the run measured ``name`` at no such budget (a CNT budget in weights that chose
+    heads moves fewer MLP neurons than random's at the same budget: the recorded budget, not the neurons, matches)."""
+    for e in r.entries(name):
+        budget = (e.setting or {}).get("budget")
+        if budget is not None and cnt.budget is not None:
+            if abs(budget - cnt.budget) <= 1e-9 * max(1.0, abs(budget)):
+                return e
+        elif (e.neuron_fraction is not None and cnt.neuron_fraction is not None
+              and round(e.neuron_fraction, 6) == round(cnt.neuron_fraction, 6)):
+            return e
+    return None
+
+
 def reported(r: ApplicationResult, name: str) -> MethodEntry | None:
     """The setting of method ``name`` the run reports: CNT's best budget (and each locator variant's: a method whose
-    entries are CNT budgets); random and weight-delta at the budget nearest to CNT's (in MLP neurons); any other
+    entries are CNT budgets); random and weight-delta at CNT's budget (:func:`at_budget`; else the one nearest in MLP neurons); any other
     method's first entry (its setting chosen on validation, or its one setting). None when the run has no entry of
     ``name``."""
     entries = r.entries(name)
@@ -107,5 +123,6 @@ def reported(r: ApplicationResult, name: str) -> MethodEntry | None:
         return best_budget(r, name)
     cnt = best_budget(r)
     if name in PER_BUDGET and cnt is not None and cnt.neuron_fraction is not None:
-        return min(entries, key=lambda x: abs((x.neuron_fraction or 0.0) - cnt.neuron_fraction))
+        return at_budget(r, name, cnt) or min(entries, key=lambda x: abs((x.neuron_fraction or 0.0)
+                                                                         - cnt.neuron_fraction))
     return entries[0]

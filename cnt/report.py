@@ -22,8 +22,8 @@ from .applications import APPLICATIONS, DEFAULT_FAMILY
 from .baselines import BASELINES as REGISTRY
 from .evaluate.paired import PairedTest, holm, paired_test
 from .evaluate.suite import get_profile
-from .outcomes import (best_budget, gap_share, past, reported, side_delta, side_effects, side_limits, utility_delta,
-                       utility_held, utility_kept, utility_tolerance)
+from .outcomes import (PER_BUDGET, at_budget, best_budget, gap_share, past, reported, side_delta, side_effects,
+                       side_limits, utility_delta, utility_held, utility_kept, utility_tolerance)
 from .plots import figure_plan
 from .results import ApplicationResult, MethodEntry
 from .stability import stabilities
@@ -112,11 +112,14 @@ def _summary_entry(r: ApplicationResult) -> dict:
                     "test": x["test"].to_dict() if x["test"] else None, "p_holm": x["p_holm"],
                     "utility_test": x["utility_test"].to_dict() if x["utility_test"] else None,
                     "utility_p_holm": x["utility_p_holm"]} for x in (compare_baselines(r) if r.entries("cnt") else [])]
+    per_budget = [{"budget": x["cnt"].budget, "neuron_fraction": x["fraction"], "beats": x["beats"],
+                   **{f"{n}_{k}": (x[f"{n}_{k}"].to_dict() if k == "test" and x.get(f"{n}_{k}") else x.get(f"{n}_{k}"))
+                      for n in PER_BUDGET for k in ("test", "p_holm")}} for x in neuron_level_table(r)]
     return {"target": r.target, "donor": r.donor, "metric": r.metric,
             "higher_is_goal": r.higher_is_goal, "target_score": r.target_score,
             "donor_score": r.donor_score,
             "target_utility": {u: r.target_utility.get(u) for u in ("mmlu", "nq_open", "perplexity")},
-            "methods": methods, "comparisons": comparisons}
+            "methods": methods, "comparisons": comparisons, "per_budget": per_budget}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -263,16 +266,53 @@ def compare_baselines(r: ApplicationResult) -> list[dict]:
 
 
 def neuron_level_table(r: ApplicationResult) -> list[dict]:
-    """Per budget: CNT's best variant, random (mean over seeds), weight-delta — and whether CNT beats both."""
+    """Per budget: CNT's best variant against random and weight-delta measured at the same budget
+    (:func:`cnt.outcomes.at_budget`), each on the same eval items (:func:`paired`, under ``<name>_test``), the
+    p-values Holm-adjusted across every comparison of the table (``<name>_p_holm``). ``beats``: True where CNT went
+    further than each baseline measured there with ``p_holm`` below :data:`SIGNIFICANCE`, False where it did not, None
+    where there is no verdict — no baseline at that budget, or one without per-item outcomes (no paired test)."""
     rows = []
-    rand = {round(e.neuron_fraction, 6): e for e in r.entries("random")}
-    wd = {round(e.neuron_fraction, 6): e for e in r.entries("weight_delta")}
     for e in r.entries("cnt"):
-        key = round(e.neuron_fraction, 6)
-        ra, w = rand.get(key), wd.get(key)
-        beats = all(_goal_better(r, e.score, x.score) for x in (ra, w) if x)
-        rows.append({"fraction": e.neuron_fraction, "cnt": e, "random": ra, "weight_delta": w, "beats": beats})
+        row = {"fraction": e.neuron_fraction, "cnt": e}
+        for name in PER_BUDGET:
+            row[name] = at_budget(r, name, e)
+            row[name + "_test"] = paired(row[name], e, r.metric, r) if row[name] is not None else None
+        rows.append(row)
+    adjusted = holm({(i, name): row[name + "_test"].p for i, row in enumerate(rows) for name in PER_BUDGET
+                     if row[name + "_test"] is not None})
+    for i, row in enumerate(rows):
+        verdicts = []
+        for name in (n for n in PER_BUDGET if row[n] is not None):
+            row[name + "_p_holm"] = p = adjusted.get((i, name))
+            verdicts.append(None if p is None else _goal_better(r, row["cnt"].score, row[name].score)
+                            and p < SIGNIFICANCE)
+        row["beats"] = None if not verdicts or None in verdicts else all(verdicts)
     return rows
+
+
+def beats_cell(row: dict) -> str:
+    """A :func:`neuron_level_table` row's verdict with its Holm-adjusted p-values, or why there is none."""
+    present = [n for n in PER_BUDGET if row[n] is not None]
+    if not present:
+        return "– (not measured at this budget)"
+    if row["beats"] is None:
+        return "– (no per-item outcomes: no paired test)"
+    ps = ", ".join(f"{n.replace('_', '-')} {row[n + '_p_holm']:.2g}" for n in present)
+    return f"{'yes' if row['beats'] else 'no'} (Holm p: {ps})"
+
+
+def beats_summary(rows: list[dict]) -> str:
+    """Whether CNT beat random and weight-delta at every budget of a run, by the paired verdicts of
+    :func:`neuron_level_table`, saying how many budgets had none."""
+    if not rows:
+        return "–"
+    yes, none = sum(x["beats"] is True for x in rows), sum(x["beats"] is None for x in rows)
+    if not any(x[n] is not None for x in rows for n in PER_BUDGET):
+        return "– (random and weight-delta not run)"
+    if none == len(rows):
+        return "– (no per-item outcomes: no paired test)"
+    verdict = "yes" if yes == len(rows) else f"no ({yes}/{len(rows)})"
+    return verdict + (f"; {none} of {len(rows)} budgets without a paired test" if none else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -420,8 +460,7 @@ def family_table(results: dict[str, ApplicationResult]) -> list[str]:
                  f"{_score(r, r.target_score)} | {_score(r, r.donor_score)} | "
                  + (f"{label}: {_score(r, h.score)} {_ci(r, h.ci)} | {_pct(_share(r, h), 0)} | "
                     f"{_fmt_delta(utility_delta(r, h))}" if h else "– | – | –")
-                 + f" | {mini_s} | " + (("yes" if all(x["beats"] for x in rows) else
-                                         f"no ({sum(x['beats'] for x in rows)}/{len(rows)})") if rows else "–") + " |")
+                 + f" | {mini_s} | {beats_summary(rows)} |")
     return L
 
 
@@ -481,7 +520,8 @@ def application_section(app: str, r: ApplicationResult, figures: str) -> list[st
             f"come from that run)" if r.torch_threads else "") + ".", ""]
     L += ["### CNT against random and weight-delta neurons at every budget", "",
           "| MLP neurons | CNT (" + ((r.entries("cnt")[0].variant or "") if r.entries("cnt") else "")
-          + ") | random (one draw, or mean ± sd over draws) | weight-delta | CNT beats both |", "|---|---|---|---|---|"]
+          + ") | random (one draw, or mean ± sd over draws) | weight-delta | CNT beats both (paired test) |",
+          "|---|---|---|---|---|"]
     for row in neuron_level_table(r):
         c, ra, w = row["cnt"], row["random"], row["weight_delta"]
         sd = (ra.score_sd or 0) if ra else 0
@@ -490,8 +530,7 @@ def application_section(app: str, r: ApplicationResult, figures: str) -> list[st
                  + ("–" if not ra else
                     f"{_score(r, ra.score)} ± {_score(r, sd) if r.metric != 'refusal_rate' else _pct(sd)} "
                     f"({draws} draws)" if draws > 1 else f"{_score(r, ra.score)} {_ci(r, ra.ci)}")
-                 + f" | {(_score(r, w.score) + ' ' + _ci(r, w.ci)) if w else '–'} | "
-                 f"{'yes' if row['beats'] else 'no'} |")
+                 + f" | {(_score(r, w.score) + ' ' + _ci(r, w.ci)) if w else '–'} | {beats_cell(row)} |")
     L += ["", "### Every method (reported setting; swept baselines chosen on validation)", "",
           "| method | setting | params changed | score | share of gap | utility change | wall time |",
           "|---|---|---|---|---|---|---|"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cnt import report
+from cnt import outcomes, report
 from cnt.evaluate import holm, mcnemar, paired_bootstrap, paired_test
 from cnt.results import ApplicationResult
 
@@ -96,3 +96,36 @@ def test_the_report_decides_baselines_by_paired_tests_and_refuses_a_verdict_with
     _, rep = report.write(folder / "results", folder / "REPORT.md")
     row = next(line for line in rep.read_text().splitlines() if line.startswith("| baselines:"))
     assert row.split(" | ")[-1].startswith(report.UNTESTED)
+
+
+def test_the_per_budget_verdict_against_random_and_weight_delta_comes_from_paired_tests():
+    """Each budget's 'CNT beats both' is a paired test against random and weight-delta measured at *that* budget
+    (matched by the recorded budget, not by MLP neurons, which heads make differ), Holm-adjusted across the table:
+    yes only when every test is significant in CNT's favour; no verdict without per-item outcomes or a baseline."""
+    d = _with_items(json.loads(FIXTURE.read_text()))
+    n = len(d["target_per_item"][d["metric"]])
+    cnt = d["methods"]["cnt"]
+    for e in cnt:  # CNT chose heads: fewer MLP neurons than random's at the same budget
+        e["neuron_fraction"] = e["budget"] * 0.8
+    for name in outcomes.PER_BUDGET:
+        d["methods"][name] = [{**json.loads(json.dumps(e)), "setting": {"budget": e["budget"]},
+                               "neuron_fraction": e["budget"]} for e in cnt]
+        for e in d["methods"][name]:  # the baselines refuse 6 of n: CNT (36 of n) beats them by 30 discordant items
+            e.update(score=6 / n, per_item={d["metric"]: [i < 6 for i in range(n)], "perplexity": [2.0] * n})
+    close = d["methods"]["random"][0]  # at the first budget random refuses 35: one discordant item, no verdict of "yes"
+    close.update(score=35 / n, per_item={d["metric"]: [i < 35 for i in range(n)], "perplexity": [2.0] * n})
+    rows = report.neuron_level_table(ApplicationResult.from_dict(d))
+    assert [r["random"].setting["budget"] for r in rows] == [e["budget"] for e in cnt]  # matched by budget
+    m = 2 * len(rows)
+    assert rows[1]["random_p_holm"] == pytest.approx(m * 2 / 2 ** 30, rel=1e-6)  # five equal p: each m·p (monotone)
+    assert rows[0]["random_p_holm"] == 1.0 and rows[0]["beats"] is False  # better on the point, not significant
+    assert all(r["beats"] is True for r in rows[1:])
+    assert report.beats_cell(rows[0]).startswith("no (Holm p: random 1") and report.beats_summary(rows).startswith("no (")
+    for e in d["methods"]["weight_delta"]:  # weight-delta without per-item outcomes: no verdict at any budget
+        e.pop("per_item")
+    rows = report.neuron_level_table(ApplicationResult.from_dict(d))
+    assert all(r["beats"] is None for r in rows) and report.beats_summary(rows) == "– (no per-item outcomes: no paired test)"
+    del d["methods"]["random"], d["methods"]["weight_delta"]
+    rows = report.neuron_level_table(ApplicationResult.from_dict(d))
+    assert all(r["beats"] is None for r in rows) and report.beats_cell(rows[0]) == "– (not measured at this budget)"
+    assert report.beats_summary(rows) == "– (random and weight-delta not run)"
