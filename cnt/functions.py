@@ -104,6 +104,10 @@ FALSE_REFUSAL_CONFIDENCE = 0.95
 # how near the perplexity limit a change's relative change on the 16-passage sample must lie to be read again on the
 # whole validation split (Validator): the sample sat at most 2.8 points from the whole split's (METHOD.md)
 PPL_SAMPLE_MARGIN = 0.03
+# the whole split's perplexity read stops once its relative change is decided against the limit at this many
+# standard errors (perplexity_change_decided), read PPL_CHUNK passages at a time (the split's order is a seeded draw)
+PPL_DECIDED_Z = 3.0
+PPL_CHUNK = 32
 
 
 def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed: int = 0) -> list[str]:
@@ -216,11 +220,23 @@ class Proxy:
         return out
 
     @torch.no_grad()
+    def whole_passages(self, model, tokenizer, stop: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+        """Each Wikipedia passage's negative log-likelihood and token count (rows ``[nll, tokens]``) over every
+        passage the proxy holds (:attr:`wiki`, then :attr:`wiki_more`; the first 128 tokens of each, as the sample
+        reads them). The 16 passages alone moved up to 2.8 points away from the whole split's relative change at the
+        same setting, which tracked eval's within 1.5 (bias removal, METHOD.md). ``stop``: called with the rows read
+        so far after each :data:`PPL_CHUNK` passages; once it returns True the rest is not read (fewer rows)."""
+        texts, rows = self.wiki + self.wiki_more, []
+        for i in range(0, len(texts), PPL_CHUNK):
+            rows += [(-lp, n) for lp, n in sequence_logprobs(model, tokenizer, texts[i:i + PPL_CHUNK], 8, 128)]
+            if stop is not None and i + PPL_CHUNK < len(texts) and stop(np.array(rows, dtype=float)):
+                break
+        return np.array(rows, dtype=float).reshape(-1, 2)
+
     def whole_perplexity(self, model, tokenizer) -> float:
-        """Perplexity over every Wikipedia passage the proxy holds (:attr:`wiki` and :attr:`wiki_more`). The 16
-        passages alone moved up to 2.8 points away from the whole split's relative change at the same setting, which
-        tracked eval's within 1.5 (bias removal, METHOD.md)."""
-        return perplexity(model, tokenizer, self.wiki + self.wiki_more, max_tokens=128, progress=False).value
+        """Perplexity over every Wikipedia passage the proxy holds (:meth:`whole_passages`, token-weighted)."""
+        rows = self.whole_passages(model, tokenizer)
+        return float(np.exp(rows[:, 0].sum() / rows[:, 1].sum()))
 
     @torch.no_grad()
     def whole_false_refusal(self, model, tokenizer, sample_rate: float,
@@ -265,6 +281,28 @@ def most_refused_passing(n: int, base_rate: float, max_increase: float, confiden
     passing = [r for r in range(n + 1) if false_refusal_bound({"false_refusal": r / n, "false_refusal_n": n},
                                                               confidence) - base_rate <= max_increase + 1e-9]
     return max(passing, default=-1)
+
+
+def perplexity_change_decided(change: np.ndarray, target: np.ndarray, max_increase: float,
+                              z: float = PPL_DECIDED_Z) -> bool:
+    """Whether the whole split's relative perplexity change is decided against ``max_increase`` by the passages read
+    so far: ``change`` holds the changed model's ``[nll, tokens]`` rows for the first passages read (the split's
+    seeded order), ``target`` the target's for every passage. The change in mean token NLL over the whole split,
+    δ = Σ d / T (d: a passage's NLL change, T: every passage's tokens), is the read passages' part plus the unread
+    ones', estimated at the read passages' rate δ_R with the error of a ratio estimate: the residuals d − δ_R·t
+    spread over the unread passages, plus the rate's own error carried over their tokens. Decided once log(1 +
+    ``max_increase``) lies more than ``z`` such standard errors from δ_R — the estimate then sits on the side the
+    whole split would (the sample's decisions at z = 3: METHOD.md). Never decided with fewer than two passages read
+    or with every passage read (then nothing is estimated)."""
+    n = len(change)
+    if n < 2 or n >= len(target):
+        return False
+    d, t = change[:, 0] - target[:n, 0], target[:n, 1]
+    rate = d.sum() / t.sum()
+    resid = d - rate * t
+    unread_t, total_t = target[n:, 1].sum(), target[:, 1].sum()
+    var = resid.var(ddof=1) * ((len(target) - n) + unread_t ** 2 * n / t.sum() ** 2)
+    return bool(abs(rate - np.log1p(max_increase)) > z * np.sqrt(var) / total_t)
 
 
 def judge(m: dict, base: dict, donor: dict, function: str, *, goal: float = 0.9, max_ppl_increase: float = 0.02,
@@ -357,6 +395,7 @@ class Validator:
         self.donor_model, self.target_model = donor, target
         self.fast = fast_dtype(model_device(target))
         self.work = deepcopy(target).to(self.fast)
+        self._target_passages: np.ndarray | None = None  # the target's [nll, tokens] per passage (whole split)
         if measured is None:
             with torch.no_grad(), inference_dtype(donor, self.fast) as fast_donor:
                 measured = self._measure(self.work, always=True), self._measure(fast_donor, always=True)
@@ -395,11 +434,16 @@ class Validator:
         others = {**m, "ppl": self.target["ppl"], "false_refusal": None}  # perplexity and false refusal set aside
         if not judge(others, self.target, self.donor, self.proxy.function, **self.rule)["utility_ok"]:
             return  # another check already rejects the change (broken text): the whole split cannot save it
-        if "ppl_whole" not in self.target:  # read once, on the unpatched target (never written)
+        if self._target_passages is None:  # read once, on the unpatched target (never written)
             with inference_dtype(self.target_model, self.fast) as target:
-                self.target["ppl_whole"] = self.proxy.whole_perplexity(target, self.tokenizer)
-        m["ppl"] = self.proxy.whole_perplexity(model, self.tokenizer) / self.target["ppl_whole"] * self.target["ppl"]
-        m["ppl_n"] += len(self.proxy.wiki_more)
+                self._target_passages = self.proxy.whole_passages(target, self.tokenizer)
+            self.target["ppl_whole"] = float(np.exp(self._target_passages[:, 0].sum()
+                                                    / self._target_passages[:, 1].sum()))
+        base, limit = self._target_passages, self.limits["max_ppl_increase"]
+        rows = self.proxy.whole_passages(model, self.tokenizer,
+                                         stop=lambda read: perplexity_change_decided(read, base, limit))
+        m["ppl"] = float(np.exp((rows[:, 0].sum() - base[:len(rows), 0].sum()) / rows[:, 1].sum())) * self.target["ppl"]
+        m["ppl_n"] = len(rows)
 
     @property
     def limits(self) -> dict:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -299,8 +300,9 @@ def test_judge_names_each_utility_check_that_failed():
 
 class _WikiProxy(functions.Proxy):
     """Bias removal's proxy with scripted perplexities: ``sample`` on its 4 passages, ``whole`` on all 16 of the
-    split for a change (the target's: 10 and 20 — different passages, different levels). Counts how often the whole
-    split is read."""
+    split for a change (the target's: 10 and 20 — different passages, different levels). The whole split's passages
+    come 4 at a time, each with its own level (±5%: paired with the target's) and a change-specific wobble (±2%), so
+    a change near the limit cannot be decided before the end. Counts how often the whole split is read."""
 
     def __init__(self):
         super().__init__("bias", wiki=["w"] * 4, wiki_more=["m"] * 12)
@@ -309,16 +311,25 @@ class _WikiProxy(functions.Proxy):
     def measure(self, model, tokenizer):
         return {"score": 70.0, "ppl": self.sample, "degenerate": 0.5 if self.broken and model is self.patched else 0.0}
 
-    def whole_perplexity(self, model, tokenizer):
+    def whole_passages(self, model, tokenizer, stop=None):
         self.whole_calls += 1
-        return self.whole if model is self.patched else 20.0  # the validator's working copy, or the target
+        change = model is self.patched  # the validator's working copy, or the target
+        level = np.log(self.whole if change else 20.0) + np.array([0.05, -0.05] * 8)
+        if change:
+            level += np.array([0.02, 0.02, -0.02, -0.02] * 4)
+        rows = np.stack([10 * level, np.full(16, 10.0)], axis=1)  # [nll, tokens]: 10 tokens a passage
+        for n in (4, 8, 12):
+            if stop is not None and stop(rows[:n]):
+                return rows[:n]
+        return rows
 
 
 def test_perplexity_is_judged_on_every_validation_passage_where_the_sample_cannot_decide(fixture):  # noqa: F811
     """Near the limit (within 3 points of +2%) the rule reads a change's perplexity on the whole validation split's
     Wikipedia passages, against the target's there (the 16-passage sample sat up to 2.8 points from the whole
     split's relative change, which tracked eval's within 1.5); elsewhere the sample decides, and where another check
-    already rejects the change. The target's whole-split value is read once, when first needed."""
+    already rejects the change. The target's whole-split value is read once, when first needed. The change's read
+    stops once the whole split's verdict is decided (:func:`functions.perplexity_change_decided`)."""
     donor, target, tok = fixture
     proxy = _WikiProxy()  # target: 10 on the sample, 20 on the whole split
     val = functions.Validator(donor, target, tok, proxy)
@@ -331,20 +342,59 @@ def test_perplexity_is_judged_on_every_validation_passage_where_the_sample_canno
     proxy.sample = 12.0  # +20%: far past; the sample decides
     far = val.assess(patch)
     assert far["failed"] == ["perplexity +20.0% (limit +2%)"] and proxy.whole_calls == 0
-    proxy.sample, proxy.whole = 10.4, 20.3  # +4% on the sample, +1.5% on the whole split: held
+    proxy.sample, proxy.whole = 10.4, 20.3  # +4% on the sample, +1.5% on the whole split: held, read to the end
     held = val.assess(patch)
     assert held["utility_ok"] and held["proxy"]["ppl_n"] == 16 and held["proxy"]["ppl_sample"] == 10.4
     assert held["proxy"]["ppl"] == pytest.approx(10.15) and proxy.whole_calls == 2  # the target's, then the change's
-    assert val.target["ppl_whole"] == 20.0
+    assert val.target["ppl_whole"] == pytest.approx(20.0 * np.exp(0.0))  # the ±5% levels average out
     proxy.sample, proxy.whole = 10.1, 20.6  # +1% on the sample, +3% on the whole split: broke
     broke = val.assess(patch)
     assert broke["failed"] == ["perplexity +3.0% (limit +2%)"] and proxy.whole_calls == 3  # the target's read once
+    proxy.sample, proxy.whole = 10.1, 21.2  # +6% on the whole split: decided before the end, as a full read would
+    early = val.assess(patch)
+    assert early["failed"] == ["perplexity +6.0% (limit +2%)"] and early["proxy"]["ppl_n"] == 4, early
     proxy.broken = True  # near the limit, but its answers break: rejected on the sample, the whole split not read
     rejected = val.assess(patch)
-    assert rejected["failed"] == ["degenerate +50.0 points (limit +5)"] and proxy.whole_calls == 3
+    assert rejected["failed"] == ["degenerate +50.0 points (limit +5)"] and proxy.whole_calls == 4
     assert rejected["proxy"]["ppl_n"] == 4
     real = functions.Proxy.for_function("bias", seed=0)  # the split: 16 passages, then every other one, disjoint
     assert len(real.wiki) == 16 and len(real.wiki_more) > 200 and not set(real.wiki) & set(real.wiki_more)
+
+
+def test_the_perplexity_change_is_decided_only_when_the_unread_passages_cannot_turn_it():
+    """Hand cases: a change read on a few passages is decided against the limit only when the limit lies more than
+    z standard errors (residual spread over the unread passages plus the rate's own error) from the read rate."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(40, 128, 200).astype(float)
+    target = np.stack([tokens * 3.0, tokens], axis=1)
+    at = lambda rate, wobble: np.stack([tokens * (3.0 + rate + wobble * rng.standard_normal(200)), tokens], axis=1)
+    decided = functions.perplexity_change_decided
+    clean = at(np.log(1.06), 0.0)  # +6% on every passage: decided as soon as two are read
+    assert not decided(clean[:1], target, 0.02) and decided(clean[:2], target, 0.02)
+    assert not decided(clean, target, 0.02)  # everything read: nothing to estimate, the caller has the whole value
+    near = at(np.log(1.021), 0.02)  # +2.1%, passages spread by ±2%: undecided on half the split
+    assert not decided(near[:100], target, 0.02)
+    noisy = at(np.log(1.06), 0.05)  # +6%, with a large spread: undecided at first, decided on more
+    assert not decided(noisy[:4], target, 0.02, z=3.0) and decided(noisy[:96], target, 0.02, z=3.0)
+    # with no spread at all the exact residual is zero: one more z cannot hold a decided change open
+    assert decided(clean[:2], target, 0.02, z=100.0)
+
+
+def test_the_whole_split_is_read_in_chunks_and_stops_when_told(fixture, monkeypatch):  # noqa: F811
+    """Proxy.whole_passages reads the passages in order, PPL_CHUNK at a time: the rows equal one full read's, and a
+    ``stop`` that says decided leaves the rest unread."""
+    _, target, tok = fixture
+    texts = ["The river runs north past the old mill.", "Parliament met in the spring of that year.",
+             "Its leaves are broad and dark green.", "The station opened in 1901.", "He wrote three novels.",
+             "The bridge was rebuilt after the flood."]
+    proxy = functions.Proxy("bias", wiki=texts[:2], wiki_more=texts[2:])
+    rows = proxy.whole_passages(target, tok)
+    whole = functions.perplexity(target, tok, texts, max_tokens=128, progress=False).value
+    assert rows.shape == (6, 2) and float(np.exp(rows[:, 0].sum() / rows[:, 1].sum())) == pytest.approx(whole, rel=1e-5)
+    monkeypatch.setattr(functions, "PPL_CHUNK", 2)
+    seen = []
+    part = proxy.whole_passages(target, tok, stop=lambda read: seen.append(len(read)) or len(read) >= 4)
+    assert seen == [2, 4] and np.allclose(part, rows[:4], rtol=1e-5)
 
 
 class _BenignProxy(functions.Proxy):
