@@ -425,9 +425,11 @@ class Validator:
         """For a change whose sample perplexity cannot decide — its relative change within :data:`PPL_SAMPLE_MARGIN`
         of the limit — the relative change on every Wikipedia passage of the validation split
         (:meth:`Proxy.whole_perplexity`, the change's and, once, the target's), carried onto the target's sample
-        value so that the rule compares like with like; elsewhere the sample decides (the whole split costs ~50× the
-        sample), and so it does where another check (broken text) already rejects the change. ``ppl_sample``: the
-        sample's value; ``ppl_n``: the passages the relative change was read on."""
+        value so that the rule compares like with like; elsewhere the sample decides (the whole split costs ~18× the
+        sample), and so it does where another check (broken text) already rejects the change. The change's read stops
+        once the whole split's verdict is decided (:func:`perplexity_change_decided`); its relative change is then the
+        one over the passages read. ``ppl_sample``: the sample's value; ``ppl_n``: the passages the relative change
+        was read on."""
         m["ppl_sample"], m["ppl_n"] = m["ppl"], len(self.proxy.wiki)
         if abs(m["ppl"] / self.target["ppl"] - 1 - self.limits["max_ppl_increase"]) > PPL_SAMPLE_MARGIN:
             return

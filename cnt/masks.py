@@ -41,7 +41,7 @@ import torch
 
 from .arch import check_compatible, total_params
 from .mixing import MixedModel, recomputed
-from .models import autocast_dtype, model_device
+from .models import autocast_dtype, is_cuda, model_device
 from .scores import NeuronScores, unit_costs
 from .tasks import Task, streamed_loss
 
@@ -62,7 +62,7 @@ def default_micro_batch(device, batch_size: int) -> int:
     """How many examples one backward pass of the mask takes: the whole minibatch on a GPU (which otherwise waits on
     kernel launches; still within the 1.5x memory goal), 2 on a CPU (compute-bound there; 2 keeps the peak low).
     Measurements: papers/METHOD.md, "On a CUDA device"; papers/results/bench_gpu.json."""
-    return batch_size if str(device).startswith("cuda") else 2
+    return batch_size if is_cuda(device) else 2
 
 
 def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = ("mlp",),

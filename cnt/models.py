@@ -210,12 +210,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def is_cuda(device=None) -> bool:
+    """Whether ``device`` (a string or ``torch.device``; None: :func:`default_device`) is a CUDA device."""
+    return torch.device(device if device is not None else default_device()).type == "cuda"
+
+
 def fast_dtype(device=None) -> torch.dtype:
     """The precision inference and autocast run in: bfloat16 where the hardware computes it natively (CUDA, and CPUs
     whose oneDNN reports bf16 support: AVX512-BF16 / AMX, about 2x faster than float32 there), else float32. Without
     native support bf16 is emulated: on an AMD EPYC (AVX2) greedy generation ran 2.5x slower in bf16 and an autocast
     forward + backward pass 20x slower than in float32 (papers/METHOD.md)."""
-    if str(device if device is not None else default_device()).startswith("cuda"):
+    if is_cuda(device):
         return torch.bfloat16
     try:
         native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -233,7 +238,7 @@ def autocast_dtype(autocast, device=None) -> torch.dtype | None:
 
 def _resolve_dtype(dtype, device: str) -> torch.dtype:
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        return torch.bfloat16 if is_cuda(device) else torch.float32
     if isinstance(dtype, str):
         try:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

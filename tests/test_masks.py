@@ -190,7 +190,8 @@ def test_mask_is_seeded_and_leaves_the_models_alone(tok):
     b = locate("learned_mask", task, donor, target, tok, **kw)
     assert torch.equal(a.flat(), b.flat()) and a.settings["losses"] == b.settings["losses"]
     assert a.settings["micro_batch"] == default_micro_batch("cpu", 8) == 2  # the device's default, recorded
-    assert default_micro_batch("cuda:0", 8) == 8  # a GPU takes the whole minibatch at once (bench_gpu.json)
+    # a GPU takes the whole minibatch at once (bench_gpu.json), named by a string or a torch.device
+    assert default_micro_batch("cuda:0", 8) == default_micro_batch(torch.device("cuda", 1), 8) == 8
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in target.parameters()) or \
         all(p.requires_grad for p in target.parameters())
