@@ -36,6 +36,7 @@ class SearchStep:
     false_refusal: float | None = None  # the rate measured on validation (where the function watches it), and
     false_refusal_n: int | None = None  # on how many benign prompts: how close to its limit a setting passed
     degenerate: float | None = None
+    ppl_n: int | None = None  # the Wikipedia passages its perplexity was read on (the sample, or more of the split)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def step_of(k: int, patch: NeuronPatch, verdict: dict) -> SearchStep:
     m = verdict["proxy"]
     return SearchStep(k, patch.alpha, m["score"], verdict["share"], m["ppl"], m.get("drift"), verdict["ok"],
                       verdict["utility_ok"], patch.param_fraction, verdict["failed"], m.get("false_refusal"),
-                      m.get("false_refusal_n"), m.get("degenerate"))
+                      m.get("false_refusal_n"), m.get("degenerate"), m.get("ppl_n"))
 
 
 class Trials:

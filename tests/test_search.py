@@ -353,6 +353,7 @@ def test_perplexity_is_judged_on_every_validation_passage_where_the_sample_canno
     proxy.sample, proxy.whole = 10.1, 21.2  # +6% on the whole split: decided before the end, as a full read would
     early = val.assess(patch)
     assert early["failed"] == ["perplexity +6.0% (limit +2%)"] and early["proxy"]["ppl_n"] == 4, early
+    assert search.step_of(1, patch, early).ppl_n == 4  # the search's record says how many passages it read
     proxy.broken = True  # near the limit, but its answers break: rejected on the sample, the whole split not read
     rejected = val.assess(patch)
     assert rejected["failed"] == ["degenerate +50.0 points (limit +5)"] and proxy.whole_calls == 4
