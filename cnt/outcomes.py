@@ -113,9 +113,9 @@ def at_budget(r: ApplicationResult, name: str, cnt: MethodEntry) -> MethodEntry 
 
 def reported(r: ApplicationResult, name: str) -> MethodEntry | None:
     """The setting of method ``name`` the run reports: CNT's best budget (and each locator variant's: a method whose
-    entries are CNT budgets); random and weight-delta at CNT's budget (:func:`at_budget`; else the one nearest in MLP neurons); any other
-    method's first entry (its setting chosen on validation, or its one setting). None when the run has no entry of
-    ``name``."""
+    entries are CNT budgets); random and weight-delta at CNT's budget (:func:`at_budget`; else the one nearest in MLP
+    neurons); any other method's first entry (its setting chosen on validation, or its one setting). None when the
+    run has no entry of ``name``."""
     entries = r.entries(name)
     if not entries:
         return None

@@ -311,7 +311,8 @@ def beats_summary(rows: list[dict]) -> str:
         return "– (random and weight-delta not run)"
     if none == len(rows):
         return "– (no per-item outcomes: no paired test)"
-    verdict = "yes" if yes == len(rows) else f"no ({yes}/{len(rows)})"
+    tested = len(rows) - none
+    verdict = "yes" if yes == tested else f"no ({yes}/{tested})"
     return verdict + (f"; {none} of {len(rows)} budgets without a paired test" if none else "")
 
 

@@ -121,7 +121,12 @@ def test_the_per_budget_verdict_against_random_and_weight_delta_comes_from_paire
     assert rows[0]["random_p_holm"] == 1.0 and rows[0]["beats"] is False  # better on the point, not significant
     assert all(r["beats"] is True for r in rows[1:])
     assert report.beats_cell(rows[0]).startswith("no (Holm p: random 1") and report.beats_summary(rows).startswith("no (")
-    for e in d["methods"]["weight_delta"]:  # weight-delta without per-item outcomes: no verdict at any budget
+    for e in d["methods"]["weight_delta"][:1]:  # weight-delta's first budget without per-item outcomes: no verdict
+        e.pop("per_item")                        # there; the others still count
+    rows = report.neuron_level_table(ApplicationResult.from_dict(d))
+    assert [r["beats"] for r in rows] == [None] + [True] * (len(rows) - 1)
+    assert report.beats_summary(rows) == f"yes; 1 of {len(rows)} budgets without a paired test"
+    for e in d["methods"]["weight_delta"][1:]:  # weight-delta without per-item outcomes: no verdict at any budget
         e.pop("per_item")
     rows = report.neuron_level_table(ApplicationResult.from_dict(d))
     assert all(r["beats"] is None for r in rows) and report.beats_summary(rows) == "– (no per-item outcomes: no paired test)"
