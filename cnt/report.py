@@ -445,10 +445,10 @@ def render(results: dict[str, ApplicationResult], figures: str = "figures", timi
 
 def family_table(results: dict[str, ApplicationResult]) -> list[str]:
     """One row per (family, application) run: target and donor, CNT's furthest budget, the minimal subset, and
-    whether CNT beat random and weight-delta neurons at every budget."""
+    whether CNT beat random and weight-delta neurons at every budget (:func:`beats_summary`)."""
     L = ["## Per model family", "",
          "| family | application | donor → target | target | donor | CNT (headline) | share of gap | utility change "
-         "| minimal subset | beats random & weight-delta at every budget |",
+         "| minimal subset | beats random & weight-delta at every budget (paired tests, Holm) |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.values():
         label, h = headline(r) or (None, None)
