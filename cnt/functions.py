@@ -177,7 +177,7 @@ class Proxy:
     n_generate: int = 48  # harmful prompts answered greedily to check the text is still language (``degenerate``)
     generate_tokens: int = 20
     benign_more: list[str] = field(default_factory=list)  # the rest of the split's benign prompts (whole_false_refusal)
-    wiki_more: list[str] = field(default_factory=list)  # the rest of the split's Wikipedia passages (whole_perplexity)
+    wiki_more: list[str] = field(default_factory=list)  # the rest of the split's Wikipedia passages (whole_passages)
 
     @classmethod
     def for_function(cls, function: str, seed: int = 0, n: int = 48, n_wiki: int = 16, n_benign: int = 40,
@@ -185,7 +185,7 @@ class Proxy:
         """``n`` harmful prompts; ``n_benign`` benign ones, a fifth of them over-refusal probes (as in the
         evaluation's false-refusal sample); with ``whole_benign``, every other benign and over-refusal prompt of the
         validation split in :attr:`benign_more`, for :meth:`whole_false_refusal`; ``n_wiki`` Wikipedia passages, and
-        with ``whole_wiki`` every other one of the split in :attr:`wiki_more`, for :meth:`whole_perplexity`."""
+        with ``whole_wiki`` every other one of the split in :attr:`wiki_more`, for :meth:`whole_passages`."""
         passages = data.texts(data.load("wiki", "validation", seed=seed), "text")
         wiki, wiki_more = passages[:n_wiki], (passages[n_wiki:] if whole_wiki else [])
         if function_spec(function).source == "stereoset":
@@ -232,11 +232,6 @@ class Proxy:
             if stop is not None and i + PPL_CHUNK < len(texts) and stop(np.array(rows, dtype=float)):
                 break
         return np.array(rows, dtype=float).reshape(-1, 2)
-
-    def whole_perplexity(self, model, tokenizer) -> float:
-        """Perplexity over every Wikipedia passage the proxy holds (:meth:`whole_passages`, token-weighted)."""
-        rows = self.whole_passages(model, tokenizer)
-        return float(np.exp(rows[:, 0].sum() / rows[:, 1].sum()))
 
     @torch.no_grad()
     def whole_false_refusal(self, model, tokenizer, sample_rate: float,
@@ -424,7 +419,7 @@ class Validator:
     def _whole_perplexity(self, model, m: dict) -> None:
         """For a change whose sample perplexity cannot decide — its relative change within :data:`PPL_SAMPLE_MARGIN`
         of the limit — the relative change on every Wikipedia passage of the validation split
-        (:meth:`Proxy.whole_perplexity`, the change's and, once, the target's), carried onto the target's sample
+        (:meth:`Proxy.whole_passages`, the change's and, once, the target's), carried onto the target's sample
         value so that the rule compares like with like; elsewhere the sample decides (the whole split costs ~18× the
         sample), and so it does where another check (broken text) already rejects the change. The change's read stops
         once the whole split's verdict is decided (:func:`perplexity_change_decided`); its relative change is then the
