@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from cnt import NeuronPatch, atomic
+from cnt.arch import total_params
 from cnt.locate import Example, Task, locate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def save_task(path: Path, task: Task) -> None:
 def measure(shape: str, task: Task, tok, runs=RUNS) -> dict:
     donor, target = build_pair(shape)
     weights = sum(p.numel() * p.element_size() for m in (donor, target) for p in m.parameters())
-    out = {"shape": shape, "params_each": sum(p.numel() for p in target.parameters()),
+    out = {"shape": shape, "params_each": total_params(target),
            "weights_mib": round(weights / MIB, 1), "runs": []}
     first = None  # the first run's 0.25% subset: later variants' overlap with it
     for scorer, kinds, settings in runs:
@@ -122,7 +123,7 @@ def measure(shape: str, task: Task, tok, runs=RUNS) -> dict:
 
 def quarter_percent(scores, target):
     """The subset of 0.25% of the target's weights, as :meth:`cnt.scores.NeuronScores.select` returns it."""
-    return scores.select(int(0.0025 * sum(p.numel() for p in target.parameters())))
+    return scores.select(int(0.0025 * total_params(target)))
 
 
 def selected_units(scores, target) -> set:
@@ -135,7 +136,7 @@ def selected_units(scores, target) -> set:
 def patch_round_trip(scores, donor, target) -> dict:
     """The subset at 0.25% of the weights, as a patch: applied, the target changes; reverted, bit-exact."""
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    n_weights = sum(p.numel() for p in target.parameters())
+    n_weights = total_params(target)
     sel, gamma = quarter_percent(scores, target)
     patch = NeuronPatch.extract(donor, target, sel, gamma=gamma)
     patch.apply(target)
