@@ -112,9 +112,13 @@ def _summary_entry(r: ApplicationResult) -> dict:
                     "test": x["test"].to_dict() if x["test"] else None, "p_holm": x["p_holm"],
                     "utility_test": x["utility_test"].to_dict() if x["utility_test"] else None,
                     "utility_p_holm": x["utility_p_holm"]} for x in (compare_baselines(r) if r.entries("cnt") else [])]
-    per_budget = [{"budget": x["cnt"].budget, "neuron_fraction": x["fraction"], "beats": x["beats"],
-                   **{f"{n}_{k}": (x[f"{n}_{k}"].to_dict() if k == "test" and x.get(f"{n}_{k}") else x.get(f"{n}_{k}"))
-                      for n in PER_BUDGET for k in ("test", "p_holm")}} for x in neuron_level_table(r)]
+    per_budget = []
+    for x in neuron_level_table(r):
+        row = {"budget": x["cnt"].budget, "neuron_fraction": x["fraction"], "beats": x["beats"]}
+        for n in PER_BUDGET:
+            row[n + "_test"] = x[n + "_test"].to_dict() if x[n + "_test"] else None
+            row[n + "_p_holm"] = x.get(n + "_p_holm")
+        per_budget.append(row)
     return {"target": r.target, "donor": r.donor, "metric": r.metric,
             "higher_is_goal": r.higher_is_goal, "target_score": r.target_score,
             "donor_score": r.donor_score,
