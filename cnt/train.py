@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from .logprobs import token_logprobs
 from .models import chat_texts, model_device, pad_right
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,12 +79,16 @@ def _batch(tokenizer, examples: Sequence[dict], max_tokens: int, device) -> dict
 
 
 def _mean_logprob(net, batch: dict) -> torch.Tensor:
-    """Per-sequence mean log-probability of the labelled tokens."""
-    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * keep).sum(-1) / keep.sum(-1).clamp(min=1)
+    """Per-sequence mean log-probability of the labelled tokens (:func:`cnt.logprobs.token_logprobs`: without the
+    batch's ``[positions, vocabulary]`` logits)."""
+    lp, keep = token_logprobs(net, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    return lp.sum(-1) / keep.sum(-1).clamp(min=1)
+
+
+def _mean_nll(net, batch: dict) -> torch.Tensor:
+    """Mean negative log-probability over every labelled token of the batch (a causal LM's own loss)."""
+    lp, keep = token_logprobs(net, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    return -lp.sum() / keep.sum().clamp(min=1)
 
 
 def _sides(prefs: Sequence[dict]) -> list[dict]:
@@ -97,7 +102,7 @@ def _loss(net, tokenizer, examples: Sequence[dict], config: "TrainConfig", devic
     prefs = [ex for ex in examples if "chosen" in ex]
     loss = torch.zeros((), device=device)
     if plain:
-        loss = loss + net(**_batch(tokenizer, plain, config.max_tokens, device)).loss * (len(plain) / len(examples))
+        loss = loss + _mean_nll(net, _batch(tokenizer, plain, config.max_tokens, device)) * (len(plain) / len(examples))
     if prefs:
         lp = _mean_logprob(net, _batch(tokenizer, _sides(prefs), config.max_tokens, device))
         margin = lp[:len(prefs)] - lp[len(prefs):]
@@ -134,7 +139,7 @@ def sft(model, tokenizer, examples: Sequence[dict], config: TrainConfig = TrainC
         peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                                                       target_modules=targets, bias="none"))
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        net = peft_model
+        net = peft_model.get_base_model()  # the model itself, its adapters injected and active
     else:
         emb = {id(model.get_input_embeddings().weight)}
         if model.get_output_embeddings() is not None:

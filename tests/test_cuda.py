@@ -16,7 +16,8 @@ from cnt.mixing import MixedModel
 from cnt.tiny import tiny_model, tiny_tokenizer
 
 from .helpers import gqa_model, state_copy
-from .test_masks import PROMPTS, reference_logprobs, recovers_the_planted_set
+from .test_logprobs import reference_logprobs
+from .test_masks import PROMPTS, recovers_the_planted_set
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -101,10 +102,10 @@ def test_the_learned_mask_on_cuda_recovers_the_planted_set(tok):
 def test_the_task_loss_in_bf16_on_cuda_equals_the_whole_softmax():
     """Under CUDA bf16 autocast the output head applied a slice of the vocabulary at a time gives the model's own
     bf16 logits' log-softmax, values and gradients."""
-    from cnt import tasks
+    from cnt import logprobs
 
     model = tiny_model("llama", seed=0, vocab_size=5000).to(CUDA)
-    assert tasks.output_head(model) is not None
+    assert logprobs.output_head(model) is not None
     gen = torch.Generator().manual_seed(0)
     inp = torch.randint(3, 4000, (3, 9), generator=gen)
     mask = torch.ones_like(inp)
@@ -113,7 +114,7 @@ def test_the_task_loss_in_bf16_on_cuda_equals_the_whole_softmax():
     lab[mask == 0], lab[:, :3] = -100, -100
     inp, lab, mask = inp.to(CUDA), lab.to(CUDA), mask.to(CUDA)
     values, grads = [], []
-    for fn in (tasks.token_logprobs, reference_logprobs):
+    for fn in (logprobs.token_logprobs, reference_logprobs):
         model.zero_grad()
         with torch.autocast(CUDA, dtype=torch.bfloat16):
             lp, _ = fn(model, inp, lab, mask)
@@ -152,7 +153,7 @@ def test_a_model_placed_by_accelerate_keeps_the_logits_path(tok):
     the same models placed plainly."""
     from accelerate import dispatch_model
 
-    from cnt.tasks import output_head
+    from cnt.arch import output_head
 
     plain = [gqa_model(s, CUDA, vocab_size=len(tok)) for s in (1, 0)]
     placed = [dispatch_model(gqa_model(s, "cpu", vocab_size=len(tok)), {"": 0}, force_hooks=True) for s in (1, 0)]

@@ -9,6 +9,7 @@ import torch
 
 from cnt import data
 from cnt import evaluate as E
+from cnt.tiny import tiny_model
 
 LABELS = Path(__file__).parent / "data" / "judge_labels.jsonl"
 
@@ -158,12 +159,11 @@ def test_proxy_agreement():
 
 def test_perplexity_of_uniform_model_is_vocab_size(smol):
     model, tok = smol
-    h = model.lm_head.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-    try:
-        m = E.perplexity(model, tok, ["The cat sat on the mat.", "Paris is the capital of France."], progress=False)
-    finally:
-        h.remove()
-    assert m.value == pytest.approx(model.config.vocab_size, rel=1e-4)
+    uniform = tiny_model("llama", seed=0, vocab_size=len(tok))
+    with torch.no_grad():
+        uniform.lm_head.weight.zero_()  # every logit 0 (the head is applied outside the model: a hook would not see it)
+    m = E.perplexity(uniform, tok, ["The cat sat on the mat.", "Paris is the capital of France."], progress=False)
+    assert m.value == pytest.approx(len(tok), rel=1e-4)
     real = E.perplexity(model, tok, data.texts(data.load("wiki", "eval", limit=4), "text"), progress=False)
     assert 1 < real.value < 200 and real.ci[0] <= real.value <= real.ci[1]
 

@@ -199,52 +199,6 @@ def test_mask_is_seeded_and_leaves_the_models_alone(tok):
         locate("learned_mask", task, donor, target, tok, levels=(2.0,), progress=False)
 
 
-def reference_logprobs(model, inp, lab, mask):
-    """The plain computation: every position's logits, one float32 log-softmax over the labelled ones."""
-    logits = model(input_ids=inp, attention_mask=mask, use_cache=False).logits[:, :-1]
-    tgt = lab[:, 1:]
-    keep = tgt != -100
-    picked = torch.log_softmax(logits[keep].float(), -1).gather(-1, tgt[keep][:, None]).squeeze(-1)
-    return torch.zeros(tgt.shape, device=picked.device).index_put((keep,), picked), keep
-
-
-@pytest.mark.parametrize("head_here", [True, False], ids=["head-in-vocabulary-slices", "model-logits"])
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
-def test_token_logprobs_keeps_only_labelled_positions_and_equals_the_whole_softmax(model_type, head_here,
-                                                                                    monkeypatch):
-    """Both ways of reading the labelled positions' log-probabilities — the output head applied to the decoder's
-    states a slice of the vocabulary at a time (a slice boundary inside the vocabulary), or the model asked for those
-    positions' logits (logits_to_keep) with the log-softmax in checkpointed chunks (a chunk boundary inside a row) —
-    give the same values and the same gradients, every weight's including the head's, as the whole softmax at once
-    (right padding, a row with one label)."""
-    from cnt import tasks
-
-    monkeypatch.setattr(tasks, "LOGSOFTMAX_ROWS", 3)
-    monkeypatch.setattr(tasks, "VOCAB_CHUNK", 7)
-    model = tiny_model(model_type, seed=0)
-    assert (tasks.output_head(model) is not None) and model.config.vocab_size % 7
-    if not head_here:
-        monkeypatch.setattr(tasks, "output_head", lambda m: None)
-    gen = torch.Generator().manual_seed(0)
-    inp = torch.randint(3, 100, (3, 9), generator=gen)
-    mask = torch.ones_like(inp)
-    mask[1, 7:], mask[2, 4:] = 0, 0
-    lab = inp.clone()
-    lab[mask == 0] = -100
-    lab[0, :3] = -100  # a prompt
-    lab[2, :3] = -100  # one labelled token
-    values, grads = [], []
-    for fn in (tasks.token_logprobs, reference_logprobs):
-        model.zero_grad()
-        lp, keep = fn(model, inp, lab, mask)
-        (-lp.sum()).backward()
-        values.append((lp.detach(), keep))
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.equal(values[0][1], values[1][1])
-    torch.testing.assert_close(values[0][0], values[1][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
-
-
 def test_padding_to_a_multiple_changes_no_loss(tok, monkeypatch):
     """Batches are padded to a multiple of tasks.PAD_MULTIPLE tokens (few distinct shapes: the allocator reuses
     them); the padding is masked and unlabelled, so the loss is the one of the tightest padding."""
@@ -260,29 +214,6 @@ def test_padding_to_a_multiple_changes_no_loss(tok, monkeypatch):
         monkeypatch.setattr(tasks, "PAD_MULTIPLE", 1)
         tight = tasks.task_loss(model, tok, ex, 3)
     torch.testing.assert_close(padded, tight, rtol=1e-5, atol=1e-5)
-
-
-def test_head_logprobs_under_bf16_autocast_equals_the_model_precision_softmax(monkeypatch):
-    """Under bf16 autocast the head's products run in bf16, as the model's own head would: the values and the
-    hidden states' gradient equal the whole bf16 logits' float32 log-softmax (vocabulary slices of 7 rows)."""
-    from cnt import tasks
-
-    monkeypatch.setattr(tasks, "VOCAB_CHUNK", 7)
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(40, 16, generator=gen)
-    labels = torch.tensor([0, 6, 7, 39, 20])
-    grads, values = [], []
-    for fn in (lambda h: tasks.head_logprobs(h, weight, labels),
-               lambda h: tasks._label_logprob(torch.nn.functional.linear(h, weight), labels)):
-        hidden = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lp = fn(hidden)
-        assert lp.dtype == torch.float32
-        (lp * torch.arange(1.0, 6.0)).sum().backward()
-        values.append(lp.detach())
-        grads.append(hidden.grad)
-    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], rtol=2e-2, atol=2e-2)  # bf16 products of the gradient
 
 
 def test_output_head_only_where_the_logits_are_the_plain_head():

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..logprobs import token_logprobs
 from ..models import chat_texts, generate, last_token_logits, model_device, pad_right
 from .records import Metric, bootstrap_ci, proportion
 
@@ -72,7 +73,8 @@ def _bos_id(tokenizer) -> int:
 def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 16, max_tokens: int | None = None,
                       progress: bool = False, desc: str = "score") -> list[tuple[float, int]]:
     """``(sum of token log-probabilities, number of tokens)`` of each text conditioned on the BOS token (right
-    padding, so positions are exact)."""
+    padding, so positions are exact). The real tokens' log-probabilities only, read without the batch's
+    ``[positions, vocabulary]`` logits (:func:`cnt.logprobs.token_logprobs`)."""
     from tqdm.auto import tqdm
 
     device = model_device(model)
@@ -84,13 +86,10 @@ def sequence_logprobs(model, tokenizer, texts: Sequence[str], batch_size: int = 
     batches = range(0, len(order), batch_size)
     for s in tqdm(batches, desc=desc, disable=not progress or len(batches) < 4, leave=False):
         idx = order[s:s + batch_size]
-        inp, _, mask = pad_right([ids[i] for i in idx], pad, device=device)
-        logits = model(input_ids=inp, attention_mask=mask).logits
-        for r, i in enumerate(idx):  # row by row, real tokens only: log p = logit − logsumexp (no full log_softmax)
-            n = len(ids[i]) - 1
-            row = logits[r, :n].float()
-            lp = row.gather(-1, inp[r, 1:n + 1, None]).squeeze(-1) - torch.logsumexp(row, -1)
-            out[i] = (float(lp.sum()), n)
+        inp, lab, mask = pad_right([ids[i] for i in idx], pad, [[-100] + ids[i][1:] for i in idx], device)
+        lp, _ = token_logprobs(model, inp, lab, mask)
+        for r, i in enumerate(idx):
+            out[i] = (float(lp[r].sum()), len(ids[i]) - 1)
     return out
 
 
