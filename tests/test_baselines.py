@@ -154,3 +154,20 @@ def test_a_new_baseline_is_one_registered_class(trio, monkeypatch):
 
     assert B.run("donor_copy", trio[2], trio[1]).params_changed > 0
     assert "donor_copy" in ApplicationConfig("disalignment", baselines=["donor_copy"]).baselines
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
+def test_ties_in_slices_equals_peft(density, monkeypatch):
+    """TIES with its top-k read as a threshold and its elementwise steps in slices (7 entries: boundaries inside
+    rows) gives peft's own merge exactly — every density, an all-zero task vector (a LoRA pair's embedding) among
+    them; a negative density is refused as peft refuses it."""
+    from peft.utils import merge_utils
+
+    monkeypatch.setattr(B, "MERGE_CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    for tv in ([torch.randn(5, 9, generator=gen), torch.randn(5, 9, generator=gen)],
+               [torch.zeros(6, 4), torch.randn(6, 4, generator=gen)]):
+        weights = torch.tensor([1.0, 0.7])
+        assert torch.equal(B._ties(tv, weights, density), merge_utils.ties(tv, weights, density))
+    with pytest.raises(ValueError, match="Density"):
+        B._ties(tv, weights, -0.1)
