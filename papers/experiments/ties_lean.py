@@ -1,6 +1,8 @@
 """TIES in slices (cnt.baselines._ties) against peft's merge_utils.ties on every tensor of a real zoo pair: how many
 entries differ (only ties of magnitude at a tensor's threshold can), and the two transients on gemma-3-270m's
-embedding-sized tensor. `python papers/experiments/ties_lean.py [donor target base]`."""
+embedding-sized tensor. `python papers/experiments/ties_lean.py [donor target base]`.
+Output (2026-12-04, late; smol-debiased, smol-biased, smollm2-135m-instruct): density 0.2: 234 of 162,826,560 entries
+differ, 8.7 CPU-s against peft's 11.9; density 0.5: 363, 8.5 against 18.4."""
 import json
 import sys
 import time
