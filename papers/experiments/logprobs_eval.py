@@ -1,19 +1,17 @@
 """Prototype: sequence log-probabilities through the sliced head (no [batch, positions, vocab] logits) vs the current."""
-import threading, time, sys, json
+import time, sys, json
 import numpy as np, torch
-from cnt import models, data, tasks
+from cnt import models, data
+try:
+    from cnt.logprobs import token_logprobs
+except ImportError:  # the code it first ran on (bf1972e) had it in cnt.tasks
+    from cnt.tasks import token_logprobs
 from cnt.zoo.store import load_model
 from cnt.evaluate import metrics
 
-def rss():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
-            return int(line.split()[1]) / 1024
-peak = [0.0]
-def watch():
-    while True:
-        peak[0] = max(peak[0], rss()); time.sleep(0.002)
-threading.Thread(target=watch, daemon=True).start()
+from peak_rss import PeakRSS
+
+sampler = PeakRSS()
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
 
 @torch.no_grad()
@@ -27,7 +25,7 @@ def sliced(model, tokenizer, texts, batch_size=16, max_tokens=None):
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         inp, lab, mask = models.pad_right([ids[i] for i in idx], pad, [[-100] + ids[i][1:] for i in idx], device)
-        lp, keep = tasks.token_logprobs(model, inp, lab, mask)
+        lp, keep = token_logprobs(model, inp, lab, mask)
         for r, i in enumerate(idx):
             out[i] = (float(lp[r].double().sum()), int(keep[r].sum()))
     return out
@@ -41,9 +39,9 @@ with models.inference_dtype(model, models.fast_dtype()) as m:
     sents = [r[k] for r in recs for k in ("stereotype", "anti_stereotype", "unrelated")]
     for label, args in [("ppl", (texts, 8, 256)), ("stereoset", (sents, 32, None))]:
         for impl, fn in [("whole", metrics.sequence_logprobs), ("sliced", sliced), ("whole2", metrics.sequence_logprobs), ("sliced2", sliced)]:
-            models.release_freed_memory(); b = rss(); peak[0] = b; t = time.process_time()
+            models.release_freed_memory(); b = sampler.start(); t = time.process_time()
             r = fn(m, tok, *args)
-            res[label, impl] = (np.array(r), round(time.process_time() - t, 2), round(peak[0] - b))
+            res[label, impl] = (np.array(r), round(time.process_time() - t, 2), round(sampler.peak - b))
             print(label, impl, res[label, impl][1:], flush=True)
         a, b_ = res[label, "whole"][0], res[label, "sliced"][0]
         print(label, "max |Δ sum lp|", float(np.abs(a[:, 0] - b_[:, 0]).max()), "rel", float(np.abs(a[:, 0] - b_[:, 0]).max() / np.abs(a[:, 0]).max()), "same n", bool((a[:, 1] == b_[:, 1]).all()))

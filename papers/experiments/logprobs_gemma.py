@@ -1,25 +1,19 @@
 """Peak resident memory, gemma: SFT reference steps (donor's recipe), stereoset, perplexity."""
-import threading, time, sys, json, dataclasses, copy
+import time, sys, json, dataclasses, copy
 import torch
 from cnt import zoo, models, data
 from cnt.zoo.store import load_model
 from cnt.train import sft
 from cnt.evaluate import metrics
 
-def rss():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmRSS'):
-            return int(line.split()[1]) / 1024
-peak = [0.0]
-def watch():
-    while True:
-        peak[0] = max(peak[0], rss()); time.sleep(0.002)
-threading.Thread(target=watch, daemon=True).start()
+from peak_rss import PeakRSS
+
+sampler = PeakRSS()
 torch.set_num_threads(1)
 out = {}
 def measure(label, fn):
-    models.release_freed_memory(); b = rss(); peak[0] = b; t = time.process_time(); r = fn()
-    out[label] = dict(s=round(time.process_time() - t, 1), base=round(b), peak_over_base=round(peak[0] - b)); print(label, out[label], flush=True)
+    models.release_freed_memory(); b = sampler.start(); t = time.process_time(); r = fn()
+    out[label] = dict(s=round(time.process_time() - t, 1), base=round(b), peak_over_base=round(sampler.peak - b)); print(label, out[label], flush=True)
     return r
 base, tok = load_model("gemma-3-270m", dtype="float32", device="cpu")
 target, _ = load_model("gemma-biased", dtype="float32", device="cpu")
