@@ -169,6 +169,13 @@ def test_reproduce_runs_a_grid_beside_the_notebooks_in_one_invocation(tmp_path, 
     assert timings["last_invocation"]["grids"] == {str(seeds): {"disalignment.seed1": "done"}}
     assert timings["last_full_invocation"] == timings["last_invocation"]
     assert timings["last_invocation"]["seconds"] >= timings["grid"]["disalignment.seed1"]["seconds"]
+    # the grid's executed notebook has its entry beside the default one's, saying how it ran (not written by hand)
+    entry = timings["notebooks"]["01_safety_disalignment.seed1.ipynb"]
+    run = timings["grid"]["disalignment.seed1"]
+    assert entry["parameters"] == run["parameters"] and entry["parameters"]["seed"] == 1
+    assert entry["seconds"] == run["seconds"] and entry["when"] == run["when"]
+    assert entry["via"].startswith("cnt reproduce --grid (local backend, -j 1,")
+    assert set(timings["notebooks"]) == {"01_safety_disalignment.ipynb", "01_safety_disalignment.seed1.ipynb"}
 
     executed = (runs / "01_safety_disalignment.seed1.ipynb").stat().st_mtime_ns
     assert main([*common, "--with-grid", str(seeds)]) == 0
