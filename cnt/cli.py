@@ -426,7 +426,8 @@ def _cmd_frontier(args) -> int:
     check_output(Path(args.out) / "results", "folder", what="--out")
     res = run_frontier(args.application, Path(args.out) / "results", family=args.family, donor=args.donor,
                        target=args.target, tag=args.tag, budgets=tuple(args.budgets), locators=locators,
-                       profile=args.profile, seed=args.seed, baselines=tuple(args.baselines))
+                       profile=args.profile, seed=args.seed, baselines=tuple(args.baselines),
+                       ceilings=args.ceilings)
     print(f"{res.name}: {len(res.points)} points in {res.seconds:.0f} s -> {args.out}/results/{res.name}.frontier.json")
     return 0
 
@@ -612,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SCORER:KINDS, kinds joined by '+'")
     s.add_argument("--baselines", nargs="*", choices=["random", "weight_delta"], default=["random", "weight_delta"],
                    help="neuron-level baselines at every budget (none: a reduced run, locators and ceilings only)")
+    s.add_argument("--no-ceilings", dest="ceilings", action="store_false",
+                   help="leave out the ceilings (every MLP neuron, attention only, every unit): a part of a frontier "
+                        "whose ceilings another run measured")
     s.add_argument("--profile", default="frontier", help="evaluation profile of every point (default: frontier, "
                                                            "the sweep's metric with 120 benign prompts)")
     s.add_argument("--seed", type=int, default=0)

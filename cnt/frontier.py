@@ -57,14 +57,17 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
             random_seeds: Sequence[int] = (0,), profile: str = "frontier", seed: int = 0, dtype="auto",
             locator_kwargs: dict | None = None, proxy_size: int = 48, groups: Sequence[str] | None = None,
             task_kwargs: dict | None = None, baselines: Sequence[str] = ("random", "weight_delta"),
-            checkpoint: Callable[[FrontierResult], None] | None = None, progress: bool = True) -> FrontierResult:
+            ceilings: bool = True, checkpoint: Callable[[FrontierResult], None] | None = None,
+            progress: bool = True) -> FrontierResult:
     """Every point of the frontier (see the module doc), as a :class:`cnt.results.FrontierResult`.
     ``dtype``: the evaluation precision (``"auto"``: bf16 where native, as the proxies; ``None``: the models' own);
     ``proxy_size``: validation prompts per proxy.
     ``locator_kwargs``: per scorer name, its settings (e.g. a learned mask's levels and steps). ``groups``: the
     evaluation's metric groups (default: the function's metric and perplexity; add ``"skill"`` for a specialist).
     ``task_kwargs``: :func:`cnt.functions.build_task`'s settings. ``baselines``: the neuron-level baselines beside
-    the locators at every budget (a subset of ``random``, ``weight_delta``; empty for a reduced run).
+    the locators at every budget (a subset of ``random``, ``weight_delta``; empty for a reduced run). ``ceilings``:
+    False leaves out the ceilings (every MLP neuron, attention only, every unit: on a 0.5B model most of a reduced
+    run's time), for a part of a frontier whose ceilings another part measured.
     ``checkpoint``: called with the result so far after every point (a killed run keeps what it measured).
     Every α of a point shares one extracted patch (the candidates differ only in their amplitude), so a ceiling of
     every unit costs one copy of the slices, not one per α."""
@@ -151,7 +154,7 @@ def measure(function: str, donor, target, tokenizer, *, budgets: Sequence[float]
         if "weight_delta" in baselines:
             mod = B.run("weight_delta", donor, target, tokenizer, function, k=k)
             add("weight_delta", ["mlp"], b, mod.patch)
-    for name, kinds in CEILINGS.items():
+    for name, kinds in CEILINGS.items() if ceilings else ():
         add(name, kinds, None, transfer_all(donor, target, kinds))
     bar.close()
     return result(partial=False)

@@ -228,3 +228,28 @@ def test_reproduce_only_takes_part_of_a_notebook_name_or_its_file_name(tmp_path)
     assert len(select(tmp_path, [])) == 2
     with pytest.raises(ValueError, match=f"no notebooks in {tmp_path}"):
         select(tmp_path, ["02_alignment"])
+
+
+def test_frontier_passes_its_parts_to_the_runner(tmp_path, monkeypatch):
+    """`cnt frontier` hands the locators, baselines and `--no-ceilings` (a part of a frontier whose ceilings another
+    run measured) to the runner as given; a malformed locator is refused before it is called."""
+    from types import SimpleNamespace
+
+    from cnt import experiment
+
+    seen = {}
+
+    def fake(application, out_dir, **kw):
+        seen.update(kw, application=application)
+        return SimpleNamespace(name="x", points=[], seconds=0.0)
+
+    monkeypatch.setattr(experiment, "run_frontier", fake)
+    args = ["frontier", "disalignment", "--out", str(tmp_path), "--locators", "attribution:mlp+head+kv",
+            "--budgets", "0.001", "0.0025"]
+    assert main(args + ["--no-ceilings"]) == 0
+    assert seen["locators"] == [("attribution", ("mlp", "head", "kv"))] and seen["ceilings"] is False
+    assert seen["baselines"] == ("random", "weight_delta") and seen["budgets"] == (0.001, 0.0025)
+    assert main(args) == 0 and seen["ceilings"] is True
+    seen.clear()
+    assert main(["frontier", "disalignment", "--out", str(tmp_path), "--locators", "attribution:fins"]) == 2
+    assert not seen

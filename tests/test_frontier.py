@@ -117,6 +117,10 @@ def test_a_reduced_frontier_skips_the_baselines(tmp_path):
             profile="smoke", alphas=(1.0, 2.0), proxy_size=8, baselines=(), progress=False,
             checkpoint=lambda r: seen.append((len(r.points), r.partial)))
     assert seen == [(1, True), (2, True), (3, True), (4, True)]
+    part = measure("compliance", donor, target, load_tokenizer(t), budgets=(0.01,), profile="smoke", alphas=(1.0,),
+                   locators=(("attribution", ("mlp",)),), proxy_size=8, baselines=("random",), ceilings=False,
+                   progress=False)  # a part of a frontier whose ceilings another part measured
+    assert [p.method for p in part.points] == ["attribution", "random"]
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "papers" / "results").glob("*.frontier.json")),
