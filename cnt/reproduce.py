@@ -136,15 +136,13 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     runs.mkdir(parents=True, exist_ok=True)
     timings_path = runs / "timings.json"
     previous = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    timings = previous.get("notebooks", {})  # notebooks not run this time keep their last timing
-
-    ran: set[str] = set()  # the notebooks this invocation executed (a grid below writes its runs' entries itself)
+    before = previous.get("notebooks", {})  # the last timing of each notebook: the longest start first
+    ran: dict[str, dict] = {}  # this invocation's notebooks (a grid below writes its runs' entries itself)
 
     def run(book: Path) -> None:
         name, seconds, used = execute(book, runs, {"output_dir": str(papers), **extra}, kernel=kernel,
                                       progress=progress and jobs == 1)
-        ran.add(name)
-        timings[name] = {"seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        ran[name] = {"seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          "parameters": {k: v for k, v in used.items() if k != "output_dir"}, "jobs": jobs}
 
     if jobs == 1:
@@ -153,7 +151,7 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
     else:  # side by side, longest first
         from concurrent.futures import ThreadPoolExecutor
 
-        books.sort(key=lambda b: -timings.get(b.name, {}).get("seconds", 0))
+        books.sort(key=lambda b: -before.get(b.name, {}).get("seconds", 0))
         with _threads_per_job(jobs), ThreadPoolExecutor(jobs) as pool:
             for f in [pool.submit(run, b) for b in books]:
                 f.result()  # the first failure is raised once every notebook has finished
@@ -163,7 +161,7 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
                                     jobs=jobs, retries=retries, kernel=kernel, progress=progress, write_report=False))
     total = round(time.time() - t_all, 1)
     current = json.loads(timings_path.read_text()) if timings_path.is_file() else {}  # a grid's records since
-    timings = {**timings, **current.get("notebooks", {}), **{k: timings[k] for k in ran}}
+    timings = {**current.get("notebooks", {}), **ran}  # notebooks not run this time keep their last timing
     record = {**current, "notebooks": dict(sorted(timings.items())),
               "sum_of_latest_seconds": round(sum(v["seconds"] for k, v in timings.items()  # default runs only
                                                  if (nb_dir / k).is_file()), 1),
@@ -238,10 +236,10 @@ class LocalBackend:
     def submit(self, run, notebook: str, kernel: str):
         return self.pool.submit(execute_run, notebook, run.name, run.parameters, kernel=kernel)
 
-    def how(self, run) -> str:
-        """How ``run`` was executed, in words, for its ``notebooks`` entry in ``timings.json``."""
-        return f"cnt reproduce --grid (local backend, -j {self.jobs}, {_threads_per_job(self.jobs).threads} torch " \
-               f"thread(s) each)"
+    def how(self, run) -> dict:
+        """How ``run`` was executed, for its ``notebooks`` entry in ``timings.json``."""
+        return {"jobs": self.jobs, "via": f"cnt reproduce --grid (local backend, -j {self.jobs}, "
+                                          f"{_threads_per_job(self.jobs).threads} torch thread(s) each)"}
 
     def wait(self, pending: list) -> tuple[list, list]:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -294,10 +292,10 @@ class RayBackend:
         return self.task.options(**opts).remote(notebook, run.name, run.parameters, threads=cpus, kernel=kernel)
 
     @staticmethod
-    def how(run) -> str:
-        """How ``run`` was executed, in words, for its ``notebooks`` entry in ``timings.json``."""
-        return f"cnt reproduce --grid (ray backend, {int(run.resources.get('cpus') or 1)} CPU(s) and torch thread(s), " \
-               f"{run.resources.get('gpus') or 0} GPU(s))"
+    def how(run) -> dict:
+        """How ``run`` was executed, for its ``notebooks`` entry in ``timings.json``."""
+        return {"via": f"cnt reproduce --grid (ray backend, {int(run.resources.get('cpus') or 1)} CPU(s) and torch "
+                       f"thread(s), {run.resources.get('gpus') or 0} GPU(s))"}
 
     def wait(self, pending: list) -> tuple[list, list]:
         import ray
@@ -374,8 +372,7 @@ def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = 
         timings.setdefault("grid", {})[run.name] = entry
         if entry["state"] == "done":  # the executed notebook's entry, as make reproduce writes its own
             timings.setdefault("notebooks", {})[run_name(Path(run.notebook), run.parameters)] = {
-                "seconds": entry["seconds"], "when": entry["when"], "parameters": run.parameters,
-                **({"jobs": impl.jobs} if isinstance(impl, LocalBackend) else {}), "via": impl.how(run)}
+                "seconds": entry["seconds"], "when": entry["when"], "parameters": run.parameters, **impl.how(run)}
             timings["notebooks"] = dict(sorted(timings["notebooks"].items()))
         atomic.write_json(timings_path, timings)
         states[run.name] = entry
