@@ -165,6 +165,7 @@ def layer_distribution(per_layer, n_layers: int | None = None, title: str = "tra
         n_layers = len(counts)
     ax.bar(range(n_layers), counts, color="C3")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers (18 layers gave ticks at 2.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # and so are counts (a 10-neuron patch gave ticks at 0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons")
     ax.set_title(title)

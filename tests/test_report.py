@@ -80,11 +80,15 @@ def test_figures_from_json(tmp_path):
     assert all(p.stat().st_size > 5000 for p in paths)
 
 
-def test_the_layer_map_labels_whole_layers():
+def test_the_layer_map_labels_whole_layers_and_whole_counts():
     fig = plots.layer_distribution({str(i): i + 1 for i in range(18)}, 18)  # 18 layers: matplotlib would tick 2.5
     fig.canvas.draw()
     ticks = [t for t in fig.axes[0].get_xticks() if 0 <= t <= 17]
     assert ticks and all(float(t).is_integer() for t in ticks)
+    fig = plots.layer_distribution({"13": 3, "15": 1, "19": 2}, 24)  # few neurons: matplotlib would tick 0.5
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_yticks() if 0 <= t <= 3]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
 
 
 def _drawn(fig) -> bool:
