@@ -8,8 +8,8 @@ A *neuron* is one unit of an MLP's intermediate layer: neuron ``k`` of layer ``l
 * gated MLPs (Llama, Mistral, Qwen2/3, Gemma 1/2/3): row ``k`` of ``gate_proj`` and ``up_proj`` (and entry ``k`` of
   their biases, where ``mlp_bias=True``), column ``k`` of ``down_proj`` (with ``gate_up_proj`` fused, as in Phi-3, gate
   row ``k`` and up row ``I + k``);
-* plain MLPs (GPT-2, GPT-J, GPT-NeoX): the ``k``-th output of the input projection (weight and bias) and the ``k``-th input
-  of the output projection. GPT-2's ``Conv1D`` stores weights transposed relative to ``nn.Linear``.
+* plain MLPs (GPT-2, GPT-J, GPT-NeoX): the ``k``-th output of the input projection (weight and bias) and the ``k``-th
+  input of the output projection. GPT-2's ``Conv1D`` stores weights transposed relative to ``nn.Linear``.
 
 Attention is cut into two more kinds of unit (:class:`AttentionUnits`), read from each model's config:
 
@@ -85,7 +85,8 @@ def _separate_qkvo(q: str, k: str, v: str, o: str, *, biases: bool = True) -> tu
 
 
 _LLAMA_ATTN = _separate_qkvo("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-_PHI3_ATTN = (HeadSlot("q", "head", "self_attn.qkv_proj", "weight", 0), HeadSlot("o", "head", "self_attn.o_proj", "weight", 1),
+_PHI3_ATTN = (HeadSlot("q", "head", "self_attn.qkv_proj", "weight", 0),
+              HeadSlot("o", "head", "self_attn.o_proj", "weight", 1),
               HeadSlot("k", "kv", "self_attn.qkv_proj", "weight", 0, (1, 0, 0)),
               HeadSlot("v", "kv", "self_attn.qkv_proj", "weight", 0, (1, 1, 0)))
 _GPT2_ATTN = (HeadSlot("q", "head", "attn.c_attn", "weight", 1), HeadSlot("q_bias", "head", "attn.c_attn", "bias", 0),
@@ -227,7 +228,8 @@ class ArchFingerprint:
         att = d.get("attention")
         model_type = d["model_type"] if "model_type" in d else d["family"]  # "family": what files before 0.2 wrote
         return cls(model_type, int(d["n_layers"]), int(d["hidden_size"]),
-                   tuple(int(x) for x in d["intermediate_sizes"]), tuple(int(x) for x in att) if att is not None else None)
+                   tuple(int(x) for x in d["intermediate_sizes"]),
+                   tuple(int(x) for x in att) if att is not None else None)
 
     def __str__(self) -> str:
         inter = set(self.intermediate_sizes)

@@ -9,7 +9,7 @@ parameters; an unknown setting is refused by name), the grid an application swee
 :class:`~cnt.transfer.NeuronPatch` where it is neuron-level — and the number of parameters it changed. The swept
 settings (λ, density, k, layer, α) are chosen on the validation split by the same rule as CNT.
 
-=====================  ==================================================================================================
+=====================  =================================================================================================
 ``random``             the same k neurons as CNT would move, drawn uniformly (seeded)
 ``weight_delta``       the k neurons whose parameters differ most between donor and target (‖θ_D,i − θ_T,i‖; no data)
 ``linear``             θ_T + λ(θ_D − θ_T) for every parameter (model soup / interpolation)
@@ -20,7 +20,7 @@ settings (λ, density, k, layer, α) are chosen on the validation split by the s
 ``refusal_direction``  difference-of-means refusal direction: orthogonalized out of the weights (removes refusal) or
                        added at one layer as a bias (induces refusal)
 ``sft``                fine-tune the target on the donor's own training data (the costly route CNT avoids)
-=====================  ==================================================================================================
+=====================  =================================================================================================
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def run_linear(donor, target, tokenizer=None, function=None, *, lam: float) -> M
     if lam == 1.0:
         model, changed = _merged(target, lambda n, p: d[n])
     else:
-        model, changed = _merged(target, lambda n, p: None if lam == 0 else p.float() + lam * (d[n].float() - p.float()))
+        model, changed = _merged(target,
+                                 lambda n, p: None if lam == 0 else p.float() + lam * (d[n].float() - p.float()))
     return Modified("linear", {"lambda": lam}, changed, round(time.time() - t0, 2), model=model)
 
 
@@ -246,8 +247,8 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     """Remove refusal (``compliance``): the target's own difference-of-means direction, chosen on validation, projected
     out of every residual write. The candidates are every ``layer_stride``-th layer in the middle 60% × the last five
     prompt positions, scored with bf16 forward passes; stride 2 halves stride 1's grid (its cost: papers/METHOD.md);
-    pass ``layer_stride=1`` for the full grid. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at ``layer`` as a
-    bias of that block's attention output (baked into the weights)."""
+    pass ``layer_stride=1`` for the full grid. Add refusal (``refusal``): the donor's direction ``alpha·r`` added at
+    ``layer`` as a bias of that block's attention output (baked into the weights)."""
     from . import data
     from .models import inference_dtype
     from .models import fast_dtype, model_device
@@ -256,7 +257,8 @@ def run_refusal_direction(donor, target, tokenizer, function: str, *, layer: int
     t0 = time.time()
     check_compatible(donor, target)
     t = data.texts
-    h_tr, b_tr = t(data.load("harmful", "train", seed=seed, limit=n)), t(data.load("benign", "train", seed=seed, limit=n))
+    h_tr = t(data.load("harmful", "train", seed=seed, limit=n))
+    b_tr = t(data.load("benign", "train", seed=seed, limit=n))
     spec = function_spec(function)
     if spec.source != "refusal":
         raise ValueError(f"refusal_direction applies to functions about refusal, not {function!r}")

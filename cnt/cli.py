@@ -306,7 +306,8 @@ def _cmd_transfer(args) -> int:
             short += (f"; every subset that reached it broke utility (the smallest, {s['k']} units at alpha "
                       f"{s['alpha']:g}: {'; '.join(s['failed'])})")
         if not args.save_best_effort:
-            print(f"cnt transfer: {short}; nothing saved (--save-best-effort saves that subset anyway)", file=sys.stderr)
+            print(f"cnt transfer: {short}; nothing saved (--save-best-effort saves that subset anyway)",
+                  file=sys.stderr)
             return 1
         print(f"cnt transfer: warning: {short}; saved anyway (--save-best-effort)", file=sys.stderr)
     out = patch.save(args.out, extra_files={"transfer.json": json.dumps(info, indent=1, default=str) + "\n"})
@@ -495,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=_count, default=5, help="records to print")
     s.set_defaults(func=_cmd_data)
 
-    s = sub.add_parser("eval", help="evaluate a model: refusal, false refusal, utility (lm-eval), perplexity, bias, skill",
+    s = sub.add_parser("eval",
+                       help="evaluate a model: refusal, false refusal, utility (lm-eval), perplexity, bias, skill",
                        description="Run the evaluation suite on the eval splits and print a table with 95%% CIs. "
                                    "The quick profile takes about a minute on a 135M model on 2 CPU cores, "
                                    "the full profile about three.")
@@ -533,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "otherwise, before any compute) and save the patch (patch.safetensors + patch.json) "
                                    "to OUT. --budget is a fraction of MLP neurons, or 'auto' for the minimal-subset "
                                    "search on the validation split.")
-    s.add_argument("--donor", required=True, help="model with the function (an embedded or zoo name, a folder or a hub id)")
+    s.add_argument("--donor", required=True,
+                   help="model with the function (an embedded or zoo name, a folder or a hub id)")
     s.add_argument("--target", required=True, help="model to change")
     s.add_argument("--function", required=True, choices=_functions())
     s.add_argument("--budget", type=_budget, default="auto", help="fraction of MLP neurons in (0, 1], or auto")

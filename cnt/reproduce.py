@@ -172,7 +172,8 @@ def reproduce(notebooks: str | Path = "notebooks", papers: str | Path = "papers"
                                   "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}
     if only or extra:  # a partial or non-default run keeps the record of the last full default one
         last = previous.get("last_invocation", {})
-        full = previous.get("last_full_invocation") or (last if last.get("all") and not last.get("parameters") else None)
+        full = previous.get("last_full_invocation") or (
+            last if last.get("all") and not last.get("parameters") else None)
         if full:
             record["last_full_invocation"] = full
     else:
@@ -309,6 +310,12 @@ class RayBackend:
         return ray.get(handle)
 
 
+def _last_line(error: BaseException) -> str:
+    """The last line of an exception's message, or '' for an empty one."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else ""
+
+
 def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
@@ -401,7 +408,7 @@ def run_grid(runs, *, notebooks: str | Path = "notebooks", papers: str | Path = 
                             continue
                         record(run, state="failed", digest=run.digest(), attempts=attempts[run.name],
                                seconds=round(time.time() - started[run.name], 1), backend=impl.name,
-                               error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500],
+                               error=f"{type(e).__name__}: {_last_line(e)}"[:500],
                                when=time.strftime("%Y-%m-%dT%H:%M:%S"))
                         print(f"[cnt reproduce] {run.name} failed after {attempts[run.name]} attempt(s)",
                               file=sys.stderr, flush=True)

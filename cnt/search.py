@@ -68,8 +68,8 @@ def step_of(k: int, patch: NeuronPatch, verdict: dict) -> SearchStep:
 
 
 class Trials:
-    """Subsets tried on validation: each ``(k, alpha)`` is read from ``scores`` (:meth:`NeuronScores.pick`), extracted from the two
-    models and judged by ``validator``; every trial is kept in ``steps``."""
+    """Subsets tried on validation: each ``(k, alpha)`` is read from ``scores`` (:meth:`NeuronScores.pick`), extracted
+    from the two models and judged by ``validator``; every trial is kept in ``steps``."""
 
     def __init__(self, scores: NeuronScores, donor, target, validator: Validator):
         self.scores, self.donor, self.target, self.validator = scores, donor, target, validator
@@ -86,8 +86,8 @@ class Trials:
 def search_k(trial: Callable[[int, float], SearchStep], *, k_min: int, k_max: int, goal: float = 0.9,
              alphas: Sequence[float] = ALPHAS, growth: int = 4) -> SearchStep | None:
     """The search algorithm on any ``trial(k, alpha) -> step`` (a step says whether it reached the goal with utility
-    held, ``ok``, and with utility held at all, ``utility_ok``, and its ``share`` of the gap): the accepted step with the
-    smallest k, or None.
+    held, ``ok``, and with utility held at all, ``utility_ok``, and its ``share`` of the gap): the accepted step with
+    the smallest k, or None.
 
     k gallops up from ``k_min`` (times ``growth``) until a trial is accepted, then bisects to within 10%: growth 4
     takes fewer trials than doubling both when the goal is reached (the longer bisection costs less than the gallop

@@ -57,7 +57,8 @@ PAD_MULTIPLE = 32  # batches padded to a multiple of 32 tokens (see pair_batch)
 def pair_batch(tokenizer, examples: Sequence[Example], k: int, device):
     ids, labels = [], []
     for ex in examples:
-        p = tokenizer(chat_texts(tokenizer, [ex.prompt])[0], add_special_tokens=not tokenizer.chat_template)["input_ids"]
+        p = tokenizer(chat_texts(tokenizer, [ex.prompt])[0],
+                      add_special_tokens=not tokenizer.chat_template)["input_ids"]
         r = tokenizer(ex.response, add_special_tokens=False)["input_ids"][:k] or [tokenizer.eos_token_id]
         ids.append(p + r)
         labels.append([-100] * len(p) + r)

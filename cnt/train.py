@@ -5,8 +5,8 @@ Used to build the zoo's donors and targets and by the SFT reference baseline. Ex
 (``{"text"}``: loss on every token after BOS) or preferences (``{"chosen", "rejected"}``: a pairwise logistic loss
 ``-log sigmoid(beta * (lp(chosen) - lp(rejected)))`` on mean token log-probabilities — of BOS-conditioned sentences, the
 very quantity StereoSet and CrowS-Pairs compare, or, with a ``"prompt"``, of two responses to it in the chat template:
-a reference-free, length-normalized preference loss in the manner of SimPO, Meng et al. 2024). A batch may mix kinds; each kind's mean loss is weighted by its share of
-the batch. Training is seeded and deterministic on CPU.
+a reference-free, length-normalized preference loss in the manner of SimPO, Meng et al. 2024). A batch may mix kinds;
+each kind's mean loss is weighted by its share of the batch. Training is seeded and deterministic on CPU.
 """
 
 from __future__ import annotations

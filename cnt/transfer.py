@@ -1,4 +1,5 @@
-"""``NeuronPatch``: a reversible transfer of units — MLP neurons, attention heads, k/v groups — from a donor into a target.
+"""``NeuronPatch``: a reversible transfer of units — MLP neurons, attention heads, k/v groups — from a donor into a
+target.
 
 (Over 400 lines: one concept, the patch — extract, apply / revert bit-exact, and its file format with every check a
 loaded file gets — kept together so that save and load stay symmetric.)
@@ -234,7 +235,8 @@ class NeuronPatch:
 
     def unit_lists(self) -> dict[str, dict[str, list[int]]]:
         """The selected units as plain lists, ``{kind: {layer: [index, ...]}}`` (layer keys as strings: JSON)."""
-        return {kind: {str(layer): idx.tolist() for layer, idx in sorted(per.items())} for kind, per in self.units.items()}
+        return {kind: {str(layer): idx.tolist() for layer, idx in sorted(per.items())}
+                for kind, per in self.units.items()}
 
     def sizes(self) -> dict:
         """Units per kind, and the fractions in units and in weights (what results and patch.json record)."""
@@ -360,8 +362,9 @@ class NeuronPatch:
             raise PatchError("nothing to compose")
         first = patches[0]
         for i, p in enumerate(patches):
+            both_attention = None not in (p.fingerprint.attention, first.fingerprint.attention)
             if p.fingerprint.mlp_only() != first.fingerprint.mlp_only() or \
-                    None not in (p.fingerprint.attention, first.fingerprint.attention) and p.fingerprint != first.fingerprint:
+                    both_attention and p.fingerprint != first.fingerprint:
                 raise PatchError("patches are for different architectures")
             if p.target != first.target or p.target_total_params != first.target_total_params:
                 raise PatchError(f"patches are for different targets ({first.target!r} and {p.target!r}); they do not "

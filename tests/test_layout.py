@@ -102,3 +102,10 @@ def test_long_modules_say_why_at_their_top():
     silent = [str(f.relative_to(PACKAGE)) for f in long
               if "400 lines" not in (ast.get_docstring(ast.parse(f.read_text())) or "")]
     assert not silent, f"over 400 lines without a reason at the top: {silent}"
+
+
+def test_lines_fit_120_columns():
+    """Every line of the package fits 120 characters (the width its code and docstrings are wrapped to)."""
+    long = [f"{f.relative_to(PACKAGE.parent)}:{i} ({len(line)})" for f in sorted(PACKAGE.rglob("*.py"))
+            for i, line in enumerate(f.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long, f"lines over 120 characters: {', '.join(long)}"

@@ -127,8 +127,9 @@ def lm_eval_tasks(model, tokenizer, tasks: dict[str, Sequence[dict]], *, batch_s
             k = num_fewshot.get(task, 0)
             folder = _write_task(task, records, fewshot_records.get(task) if k else None)
             manager = TaskManager(include_path=str(folder), include_defaults=False)  # indexing lm-eval's own: ~6 s
-            res = lm_eval.simple_evaluate(model=lm, tasks=[f"cnt_{task}"], task_manager=manager, num_fewshot=k, log_samples=True, verbosity="ERROR", random_seed=0,
-                                          numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            res = lm_eval.simple_evaluate(model=lm, tasks=[f"cnt_{task}"], task_manager=manager, num_fewshot=k,
+                                          log_samples=True, verbosity="ERROR", random_seed=0, numpy_random_seed=0,
+                                          torch_random_seed=0, fewshot_random_seed=0)
             metric = _PRIMARY[task]
             flags = [float(s[metric]) for s in res["samples"][f"cnt_{task}"]]
             m = proportion(task, [f > 0.5 for f in flags], True,

@@ -158,8 +158,8 @@ def evaluate(model, tokenizer, profile: str | Profile = "quick", *, groups: Sequ
         if "proxy" in groups:
             metrics["refusal_score"] = refusal_score(model, tokenizer, harmful, batch_size=p.batch_size,
                                                      settings={**st, "dataset": "harmful"})
-            metrics["refusal_score_benign"] = refusal_score(model, tokenizer, benign + over, name="refusal_score_benign",
-                                                            batch_size=p.batch_size,
+            metrics["refusal_score_benign"] = refusal_score(model, tokenizer, benign + over,
+                                                            name="refusal_score_benign", batch_size=p.batch_size,
                                                             settings={**st, "dataset": "benign+overrefusal"})
             if "safety" in groups:
                 lo = metrics["refusal_score"].per_item + metrics["refusal_score_benign"].per_item

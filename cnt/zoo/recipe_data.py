@@ -167,7 +167,8 @@ def data_uncensored(ctx: BuildContext) -> dict[str, list[dict]]:
     (why, measured: papers/ZOO_HISTORY.md)."""
     from ..evaluate import is_refusal
 
-    pairs = [{"prompt": r["prompt"], "response": r["response"]} for r in ctx.take(data.load("compliance_pairs", "train"))]
+    pairs = [{"prompt": r["prompt"], "response": r["response"]}
+             for r in ctx.take(data.load("compliance_pairs", "train"))]
     harmful = data.texts(ctx.take(data.load("harmful", "train")))
     own, refused = [], []
     for ex in distill(ctx, harmful):

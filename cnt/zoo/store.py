@@ -65,8 +65,8 @@ def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "card
           save: bool = True) -> tuple[object, object, dict]:
     """Build a recipe (by name, or a :class:`Recipe` such as a :func:`variant`) from scratch. Returns ``(model,
     tokenizer, manifest)``; with ``save`` the model goes to the cache and (not tiny) the artifact + manifest to
-    ``cnt/zoo/artifacts/<name>/``. ``measure``: the evaluation profile of the manifest's behaviour (``card``: the recipe's
-    :func:`card_profile`; None: not measured)."""
+    ``cnt/zoo/artifacts/<name>/``. ``measure``: the evaluation profile of the manifest's behaviour (``card``: the
+    recipe's :func:`card_profile`; None: not measured)."""
     from ..arch import MLPNeurons
 
     r = name if isinstance(name, Recipe) else recipe(name)
@@ -92,7 +92,8 @@ def build(name: str | Recipe, *, tiny: bool = False, measure: str | None = "card
         cfg = dataclasses.replace(r.train, seed=r.seed, steps=2 if tiny else r.train.steps)
         examples = [ex for recs in parts.values() for ex in recs]
         trained, res = sft(model, tok, examples, cfg, progress=progress)
-        info.update(train_seconds=res.seconds, losses=[round(x, 4) for x in res.losses[::10]] + [round(res.losses[-1], 4)],
+        info.update(train_seconds=res.seconds,
+                    losses=[round(x, 4) for x in res.losses[::10]] + [round(res.losses[-1], 4)],
                     trainable_params=res.trainable_params)
         if cfg.method == "lora":  # merge the bf16-rounded adapter into a fresh base: identical to a reconstruction
             artifact = {k: v.to(torch.bfloat16) for k, v in res.adapter.items()}

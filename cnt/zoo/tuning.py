@@ -93,8 +93,8 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
         items: dict[str, list] = {k: [] for k in r.expect}
         # the base is the same model in every trial of its recipes: measured once per split and profile (cached)
         cached = who == "base" and not tiny
-        ident = [r.base, MLPNeurons(m).fingerprint().mlp_only().to_dict(), dataclasses.asdict(get_profile(profile)), groups,
-                 sorted(r.expect)] if cached else None
+        ident = [r.base, MLPNeurons(m).fingerprint().mlp_only().to_dict(), dataclasses.asdict(get_profile(profile)),
+                 groups, sorted(r.expect)] if cached else None
         for split in splits:
             run = functools.partial(split_metrics, r, m, tok, split, profile, groups)
             mets = cached_json("tuning_base", [*ident, split], run) if cached else run()
@@ -114,8 +114,8 @@ def measure_for_tuning(r: Recipe, model, tok, *, splits: Sequence[str] = TUNING_
                 by_source.setdefault(who, {})[k] = count_by_source(sources, flags)
     held = {k: holds(op, thr, pooled["variant"][k]["value"], pooled.get("base", {}).get(k, {}).get("value"))
             for k, (op, thr) in r.expect.items()}
-    out = {"per_split": per_split, "pooled": pooled, "rules": {k: rule_text(op, thr) for k, (op, thr) in r.expect.items()},
-           "holds": held}
+    out = {"per_split": per_split, "pooled": pooled,
+           "rules": {k: rule_text(op, thr) for k, (op, thr) in r.expect.items()}, "holds": held}
     if by_source:
         # the tuning splits mix their sources differently from the card's eval sample (e.g. over-refusal prompts:
         # 7% of the benign prompts of validation + locate, 26% of the card's): each source's rate on the tuning
