@@ -479,10 +479,9 @@ def seeds_section(results: dict[str, ApplicationResult]) -> list[str]:
     L = ["## Seeds: the effect's spread and the stability of the located units", "",
          "Runs of one configuration that differ only in their seed (another split draw, other locate prompts, other "
          "mask initialisations), each measured on its own eval split. Jaccard: |A ∩ B| / |A ∪ B| of the selected "
-         "units, "
-         "mean [min, max] over pairs of seeds; chance: two random subsets of the same sizes; layer maps: Σ min / Σ max "
-         "of the per-layer counts; vs best: the same two overlaps of the other seeds' subsets with the subset of the "
-         "seed that went furthest (its seed named), mean over the other seeds.", "",
+         "units, mean [min, max] over pairs of seeds; chance: two random subsets of the same sizes; layer maps: "
+         "Σ min / Σ max of the per-layer counts; vs best: the same two overlaps of the other seeds' subsets with the "
+         "subset of the seed that went furthest (its seed named), mean over the other seeds.", "",
          "| application | runs | MLP neurons | share of gap, mean ± sd | per seed | α per seed | Jaccard of units "
          "| chance | layer maps | vs best seed: Jaccard; layer maps |", "|---|---|---|---|---|---|---|---|---|---|"]
     minimal = []
