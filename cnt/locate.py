@@ -8,7 +8,8 @@ All scorers share one interface — ``score(task, donor, target) -> NeuronScores
   function prompts, minus the same on utility prompts.
 * ``attribution`` — the first-order effect of transferring neuron *i*: ``−∇_θ L_f(target)·(θ_D,i − θ_T,i)``, where
   ``L_f`` is the task's function loss on the target (NLL of the donor's own responses, or a bias margin), minus
-  ``λ·max(0, ∇_θ L_u·(θ_D,i − θ_T,i))`` for the utility loss ``L_u`` (NLL of the target's own benign answers).
+  ``λ·max(0, ∇_θ L_u·(θ_D,i − θ_T,i))`` for the utility loss ``L_u`` (NLL of the target's own benign answers), and
+  the same for the task's contrast where it has one (refusals of benign prompts made likelier; ``Task.contrast``).
   Forward and backward run under bf16 autocast (weights and gradients stay in the model's dtype): measured on
   smol-safe -> smol-arith, 48 prompts, the top 0.1 / 0.5 / 2% of neurons agree with float32 on 100 / 99.1 / 99.1%
   (score correlation 0.9999) at 1.6x the speed on 2 CPU cores.
@@ -60,16 +61,18 @@ def attribution(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] = 
     gain = gamma_gradient(task.function, donor, target, tokenizer, zero, **kw,
                           progress=f"attribution ({task.name})" if progress else None)
     scores = {kind: [-g for g in v] for kind, v in gain.items()}
-    if task.utility and task.utility_weight:
-        harm = gamma_gradient(task.utility, donor, target, tokenizer, zero, **kw,
-                              progress=f"attribution ({task.name}, utility)" if progress else None)
-        scores = {kind: [g - task.utility_weight * h.clamp(min=0) for g, h in zip(scores[kind], harm[kind])]
-                  for kind in kinds}
+    for examples, weight, what in ((task.utility, task.utility_weight, "utility"),
+                                   (task.contrast, task.contrast_weight, "contrast")):
+        if examples and weight:
+            harm = gamma_gradient(examples, donor, target, tokenizer, zero, **kw,
+                                  progress=f"attribution ({task.name}, {what})" if progress else None)
+            scores = {kind: [g - weight * h.clamp(min=0) for g, h in zip(scores[kind], harm[kind])] for kind in kinds}
     scores = {kind: [s.detach().cpu() for s in v] for kind, v in scores.items()}
     return NeuronScores("attribution", scores.pop("mlp", [torch.full((n,), -float("inf"))
                                                           for n in fp.intermediate_sizes]),
                         {"task": task.name, "task_digest": task.digest(), "response_tokens": task.response_tokens,
-                         "utility_weight": task.utility_weight, "autocast": str(autocast) if autocast else None,
+                         "utility_weight": task.utility_weight, "contrast_weight": task.contrast_weight,
+                         "n_contrast": len(task.contrast), "autocast": str(autocast) if autocast else None,
                          "kinds": list(kinds), "batch_size": batch_size, "recompute": recompute},
                         round(time.time() - t0, 2), units=scores, costs=unit_costs(target, kinds))
 

@@ -5,7 +5,8 @@ the *patched* model; CNT's units are whole neurons and heads, so the gate is per
 ``θ_T + γ ⊙ (θ_D − θ_T)`` (:class:`cnt.mixing.MixedModel`, differentiable in γ), ``γ_u = γ_max·σ(s_u)``.
 
 The loss is the task's (the function's NLL of the donor's own responses, plus ``utility_weight`` × the NLL of the
-target's own benign answers), on seeded minibatches of the locate split. Sparsity is not left to an L1 weight that
+target's own benign answers, plus ``contrast_weight`` × its contrast where it has one), on seeded minibatches of the
+locate split. Sparsity is not left to an L1 weight that
 would need tuning per model: the mask is *pruned* to an explicit schedule of sizes in weights —
 
 1. start from every unit at ``γ = init_gamma`` (1: the donor itself, where every unit's joint role is visible);
@@ -49,13 +50,16 @@ from .tasks import Task, streamed_loss
 LEVELS = (0.01, 0.0025, 0.001)  # budgets in fractions of the target's weights (the frontier's)
 
 
-def _loss(task: Task, target, tokenizer, function, utility, autocast, micro_batch: int, backward: bool) -> float:
-    """The task's loss (function + ``utility_weight`` × utility) over these examples, ``micro_batch`` examples at a
-    time (:func:`cnt.tasks.streamed_loss`: the whole batch's value and gradient, one micro-batch's activations)."""
+def _loss(task: Task, target, tokenizer, function, utility, contrast, autocast, micro_batch: int,
+          backward: bool) -> float:
+    """The task's loss (function + ``utility_weight`` × utility + ``contrast_weight`` × contrast) over these
+    examples, ``micro_batch`` examples at a time (:func:`cnt.tasks.streamed_loss`: the whole batch's value and
+    gradient, one micro-batch's activations)."""
     kw = dict(batch_size=micro_batch, autocast=autocast, backward=backward)
     total = streamed_loss(target, tokenizer, function, task.response_tokens, **kw)
-    if utility and task.utility_weight:
-        total += streamed_loss(target, tokenizer, utility, task.response_tokens, weight=task.utility_weight, **kw)
+    for examples, weight in ((utility, task.utility_weight), (contrast, task.contrast_weight)):
+        if examples and weight:
+            total += streamed_loss(target, tokenizer, examples, task.response_tokens, weight=weight, **kw)
     return total
 
 
@@ -108,6 +112,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
     gen = torch.Generator().manual_seed(seed)
     warm_order = torch.randperm(max(warmup_steps, 1), generator=gen)
     fn, ut = list(task.function), list(task.utility)
+    ct = list(task.contrast) if task.contrast_weight else []
     req = [p.requires_grad for p in target.parameters()] + [p.requires_grad for p in donor.parameters()]
     for p in list(target.parameters()) + list(donor.parameters()):
         p.requires_grad_(False)
@@ -122,7 +127,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
     def amplitudes() -> torch.Tensor:
         return gamma_max * torch.sigmoid(logits) * active
 
-    check = (fn[:check_examples], ut[:check_examples // 2] if ut else [])  # a fixed batch: removals re-measured
+    check = (fn[:check_examples], ut[:check_examples // 2], ct[:check_examples // 2])  # removals re-measured on it
     bonus = torch.zeros(n_units, dtype=torch.float64)  # units whose measured removal cost more than allowed
     empty = torch.empty(0, dtype=torch.long)
 
@@ -196,6 +201,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
             for step, budget in enumerate(schedule):
                 fb = [fn[i] for i in torch.randperm(len(fn), generator=gen)[:batch_size].tolist()]
                 ub = [ut[i] for i in torch.randperm(len(ut), generator=gen)[:utility_batch].tolist()] if ut else []
+                cb = [ct[i] for i in torch.randperm(len(ct), generator=gen)[:utility_batch].tolist()] if ct else []
                 # importance, at a random point t·γ of the straight path from the target (t = 0) to the current
                 # patch (t = 1): Monte Carlo integrated gradients, one t per step
                 g = amplitudes().detach()
@@ -207,7 +213,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                     t = float(torch.rand((), generator=gen))
                 point = (g * t).requires_grad_(True)
                 mixed.gamma = split(point)
-                _loss(task, target, tokenizer, fb, ub, autocast, micro_batch, backward=True)
+                _loss(task, target, tokenizer, fb, ub, cb, autocast, micro_batch, backward=True)
                 sample = -(g * point.grad).double()
                 if step < warmup_steps:  # a plain mean over the warm-up, then a moving average
                     importance.add_(sample / warmup_steps)
@@ -216,7 +222,7 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
                 if step >= descent_steps:  # at the levels: train the amplitudes, at the clean patched point
                     g = amplitudes().detach().requires_grad_(True)
                     mixed.gamma = split(g)
-                    loss = _loss(task, target, tokenizer, fb, ub, autocast, micro_batch, backward=True)
+                    loss = _loss(task, target, tokenizer, fb, ub, cb, autocast, micro_batch, backward=True)
                     opt.zero_grad()
                     amplitudes().backward(g.grad)  # through γ = γ_max·σ(s)·active to the logits
                     opt.step()
@@ -244,7 +250,8 @@ def learned_mask(task: Task, donor, target, tokenizer, *, kinds: Sequence[str] =
     priority = pruned_at.float() + rank_in_step
     ranked, gam = split(priority), split(gamma_at)
     settings = {"task": task.name, "task_digest": task.digest(), "response_tokens": task.response_tokens,
-                "utility_weight": task.utility_weight, "kinds": list(kinds), "levels": levels,
+                "utility_weight": task.utility_weight, "contrast_weight": task.contrast_weight,
+                "n_contrast": len(ct), "kinds": list(kinds), "levels": levels,
                 "warmup_steps": warmup_steps, "descent_steps": descent_steps - warmup_steps,
                 "steps_per_level": steps_per_level, "gamma_max": gamma_max,
                 "init_gamma": init_gamma, "lr": lr, "ema": ema, "batch_size": batch_size,
