@@ -152,8 +152,8 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
     if n_contrast and not function_spec(function).adds_refusal:
-        raise ValueError(f"n_contrast={n_contrast}: a contrast of benign prompts and refusals is for functions that add "
-                         f"refusal, not {function!r}; pass n_contrast=0")
+        raise ValueError(f"n_contrast={n_contrast}: a contrast of benign prompts and refusals is for functions "
+                         f"that add refusal, not {function!r}; pass n_contrast=0")
     if function_spec(function).source == "refusal":
         harmful = function_prompts(function, n_function, split=split, seed=seed)
         everyday = data.texts(data.load("benign", split, seed=seed, limit=n_utility + n_contrast))
