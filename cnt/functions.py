@@ -22,7 +22,6 @@ together — the rule's limits name the proxies' values and the validator's read
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from copy import copy, deepcopy
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from .arch import same_weights
 from .evaluate import (is_degenerate, is_refusal, perplexity, refusal_logodds, sequence_logprobs, stereoset_scores,
                        wilson)
 from .locate import Example, Task, kind_scorers
-from .tasks import pair_nll
 from .models import fast_dtype, generate, inference_dtype, model_device
 from .outcomes import gap_share
 from .transfer import NeuronPatch
@@ -100,8 +98,7 @@ def default_units(function: str, scorer: str | None = None) -> tuple[str, ...]:
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0
-# the contrast's weight against the function (build_task's n_contrast): 2 charges a unit the whole first-order rise it
-# gives a refusal on benign prompts (floor_hinge's gradient is half the NLL's)
+# the contrast's weight against the function (build_task's n_contrast)
 CONTRAST_WEIGHT = 2.0
 # the confidence at which a setting's false refusal must hold the limit on validation (judge): the rule takes the
 # largest amplitude that passes, so a point estimate at the limit sat past it on eval (METHOD.md)
@@ -115,19 +112,14 @@ PPL_DECIDED_Z = 3.0
 PPL_CHUNK = 32
 
 
-def contrast_pairs(target, tokenizer, prompts: Sequence[str], refusals: Sequence[str],
-                   response_tokens: int) -> list[Example]:
-    """Benign ``prompts`` each paired with one of the donor's ``refusals`` (in turn), floored at the target's own NLL
-    of that refusal: the pairs a task's contrast holds (:func:`build_task`)."""
-    if not prompts:
-        return []
-    if not refusals:
+def contrast_pairs(prompts: Sequence[str], refusals: Sequence[str], answers: Sequence[str]) -> list[Example]:
+    """Benign ``prompts`` each paired with one of the donor's ``refusals`` (in turn) against the target's own
+    ``answers`` to them: the pairs a task's contrast holds (:func:`build_task`)."""
+    if prompts and not refusals:
         raise ValueError("the donor refused none of the task's harmful prompts, so there is no refusal to pair with "
                          "benign prompts; pass n_contrast=0 or a donor that refuses")
-    pairs = [Example(prompt=p, response=refusals[i % len(refusals)]) for i, p in enumerate(prompts)]
-    with inference_dtype(target, fast_dtype(model_device(target))) as t:
-        floors = pair_nll(t, tokenizer, pairs, response_tokens)
-    return [dataclasses.replace(e, floor=f) for e, f in zip(pairs, floors)]
+    return [Example(prompt=p, response=refusals[i % len(refusals)], answer=a)
+            for i, (p, a) in enumerate(zip(prompts, answers))]
 
 
 def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed: int = 0) -> list[str]:
@@ -145,9 +137,9 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16). Utility: the
     target's own answers to ``n_utility`` benign prompts and ``n_wiki`` Wikipedia passages (language modelling, what
     perplexity checks), weighted ``utility_weight`` against the function; for bias, ``n_utility`` passages.
-    ``n_contrast`` (functions that add refusal): that many further benign prompts, each paired with one of the donor's
-    refusals, as the task's contrast (:class:`cnt.tasks.Task`: what the function must not make likelier, floored at
-    the target's own NLL), weighted ``contrast_weight``. ``split`` exists for benchmarks that need more prompts than
+    ``n_contrast`` (functions that add refusal): that many further benign prompts, each with one of the donor's refusals
+    against the target's own answer, as the task's contrast (:class:`cnt.tasks.Task`: refusals the function must not
+    make preferred), weighted ``contrast_weight``. ``split`` exists for benchmarks that need more prompts than
     the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
@@ -163,9 +155,10 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
         with inference_dtype(donor, fast_dtype(model_device(donor))) as d:
             d_resp = generate(d, tokenizer, harmful, max_new_tokens=16, progress=progress)
         with inference_dtype(target, fast_dtype(model_device(target))) as t:
-            t_resp = generate(t, tokenizer, benign, max_new_tokens=16, progress=progress)
+            t_resp = generate(t, tokenizer, benign + others, max_new_tokens=16, progress=progress)
+        t_resp, t_others = t_resp[:len(benign)], t_resp[len(benign):]
         wiki = [Example(text=r["text"]) for r in data.load("wiki", split, seed=seed, limit=n_wiki)] if n_wiki else []
-        contrast = contrast_pairs(target, tokenizer, others, [r for r in d_resp if is_refusal(r)], response_tokens)
+        contrast = contrast_pairs(others, [r for r in d_resp if is_refusal(r)], t_others)
         return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
                     [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)] + wiki, response_tokens,
                     utility_weight, {"split": split, "seed": seed, "n_wiki": len(wiki),

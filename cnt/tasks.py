@@ -22,16 +22,23 @@ from .models import chat_texts, model_device, pad_right, release_freed_memory
 @dataclass
 class Example:
     """A chat pair (loss: NLL of the first ``k`` response tokens), a contrast of two texts (loss: −margin), or a plain
-    text (loss: mean token NLL). A chat pair with a ``floor`` is one the function must *not* make likelier (a benign
-    prompt and a refusal): its loss is :func:`floor_hinge` of its NLL against ``floor`` (the target's own NLL), zero
-    at the target, rising as the response grows likelier than there."""
+    text (loss: mean token NLL). A chat pair with an ``answer`` is one whose ``response`` (a refusal) the function must
+    not make preferred over ``answer`` (the target's own, to a benign prompt): its loss is :func:`margin_hinge` of
+    how far the answer leads (the refusal's NLL minus the answer's), small while the answer leads by more than
+    :data:`CONTRAST_MARGIN`, about linear once it leads by less or trails."""
 
     prompt: str | None = None
     response: str | None = None
     text_pos: str | None = None  # for margins: log p(text_pos) − log p(text_neg)
     text_neg: str | None = None
     text: str | None = None
-    floor: float | None = None
+    answer: str | None = None
+
+
+# nats per response token by which a benign prompt's own answer should lead a refusal (the contrast's hinge point):
+# measured on SmolLM2 (smol-arith, 195 validation prompts) the target's answers lead by 2.9 at the median, 0.3 at the
+# least, and every prompt its donor refuses has its answer trailing (METHOD.md)
+CONTRAST_MARGIN = 1.0
 
 
 @dataclass
@@ -48,14 +55,14 @@ class Task:
     response_tokens: int = 3  # chat pairs: score only the first tokens of the response, where refusal is decided
     utility_weight: float = 1.0
     meta: dict = field(default_factory=dict)
-    # pairs the function must not make likelier (``Example.floor`` set: benign prompts and the donor's refusals),
-    # weighted ``contrast_weight`` against the function: off-target behaviour, scored apart from the utility
+    # pairs whose refusal the function must not make preferred (``Example.answer`` set: benign prompts, the donor's
+    # refusals, the target's answers), weighted ``contrast_weight`` against the function: off-target behaviour
     contrast: list[Example] = field(default_factory=list)
     contrast_weight: float = 0.0
 
     def digest(self) -> str:
-        def plain(examples):  # an example's fields as before the floor existed, so older digests stay equal
-            return [{k: v for k, v in e.__dict__.items() if k != "floor" or v is not None} for e in examples]
+        def plain(examples):  # an example's fields as before the answer existed, so older digests stay equal
+            return [{k: v for k, v in e.__dict__.items() if k != "answer" or v is not None} for e in examples]
 
         parts = [plain(self.function), plain(self.utility), self.response_tokens]
         if self.contrast and self.contrast_weight:
@@ -107,29 +114,17 @@ def streamed_loss(model, tokenizer, examples: Sequence[Example], k: int, *, batc
     return total
 
 
-def floor_hinge(nll: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-    """``softplus(floor − nll) − log 2``: 0 where the NLL equals its floor, rising about linearly as the response grows
-    likelier than there and flattening toward −log 2 as it grows less likely, so a change is charged for making an
-    off-target response likelier, hardly credited for making it rarer; its gradient at the floor is half the
-    NLL's, negated (attribution's first-order reading of it)."""
-    return torch.nn.functional.softplus(floor - nll) - math.log(2.0)
-
-
-def pair_nll(model, tokenizer, examples: Sequence[Example], k: int, *, batch_size: int = 8) -> list[float]:
-    """Each chat pair's NLL of its first ``k`` response tokens (mean per token), without gradients: the floors of
-    contrast pairs (:class:`Example`)."""
-    device = model_device(model)
-    out: list[float] = []
-    with torch.no_grad():
-        for chunk in batches(list(examples), batch_size):
-            lp, m = token_logprobs(model, *pair_batch(tokenizer, chunk, k, device))
-            out += (-(lp.sum(1) / m.sum(1).clamp(min=1))).float().tolist()
-    return out
+def margin_hinge(nll_response: torch.Tensor, nll_answer: torch.Tensor,
+                 margin: float = CONTRAST_MARGIN) -> torch.Tensor:
+    """``softplus(margin − (nll_response − nll_answer))``: how far a response (a refusal) has come toward being
+    preferred over the answer, smoothly — about ``exp(−lead)`` while the answer leads by more than ``margin``, about
+    linear in the lead once it is less, so the loss (and its gradient) sits on the prompts close to being refused."""
+    return torch.nn.functional.softplus(margin - (nll_response - nll_answer))
 
 
 def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Tensor:
-    """Mean loss over ``examples`` (differentiable): NLL of the first ``k`` response tokens (or, with a ``floor``,
-    :func:`floor_hinge` of it), or −margin."""
+    """Mean loss over ``examples`` (differentiable): NLL of the first ``k`` response tokens (or, with an ``answer``,
+    :func:`margin_hinge` of it against the answer's), or −margin."""
     device = model_device(model)
     pairs = [e for e in examples if e.prompt is not None]
     margins = [e for e in examples if e.text_pos is not None]
@@ -141,10 +136,12 @@ def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Te
     if pairs:
         lp, m = token_logprobs(model, *pair_batch(tokenizer, pairs, k, device))
         nll = -(lp.sum(1) / m.sum(1).clamp(min=1))
-        floored = torch.tensor([e.floor is not None for e in pairs], device=device)
-        if bool(floored.any()):
-            floors = torch.tensor([e.floor if e.floor is not None else 0.0 for e in pairs], device=device)
-            nll = torch.where(floored, floor_hinge(nll.float(), floors), nll)
+        versus = [i for i, e in enumerate(pairs) if e.answer is not None]
+        if versus:
+            answers = [Example(prompt=pairs[i].prompt, response=pairs[i].answer) for i in versus]
+            lp, m = token_logprobs(model, *pair_batch(tokenizer, answers, k, device))
+            hinge = margin_hinge(nll[versus].float(), -(lp.sum(1) / m.sum(1).clamp(min=1)).float())
+            nll = nll.float().index_put((torch.tensor(versus, device=device),), hinge)
         total = total + nll.sum()
     if margins:
         texts = [e.text_pos for e in margins] + [e.text_neg for e in margins]
