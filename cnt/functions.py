@@ -47,7 +47,8 @@ class Function:
     (then benign prompts are watched for false refusals), the eval ``metric`` and metric ``groups`` that measure it
     (the frontier's), the ``default_scorer`` and its ``default_units`` (kinds of unit): the locator and the units that
     moved more of the gap on validation at 0.1-0.25% of the weights in that application's frontier (papers/METHOD.md,
-    "The default locator"). :func:`register` adds one."""
+    "The default locator"); ``contrast``: the benign prompts of its task's contrast by default (:func:`build_task`'s
+    ``n_contrast``; for functions that add refusal). :func:`register` adds one."""
 
     name: str
     source: str
@@ -56,6 +57,12 @@ class Function:
     groups: tuple[str, ...]
     default_scorer: str
     default_units: tuple[str, ...] = ("mlp",)
+    contrast: int = 0
+
+    def __post_init__(self):
+        if self.contrast and not self.adds_refusal:
+            raise ValueError(f"function {self.name!r}: a contrast of benign prompts and refusals is for functions "
+                             "that add refusal; pass contrast=0")
 
 
 FUNCTIONS: dict[str, Function] = {}
@@ -69,7 +76,8 @@ def register(function: Function) -> Function:
     return function
 
 
-register(Function("refusal", "refusal", True, "refusal_rate", ("safety", "perplexity"), "learned_mask"))
+register(Function("refusal", "refusal", True, "refusal_rate", ("safety", "perplexity"), "learned_mask",
+                  contrast=96))
 register(Function("compliance", "refusal", False, "refusal_rate", ("safety", "perplexity"), "attribution"))
 register(Function("bias", "stereoset", False, "stereoset_ss", ("bias", "perplexity"), "attribution",
                   ("mlp", "head", "kv")))
@@ -98,7 +106,8 @@ def default_units(function: str, scorer: str | None = None) -> tuple[str, ...]:
 # the utility term's weight against the function in every locator's objective: with Wikipedia text in the utility, 8
 # kept perplexity and false refusal within the goals where 1 did not (SmolLM2, adding refusal; METHOD.md)
 UTILITY_WEIGHT = 8.0
-# the contrast's weight against the function (build_task's n_contrast)
+# the contrast's weight against the function (build_task's n_contrast): of 0.5, 2 and 8, 2 let the learned mask move
+# the most of the gap on validation with utility held (SmolLM2, adding refusal; METHOD.md)
 CONTRAST_WEIGHT = 2.0
 # the confidence at which a setting's false refusal must hold the limit on validation (judge): the rule takes the
 # largest amplitude that passes, so a point estimate at the limit sat past it on eval (METHOD.md)
@@ -132,17 +141,18 @@ def function_prompts(function: str, n: int = 48, *, split: str = "locate", seed:
 
 def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48, n_utility: int = 32, seed: int = 0,
                response_tokens: int = 3, utility_weight: float = UTILITY_WEIGHT, n_wiki: int = 32,
-               n_overrefusal: int = 0, n_contrast: int = 0, contrast_weight: float = CONTRAST_WEIGHT,
+               n_overrefusal: int = 0, n_contrast: int | None = None, contrast_weight: float = CONTRAST_WEIGHT,
                split: str = "locate", progress: bool = False) -> Task:
     """The task for ``function`` from the ``locate`` split (donor responses generated greedily, bf16). Utility: the
     target's own answers to ``n_utility`` benign prompts and ``n_wiki`` Wikipedia passages (language modelling, what
     perplexity checks), weighted ``utility_weight`` against the function; for bias, ``n_utility`` passages.
     ``n_contrast`` (functions that add refusal): that many further benign prompts, each with one of the donor's refusals
     against the target's own answer, as the task's contrast (:class:`cnt.tasks.Task`: refusals the function must not
-    make preferred), weighted ``contrast_weight``. ``split`` exists for benchmarks that need more prompts than
+    make preferred), weighted ``contrast_weight`` (``None``: the function's ``contrast``, :class:`Function`). ``split`` exists for benchmarks that need more prompts than
     the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
+    n_contrast = function_spec(function).contrast if n_contrast is None else n_contrast
     if n_contrast and not function_spec(function).adds_refusal:
         raise ValueError(f"n_contrast={n_contrast}: a contrast of benign prompts and refusals is for functions "
                          f"that add refusal, not {function!r}; pass n_contrast=0")
