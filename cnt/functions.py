@@ -23,6 +23,7 @@ together — the rule's limits name the proxies' values and the validator's read
 from __future__ import annotations
 
 import inspect
+import warnings
 from copy import copy, deepcopy
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -148,11 +149,13 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     perplexity checks), weighted ``utility_weight`` against the function; for bias, ``n_utility`` passages.
     ``n_contrast`` (functions that add refusal): that many further benign prompts, each with one of the donor's refusals
     against the target's own answer, as the task's contrast (:class:`cnt.tasks.Task`: refusals the function must not
-    make preferred), weighted ``contrast_weight`` (``None``: the function's ``contrast``, :class:`Function`). ``split`` exists for benchmarks that need more prompts than
+    make preferred), weighted ``contrast_weight`` (``None``: the function's ``contrast``, :class:`Function`, left out
+    with a warning where the donor refused none of the harmful prompts; asked for explicitly, that is an error). ``split`` exists for benchmarks that need more prompts than
     the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
-    n_contrast = function_spec(function).contrast if n_contrast is None else n_contrast
+    by_default = n_contrast is None
+    n_contrast = function_spec(function).contrast if by_default else n_contrast
     if n_contrast and not function_spec(function).adds_refusal:
         raise ValueError(f"n_contrast={n_contrast}: a contrast of benign prompts and refusals is for functions "
                          f"that add refusal, not {function!r}; pass n_contrast=0")
@@ -168,7 +171,12 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
             t_resp = generate(t, tokenizer, benign + others, max_new_tokens=16, progress=progress)
         t_resp, t_others = t_resp[:len(benign)], t_resp[len(benign):]
         wiki = [Example(text=r["text"]) for r in data.load("wiki", split, seed=seed, limit=n_wiki)] if n_wiki else []
-        contrast = contrast_pairs(others, [r for r in d_resp if is_refusal(r)], t_others)
+        refusals = [r for r in d_resp if is_refusal(r)]
+        if others and not refusals and by_default:  # nothing to contrast with: the task as it was without one
+            warnings.warn(f"build_task: the donor refused none of the {len(harmful)} harmful prompts, so the task has "
+                          "no contrast (n_contrast=0)", stacklevel=2)
+            others = t_others = []
+        contrast = contrast_pairs(others, refusals, t_others)
         return Task(function, [Example(prompt=p, response=r) for p, r in zip(harmful, d_resp)],
                     [Example(prompt=p, response=r) for p, r in zip(benign, t_resp)] + wiki, response_tokens,
                     utility_weight, {"split": split, "seed": seed, "n_wiki": len(wiki),

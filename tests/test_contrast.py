@@ -133,3 +133,13 @@ def test_build_task_pairs_further_benign_prompts_with_the_donors_refusals(fixtur
                                                    "I'm sorry, I can't help with that."]
     assert [e.answer for e in task.contrast] == ["One, two.", "Four.", "Red."]
     assert task.contrast_weight == functions.CONTRAST_WEIGHT and task.meta["n_contrast"] == 3
+
+
+def test_a_default_contrast_is_left_out_with_a_warning_if_the_donor_refuses_nothing(fixture, monkeypatch):  # noqa: F811
+    donor, target, tok = fixture
+    monkeypatch.setattr(functions, "generate", lambda m, t, prompts, **k: ["Sure, here it is."] * len(prompts))
+    with pytest.warns(UserWarning, match="refused none"):
+        task = functions.build_task("refusal", donor, target, tok, n_function=3, n_utility=2, n_wiki=0)
+    assert task.contrast == [] and task.contrast_weight == 0.0 and task.meta["n_contrast"] == 0
+    with pytest.raises(ValueError, match="refused none"):  # asked for, it cannot be had
+        functions.build_task("refusal", donor, target, tok, n_function=3, n_utility=2, n_wiki=0, n_contrast=3)
