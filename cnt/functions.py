@@ -150,8 +150,8 @@ def build_task(function: str, donor, target, tokenizer, *, n_function: int = 48,
     ``n_contrast`` (functions that add refusal): that many further benign prompts, each with one of the donor's refusals
     against the target's own answer, as the task's contrast (:class:`cnt.tasks.Task`: refusals the function must not
     make preferred), weighted ``contrast_weight`` (``None``: the function's ``contrast``, :class:`Function`, left out
-    with a warning where the donor refused none of the harmful prompts; asked for explicitly, that is an error). ``split`` exists for benchmarks that need more prompts than
-    the locate split holds; never pass ``"eval"``."""
+    with a warning where the donor refused none of the harmful prompts; asked for explicitly, that is an error).
+    ``split`` exists for benchmarks that need more prompts than the locate split holds; never pass ``"eval"``."""
     if split == "eval":
         raise ValueError("build_task never reads the eval split (CNT is judged there); use locate, train or validation")
     by_default = n_contrast is None

@@ -2,7 +2,10 @@
 each variant scorer:n_contrast:weight at 0.25 / 1% of the weights, alpha chosen by the kit's rule, one validator
 shared. Run as `contrast_task.py SEED smol-arith OUT VARIANTS 0.0025,0.01`: on the code at 7e030ac (the contrast
 floored at the target's NLL of the refusal): contrast_floor_s0_{a,b}.json; at e281796 (the margin hinge):
-contrast_margin_s0_{a,b}.json, contrast_margin_s1.json. METHOD: "A contrast in the objective"."""
+contrast_margin_s0_{a,b}.json, contrast_margin_s1.json. Another pair: DONOR=... in the environment — run so at
+e281796 on Qwen adding refusal (DONOR=qwen2.5-coder-0.5b-instruct, target qwen-abliterated, attribution:96:2 then
+attribution:0:2 at 0.001,0.0025; stopped after the first variant for time): contrast_margin_qwen_add.json. METHOD:
+"A contrast in the objective", "Qwen addition"."""
 import json, os, sys, time, dataclasses, torch
 torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from cnt.pipeline import Pipeline
@@ -13,10 +16,11 @@ from cnt.search import ALPHAS
 from cnt.arch import total_params
 
 seed = int(sys.argv[1]); target_name = sys.argv[2]; out_path = sys.argv[3]
+donor_name = os.environ.get("DONOR", "smol-safe")
 variants = [v.split(":") for v in sys.argv[4].split(",")]  # scorer:n_contrast:weight
 budgets = [float(x) for x in sys.argv[5].split(",")]
 tok = load_tokenizer(target_name)
-donor, _ = load_model("smol-safe"); target, _ = load_model(target_name)
+donor, _ = load_model(donor_name); target, _ = load_model(target_name)
 n_weights = total_params(target)
 out = {"seed": seed, "target": target_name, "runs": []}
 val = None
