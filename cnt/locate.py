@@ -9,7 +9,7 @@ All scorers share one interface — ``score(task, donor, target) -> NeuronScores
 * ``attribution`` — the first-order effect of transferring neuron *i*: ``−∇_θ L_f(target)·(θ_D,i − θ_T,i)``, where
   ``L_f`` is the task's function loss on the target (NLL of the donor's own responses, or a bias margin), minus
   ``λ·max(0, ∇_θ L_u·(θ_D,i − θ_T,i))`` for the utility loss ``L_u`` (NLL of the target's own benign answers), and
-  the same for the task's contrast where it has one (refusals of benign prompts made likelier; ``Task.contrast``).
+  the same for the task's contrast where it has one (benign prompts brought closer to a refusal; ``Task.contrast``).
   Forward and backward run under bf16 autocast (weights and gradients stay in the model's dtype): measured on
   smol-safe -> smol-arith, 48 prompts, the top 0.1 / 0.5 / 2% of neurons agree with float32 on 100 / 99.1 / 99.1%
   (score correlation 0.9999) at 1.6x the speed on 2 CPU cores.
