@@ -2,13 +2,13 @@
 # cnt transfer --budget auto for adding refusal, as a user runs it, then the saved patch on the eval split
 # (report profile: every harmful prompt, 200 benign + every over-refusal probe, 200 passages). Output beside this file.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd); OUT=${OUT:-/tmp/cnt_auto_add}
+HERE=$(cd "$(dirname "$0")" && pwd); OUT=${OUT:-/tmp/cnt_auto_add}; NAME=${NAME:-auto_add}
 rm -rf "$OUT"
 /usr/bin/time -v cnt transfer --donor smol-safe --target smol-arith --function refusal --budget auto \
-    --save-best-effort --out "$OUT" 2> "$HERE/auto_add.time" || true
-python - "$OUT" "$HERE/auto_add.json" <<'PY'
+    --save-best-effort --out "$OUT" 2> "$HERE/$NAME.time" || true
+python - "$OUT" "$HERE/$NAME.json" <<'PY'
 import json, sys, torch
-torch.set_num_threads(1)
+torch.set_num_threads(int(__import__('os').environ.get('OMP_NUM_THREADS', '1')))
 from cnt.transfer import NeuronPatch
 from cnt.zoo import load_model, load_tokenizer
 from cnt.evaluate import evaluate
