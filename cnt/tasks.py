@@ -121,6 +121,11 @@ def margin_hinge(nll_response: torch.Tensor, nll_answer: torch.Tensor,
     return torch.nn.functional.softplus(margin - (nll_response - nll_answer))
 
 
+def per_example(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's mean log-probability over its labelled tokens (:func:`cnt.logprobs.token_logprobs`' output)."""
+    return lp.sum(1) / mask.sum(1).clamp(min=1)
+
+
 def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Tensor:
     """Mean loss over ``examples`` (differentiable): NLL of the first ``k`` response tokens (or, with an ``answer``,
     :func:`margin_hinge` of it against the answer's), or −margin."""
@@ -131,21 +136,21 @@ def task_loss(model, tokenizer, examples: Sequence[Example], k: int) -> torch.Te
     total = torch.zeros((), device=device)
     if plain:
         lp, m = token_logprobs(model, *text_batch(tokenizer, [e.text for e in plain], device))
-        total = total - (lp.sum(1) / m.sum(1).clamp(min=1)).sum()
+        total = total - per_example(lp, m).sum()
     if pairs:
         lp, m = token_logprobs(model, *pair_batch(tokenizer, pairs, k, device))
-        nll = -(lp.sum(1) / m.sum(1).clamp(min=1))
+        nll = -per_example(lp, m)
         versus = [i for i, e in enumerate(pairs) if e.answer is not None]
         if versus:
             answers = [Example(prompt=pairs[i].prompt, response=pairs[i].answer) for i in versus]
             lp, m = token_logprobs(model, *pair_batch(tokenizer, answers, k, device))
-            hinge = margin_hinge(nll[versus].float(), -(lp.sum(1) / m.sum(1).clamp(min=1)).float())
+            hinge = margin_hinge(nll[versus].float(), -per_example(lp, m).float())
             nll = nll.float().index_put((torch.tensor(versus, device=device),), hinge)
         total = total + nll.sum()
     if margins:
         texts = [e.text_pos for e in margins] + [e.text_neg for e in margins]
         lp, m = token_logprobs(model, *text_batch(tokenizer, texts, device))
-        avg = lp.sum(1) / m.sum(1).clamp(min=1)
+        avg = per_example(lp, m)
         n = len(margins)
         total = total - (avg[:n] - avg[n:]).sum()
     return total / max(1, len(examples))
